@@ -1,0 +1,9 @@
+//! The pure core: everything that decides what the firewall is, with no I/O at all.
+//!
+//! Effects (nft, namespaces, podman, files, sockets) live in `crate::effects` and only carry
+//! out what this module computed, which keeps the security-relevant logic testable in memory.
+
+pub mod private;
+pub mod profile;
+pub mod target;
+pub mod policy;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("terok-shield {}", env!("CARGO_PKG_VERSION"));
+}
