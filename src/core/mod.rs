@@ -7,3 +7,5 @@ pub mod private;
 pub mod profile;
 pub mod target;
 pub mod policy;
+pub mod ruleset;
+pub mod verify;

@@ -173,7 +173,9 @@ mod tests {
     #[test]
     fn reports_every_bad_line_with_position() {
         let err = parse_profile("my.txt", "ok.example\nbad..name\n\n1.2.3.4/40\n").unwrap_err();
-        let ProfileError::BadLines(lines) = &err else { panic!("{err}") };
+        let ProfileError::BadLines(lines) = &err else {
+            panic!("{err}")
+        };
         assert_eq!(lines.iter().map(|l| l.line).collect::<Vec<_>>(), [2, 4]);
         let msg = err.to_string();
         assert!(msg.contains("my.txt:2: `bad..name`"), "{msg}");

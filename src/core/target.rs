@@ -218,7 +218,10 @@ impl fmt::Display for Notice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Notice::PrivateRange(n) => {
-                write!(f, "{n} is in a private range; it is allowed because you listed it")
+                write!(
+                    f,
+                    "{n} is in a private range; it is allowed because you listed it"
+                )
             }
             Notice::WideRange(n) => write!(
                 f,
@@ -309,7 +312,11 @@ impl Target {
         ))
     }
 
-    fn finish(host: Host, scope: Option<PortScope>, mut notices: Vec<Notice>) -> (Target, Vec<Notice>) {
+    fn finish(
+        host: Host,
+        scope: Option<PortScope>,
+        mut notices: Vec<Notice>,
+    ) -> (Target, Vec<Notice>) {
         if let Host::Net(net) = &host {
             if crate::core::private::is_private(net) {
                 notices.push(Notice::PrivateRange(*net));
@@ -342,10 +349,16 @@ fn parse_net(s: &str, notices: &mut Vec<Notice>) -> Result<Option<IpNet>, Target
     let Ok(addr) = addr.parse::<IpAddr>() else {
         return Ok(None);
     };
-    let len: u8 = len.parse().map_err(|_| TargetError::BadPrefix(s.to_string()))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|_| TargetError::BadPrefix(s.to_string()))?;
     let net = match addr {
-        IpAddr::V4(a) => IpNet::V4(Ipv4Net::new(a, len).map_err(|_| TargetError::BadPrefix(s.to_string()))?),
-        IpAddr::V6(a) => IpNet::V6(Ipv6Net::new(a, len).map_err(|_| TargetError::BadPrefix(s.to_string()))?),
+        IpAddr::V4(a) => {
+            IpNet::V4(Ipv4Net::new(a, len).map_err(|_| TargetError::BadPrefix(s.to_string()))?)
+        }
+        IpAddr::V6(a) => {
+            IpNet::V6(Ipv6Net::new(a, len).map_err(|_| TargetError::BadPrefix(s.to_string()))?)
+        }
     };
     let trunc = net.trunc();
     if trunc != net {
@@ -469,12 +482,16 @@ mod tests {
 
     #[test]
     fn wildcard_matches_subdomains_only() {
-        let Host::Domain(p) = ok("*.example.com").host else { panic!() };
+        let Host::Domain(p) = ok("*.example.com").host else {
+            panic!()
+        };
         assert!(p.matches(&"a.example.com".parse().unwrap()));
         assert!(p.matches(&"b.a.example.com".parse().unwrap()));
         assert!(!p.matches(&"example.com".parse().unwrap()));
         assert!(!p.matches(&"badexample.com".parse().unwrap()));
-        let Host::Domain(exact) = ok("example.com").host else { panic!() };
+        let Host::Domain(exact) = ok("example.com").host else {
+            panic!()
+        };
         assert!(!exact.matches(&"a.example.com".parse().unwrap()));
     }
 
@@ -491,6 +508,9 @@ mod tests {
         assert!(matches!(n[..], [Notice::WideRange(_)]));
         let (_, n) = Target::parse_with_notices("fd00:5eed::1").unwrap();
         assert!(matches!(n[..], [Notice::PrivateRange(_)]));
-        assert!(Target::parse_with_notices("198.51.100.7").unwrap().1.is_empty());
+        assert!(Target::parse_with_notices("198.51.100.7")
+            .unwrap()
+            .1
+            .is_empty());
     }
 }

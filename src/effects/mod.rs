@@ -1,1 +1,4 @@
 //! Thin effect modules: the only code that touches the system (nft, namespaces, files).
+pub mod firewall;
+pub mod netns;
+pub mod nft;

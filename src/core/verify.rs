@@ -1,0 +1,437 @@
+//! Verification: does the live table (as `nft -j` reports it) have exactly the structure we
+//! generated? Compared structurally — hooks, policies, chain order, every rule's expressions,
+//! set types, flags and literal elements — never by searching text.
+//!
+//! Pure: it takes the parsed JSON, so it is unit-tested without a kernel.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde_json::Value;
+use thiserror::Error;
+
+use super::ruleset::{Element, Ruleset, SetDef, FAMILY, TABLE};
+
+/// Differences between the expected and the live ruleset; any one is fatal (fail closed).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("the live firewall does not match what was applied:\n  - {}", .0.join("\n  - "))]
+pub struct VerifyError(pub Vec<String>);
+
+/// A closed interval of addresses, tagged with family (IPv4 sorts before IPv6).
+type Range = (bool, u128, u128);
+
+/// Check `live` (the whole output of `nft -j list table inet terok_shield`) against `expected`.
+pub fn verify(expected: &Ruleset, live: &Value) -> Result<(), VerifyError> {
+    let mut problems = Vec::new();
+    let objects = live
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or_else(|| VerifyError(vec!["nft output has no `nftables` array".into()]))?;
+
+    let mut tables = 0;
+    let mut live_sets: BTreeMap<String, &Value> = BTreeMap::new();
+    let mut live_chains: BTreeMap<String, &Value> = BTreeMap::new();
+    let mut live_rules: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for obj in objects {
+        let ours = |o: &Value| {
+            o.get("family").and_then(Value::as_str) == Some(FAMILY)
+                && o.get("table").and_then(Value::as_str) == Some(TABLE)
+        };
+        if let Some(t) = obj.get("table") {
+            if t.get("family").and_then(Value::as_str) == Some(FAMILY)
+                && t.get("name").and_then(Value::as_str) == Some(TABLE)
+            {
+                tables += 1;
+            }
+        } else if let Some(s) = obj.get("set").filter(|s| ours(s)) {
+            live_sets.insert(str_field(s, "name"), s);
+        } else if let Some(c) = obj.get("chain").filter(|c| ours(c)) {
+            live_chains.insert(str_field(c, "name"), c);
+        } else if let Some(r) = obj.get("rule").filter(|r| ours(r)) {
+            live_rules.entry(str_field(r, "chain")).or_default().push(r);
+        }
+    }
+    if tables != 1 {
+        problems.push(format!(
+            "expected one table {FAMILY} {TABLE}, found {tables}"
+        ));
+    }
+
+    for set in &expected.sets {
+        match live_sets.remove(set.name) {
+            None => problems.push(format!("set {} is missing", set.name)),
+            Some(live) => check_set(set, live, &mut problems),
+        }
+    }
+    for name in live_sets.keys() {
+        problems.push(format!("unexpected set {name}"));
+    }
+
+    for chain in &expected.chains {
+        let Some(live) = live_chains.remove(chain.name) else {
+            problems.push(format!("chain {} is missing", chain.name));
+            continue;
+        };
+        let hook = live.get("hook").and_then(Value::as_str);
+        let policy = live.get("policy").and_then(Value::as_str);
+        match chain.hook {
+            Some(h)
+                if hook != Some(h.hook)
+                    || policy != Some(h.policy)
+                    || live.get("type").and_then(Value::as_str) != Some("filter")
+                    || live.get("prio").and_then(Value::as_i64) != Some(0) =>
+            {
+                problems.push(format!(
+                    "chain {}: expected filter hook {} priority 0 policy {}, found hook {:?} policy {:?}",
+                    chain.name, h.hook, h.policy, hook, policy
+                ));
+            }
+            Some(_) => {}
+            None if hook.is_some() => {
+                problems.push(format!("chain {} should not be a base chain", chain.name));
+            }
+            None => {}
+        }
+        let rules = live_rules.remove(chain.name).unwrap_or_default();
+        if rules.len() != chain.rules.len() {
+            problems.push(format!(
+                "chain {}: expected {} rules, found {}",
+                chain.name,
+                chain.rules.len(),
+                rules.len()
+            ));
+        }
+        for (i, (want, got)) in chain.rules.iter().zip(rules).enumerate() {
+            let want = want.to_json();
+            let got = got.get("expr").unwrap_or(&Value::Null);
+            if !json_equiv(&want, got) {
+                problems.push(format!(
+                    "chain {} rule {}: expected {want}, found {got}",
+                    chain.name,
+                    i + 1
+                ));
+            }
+        }
+    }
+    for name in live_chains.keys() {
+        problems.push(format!("unexpected chain {name}"));
+    }
+    for name in live_rules.keys() {
+        problems.push(format!("rules in unknown chain {name}"));
+    }
+
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyError(problems))
+    }
+}
+
+fn str_field(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn check_set(set: &SetDef, live: &Value, problems: &mut Vec<String>) {
+    let want_type: Vec<&str> = set.kind.type_names().to_vec();
+    let got_type: Vec<&str> = match live.get("type") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if want_type != got_type {
+        problems.push(format!(
+            "set {}: type {got_type:?}, expected {want_type:?}",
+            set.name
+        ));
+    }
+    let mut got_flags: Vec<&str> = live
+        .get("flags")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    got_flags.sort_unstable();
+    let mut want_flags = set.kind.flags().to_vec();
+    want_flags.sort_unstable();
+    if got_flags != want_flags {
+        problems.push(format!(
+            "set {}: flags {got_flags:?}, expected {want_flags:?}",
+            set.name
+        ));
+    }
+    if set.kind.is_learned() {
+        return; // filled and expired at run time by the resolver
+    }
+    let empty = Vec::new();
+    let live_elems = live.get("elem").and_then(Value::as_array).unwrap_or(&empty);
+    match normalise_live(live_elems) {
+        None => problems.push(format!("set {}: elements in an unexpected form", set.name)),
+        Some(got) => {
+            let want = normalise_expected(&set.elements);
+            if got != want {
+                let (g, w) = (count(&got), count(&want));
+                problems.push(format!(
+                    "set {}: live elements differ from the policy ({} live range groups vs {} expected)",
+                    set.name, g, w
+                ));
+            }
+        }
+    }
+}
+
+fn count(m: &BTreeMap<(String, u16), Vec<Range>>) -> usize {
+    m.values().map(Vec::len).sum()
+}
+
+/// Elements grouped by (protocol, port) ("", 0 for plain address sets), as merged ranges.
+fn normalise_expected(elements: &[Element]) -> BTreeMap<(String, u16), Vec<Range>> {
+    let mut out: BTreeMap<(String, u16), Vec<Range>> = BTreeMap::new();
+    for e in elements {
+        let (key, r) = match e {
+            Element::Addr(a) => ((String::new(), 0), addr_range(*a, None)),
+            Element::Net(n) => (
+                (String::new(), 0),
+                addr_range(n.network(), Some(n.broadcast())),
+            ),
+            Element::Svc(n, proto, port) => (
+                (proto.keyword().to_string(), *port),
+                addr_range(n.network(), Some(n.broadcast())),
+            ),
+        };
+        out.entry(key).or_default().push(r);
+    }
+    merge_all(out)
+}
+
+fn normalise_live(elements: &[Value]) -> Option<BTreeMap<(String, u16), Vec<Range>>> {
+    let mut out: BTreeMap<(String, u16), Vec<Range>> = BTreeMap::new();
+    for e in elements {
+        let e = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
+        let (key, r) = if let Some(parts) = e.get("concat").and_then(Value::as_array) {
+            let [addr, proto, port] = parts.as_slice() else {
+                return None;
+            };
+            let port = u16::try_from(port.as_u64()?).ok()?;
+            ((proto.as_str()?.to_string(), port), live_range(addr)?)
+        } else {
+            ((String::new(), 0), live_range(e)?)
+        };
+        out.entry(key).or_default().push(r);
+    }
+    Some(merge_all(out))
+}
+
+fn live_range(v: &Value) -> Option<Range> {
+    if let Some(s) = v.as_str() {
+        return Some(addr_range(s.parse().ok()?, None));
+    }
+    if let Some(p) = v.get("prefix") {
+        let addr: IpAddr = p.get("addr")?.as_str()?.parse().ok()?;
+        let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
+        let net = ipnet::IpNet::new(addr, len).ok()?;
+        return Some(addr_range(net.network(), Some(net.broadcast())));
+    }
+    if let Some([a, b]) = v.get("range").and_then(Value::as_array).map(Vec::as_slice) {
+        let a: IpAddr = a.as_str()?.parse().ok()?;
+        let b: IpAddr = b.as_str()?.parse().ok()?;
+        return Some(addr_range(a, Some(b)));
+    }
+    None
+}
+
+fn addr_range(a: IpAddr, b: Option<IpAddr>) -> Range {
+    let num = |x: IpAddr| match x {
+        IpAddr::V4(v) => u128::from(u32::from(v)),
+        IpAddr::V6(v) => u128::from(v),
+    };
+    (a.is_ipv4(), num(a), num(b.unwrap_or(a)))
+}
+
+fn merge_all(map: BTreeMap<(String, u16), Vec<Range>>) -> BTreeMap<(String, u16), Vec<Range>> {
+    map.into_iter()
+        .map(|(k, mut v)| {
+            v.sort_unstable();
+            let mut merged: Vec<Range> = Vec::with_capacity(v.len());
+            for r in v {
+                match merged.last_mut() {
+                    Some(last) if last.0 == r.0 && r.1 <= last.2.saturating_add(1) => {
+                        last.2 = last.2.max(r.2);
+                    }
+                    _ => merged.push(r),
+                }
+            }
+            (k, merged)
+        })
+        .collect()
+}
+
+/// JSON equality as nft means it: addresses compared by value (`::ffff:a.b.c.d` spellings),
+/// anonymous-set members compared as an unordered collection (nft sorts them).
+pub fn json_equiv(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::String(x), Value::String(y)) => {
+            x == y || matches!((x.parse::<IpAddr>(), y.parse::<IpAddr>()), (Ok(p), Ok(q)) if p == q)
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_equiv(p, q))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            if let (Some(Value::Array(xs)), Some(Value::Array(ys)), 1, 1) =
+                (x.get("set"), y.get("set"), x.len(), y.len())
+            {
+                return unordered_equiv(xs, ys);
+            }
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_equiv(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn unordered_equiv(xs: &[Value], ys: &[Value]) -> bool {
+    if xs.len() != ys.len() {
+        return false;
+    }
+    let mut used = vec![false; ys.len()];
+    xs.iter().all(|x| {
+        ys.iter().enumerate().any(|(i, y)| {
+            if !used[i] && json_equiv(x, y) {
+                used[i] = true;
+                true
+            } else {
+                false
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::policy::{AllowRule, Mode, Policy};
+    use serde_json::json;
+
+    /// Build what nft would print for `rs` (the same shape as `nft -j list table`).
+    fn as_live(rs: &Ruleset) -> Value {
+        let mut objs = vec![
+            json!({"metainfo": {}}),
+            json!({"table": {"family": "inet", "name": TABLE, "handle": 1}}),
+        ];
+        for s in &rs.sets {
+            let elems: Vec<Value> = s
+                .elements
+                .iter()
+                .map(|e| match e {
+                    Element::Addr(a) => json!(a.to_string()),
+                    Element::Net(n) => crate::core::ruleset::net_json(n),
+                    Element::Svc(n, p, port) => {
+                        json!({"concat": [crate::core::ruleset::net_json(n), p.keyword(), port]})
+                    }
+                })
+                .collect();
+            let ty: Value = if s.kind.type_names().len() == 1 {
+                json!(s.kind.type_names()[0])
+            } else {
+                json!(s.kind.type_names())
+            };
+            let mut set = json!({"family": "inet", "table": TABLE, "name": s.name, "type": ty});
+            if !s.kind.flags().is_empty() {
+                set["flags"] = json!(s.kind.flags());
+            }
+            if !elems.is_empty() {
+                set["elem"] = json!(elems);
+            }
+            objs.push(json!({"set": set}));
+        }
+        for c in &rs.chains {
+            let mut chain = json!({"family": "inet", "table": TABLE, "name": c.name});
+            if let Some(h) = c.hook {
+                chain["type"] = json!("filter");
+                chain["hook"] = json!(h.hook);
+                chain["prio"] = json!(0);
+                chain["policy"] = json!(h.policy);
+            }
+            objs.push(json!({"chain": chain}));
+            for r in &c.rules {
+                objs.push(json!({"rule": {"family": "inet", "table": TABLE, "chain": c.name, "expr": r.to_json()}}));
+            }
+        }
+        json!({"nftables": objs})
+    }
+
+    fn policy() -> Policy {
+        let mut p = Policy::new(Mode::DenyAll);
+        p.allow.push(AllowRule {
+            net: "198.51.100.0/24".parse().unwrap(),
+            scope: None,
+        });
+        p.allow.push(AllowRule {
+            net: "198.18.0.1/32".parse().unwrap(),
+            scope: None,
+        });
+        p
+    }
+
+    #[test]
+    fn accepts_its_own_rendering() {
+        let rs = Ruleset::generate(&policy());
+        verify(&rs, &as_live(&rs)).unwrap();
+    }
+
+    #[test]
+    fn catches_policy_rule_and_element_tampering() {
+        let rs = Ruleset::generate(&policy());
+        let base = as_live(&rs);
+        let objs = base["nftables"].as_array().unwrap();
+        let find = |pred: &dyn Fn(&Value) -> bool| objs.iter().position(pred).unwrap();
+
+        let mut v = base.clone();
+        let i = find(&|o| o["chain"]["name"] == "output");
+        v["nftables"][i]["chain"]["policy"] = json!("accept");
+        assert!(verify(&rs, &v).unwrap_err().to_string().contains("policy"));
+
+        let mut v = base.clone();
+        let i = find(&|o| o["rule"]["chain"] == "output");
+        v["nftables"].as_array_mut().unwrap().remove(i);
+        assert!(verify(&rs, &v).is_err());
+
+        let mut v = base.clone();
+        let i = find(&|o| o["set"]["name"] == "allow_net_v4");
+        v["nftables"][i]["set"]["elem"] = json!([{"prefix": {"addr": "198.51.0.0", "len": 16}}]);
+        assert!(verify(&rs, &v)
+            .unwrap_err()
+            .to_string()
+            .contains("allow_net_v4"));
+
+        let mut v = base.clone();
+        let i = find(&|o| o["set"]["name"] == "dns_v4");
+        v["nftables"][i]["set"]["flags"] = json!([]);
+        assert!(verify(&rs, &v).is_err());
+
+        let mut v = base;
+        v["nftables"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"chain": {"family": "inet", "table": TABLE, "name": "sneaky"}}));
+        assert!(verify(&rs, &v).unwrap_err().to_string().contains("sneaky"));
+    }
+
+    #[test]
+    fn equivalence_ignores_set_order_and_address_spelling() {
+        assert!(json_equiv(
+            &json!({"set": ["a", "b"]}),
+            &json!({"set": ["b", "a"]})
+        ));
+        assert!(json_equiv(
+            &json!("::ffff:10.0.0.0"),
+            &json!("::ffff:a00:0")
+        ));
+        assert!(!json_equiv(
+            &json!({"set": ["a", "b"]}),
+            &json!({"set": ["a", "a"]})
+        ));
+    }
+}

@@ -1,0 +1,252 @@
+//! Applying a policy to a network namespace: generate, load, read back, verify.
+//!
+//! The first transaction replaces our table whole (the new policy is in force from that
+//! instant); further transactions only add set elements. If anything fails part-way, what is
+//! live is still default-deny with fewer allows, never more: fail closed.
+
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::nft::{Nft, NftError};
+use crate::core::policy::Policy;
+use crate::core::ruleset::Ruleset;
+use crate::core::verify::{verify, VerifyError};
+
+/// What an apply did and how long each phase took (reported by benchmarks and the audit log).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyReport {
+    pub transactions: usize,
+    pub elements: usize,
+    #[serde(with = "millis")]
+    pub generate: Duration,
+    #[serde(with = "millis")]
+    pub load: Duration,
+    #[serde(with = "millis")]
+    pub verify: Duration,
+}
+
+mod millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+}
+
+/// Why applying failed; the firewall is left closed (default deny or unchanged).
+#[derive(Debug, Error)]
+pub enum FirewallError {
+    #[error("failed to load the ruleset: {0}")]
+    Load(#[source] NftError),
+    #[error("failed to load set elements (transaction {index} of {total}); the firewall stays in default-deny with a partial allowlist: {source}")]
+    LoadElements {
+        index: usize,
+        total: usize,
+        #[source]
+        source: NftError,
+    },
+    #[error("failed to read the firewall back for verification: {0}")]
+    Read(#[source] NftError),
+    #[error("the shield table vanished right after it was applied; another tool may be flushing nftables")]
+    Missing,
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+/// Replace the shield's table with `policy`'s ruleset and verify the result.
+pub fn apply(nft: &Nft, policy: &Policy) -> Result<ApplyReport, FirewallError> {
+    let t0 = Instant::now();
+    let ruleset = Ruleset::generate(policy);
+    let transactions = ruleset.transactions();
+    let generate = t0.elapsed();
+
+    let t1 = Instant::now();
+    let total = transactions.len();
+    for (index, tx) in transactions.iter().enumerate() {
+        nft.run_script(tx).map_err(|source| {
+            if index == 0 {
+                FirewallError::Load(source)
+            } else {
+                FirewallError::LoadElements {
+                    index: index + 1,
+                    total,
+                    source,
+                }
+            }
+        })?;
+    }
+    let load = t1.elapsed();
+
+    let t2 = Instant::now();
+    let live = nft
+        .list_table_json()
+        .map_err(FirewallError::Read)?
+        .ok_or(FirewallError::Missing)?;
+    verify(&ruleset, &live)?;
+    Ok(ApplyReport {
+        transactions: total,
+        elements: ruleset.element_count(),
+        generate,
+        load,
+        verify: t2.elapsed(),
+    })
+}
+
+/// Verify what is live against `policy` without changing anything.
+pub fn check(nft: &Nft, policy: &Policy) -> Result<(), FirewallError> {
+    let live = nft
+        .list_table_json()
+        .map_err(FirewallError::Read)?
+        .ok_or(FirewallError::Missing)?;
+    verify(&Ruleset::generate(policy), &live)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::policy::{AllowRule, HostLoopback, Mode};
+    use crate::core::target::{PortScope, Protocol};
+    use std::process::Command;
+
+    /// A throwaway network namespace, deleted on drop.
+    struct TempNetns(String);
+
+    impl TempNetns {
+        fn new(tag: &str) -> Option<TempNetns> {
+            let privileged = rustix::process::geteuid().is_root()
+                && Command::new("ip").arg("-V").output().is_ok()
+                && Nft::locate().is_ok();
+            if !privileged {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "privileged test cannot run in CI: needs root, ip and nft"
+                );
+                eprintln!("skipping: needs root, ip and nft");
+                return None;
+            }
+            let name = format!("tsr-{}-{tag}", std::process::id());
+            let ok = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip netns add {name} failed");
+            Some(TempNetns(name))
+        }
+
+        fn nft(&self) -> Nft {
+            Nft::locate()
+                .unwrap()
+                .in_netns(format!("/run/netns/{}", self.0))
+        }
+    }
+
+    impl Drop for TempNetns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn rich_policy(mode: Mode) -> Policy {
+        let mut p = Policy::new(mode);
+        let r = |s: &str, scope| AllowRule {
+            net: s.parse().unwrap(),
+            scope,
+        };
+        p.allow = vec![
+            r("198.51.100.10/32", None),
+            r("198.18.0.0/16", None),
+            r("2001:db8::10/128", None),
+            r("2001:db8:1::/48", None),
+            r(
+                "198.51.100.22/32",
+                Some(PortScope {
+                    port: 22,
+                    protocol: Some(Protocol::Tcp),
+                }),
+            ),
+            r(
+                "2001:db8:2::/64",
+                Some(PortScope {
+                    port: 443,
+                    protocol: None,
+                }),
+            ),
+        ];
+        p.deny = vec![
+            "198.18.0.9/32".parse().unwrap(),
+            "2001:db8:1::9/128".parse().unwrap(),
+        ];
+        p.dns_servers = vec![
+            "198.51.100.53".parse().unwrap(),
+            "2001:db8::53".parse().unwrap(),
+        ];
+        p.host_loopback = Some(HostLoopback {
+            gateway: "198.51.100.1".parse().unwrap(),
+            ports: vec![8080],
+        });
+        p.resolver_mark = Some(0x5eed);
+        p
+    }
+
+    #[test]
+    fn every_mode_applies_and_verifies_against_real_nft() {
+        let Some(ns) = TempNetns::new("modes") else {
+            return;
+        };
+        let nft = ns.nft();
+        for mode in [
+            Mode::DenyAll,
+            Mode::Bypass,
+            Mode::BypassAll,
+            Mode::Block,
+            Mode::DenyAll,
+        ] {
+            let report =
+                apply(&nft, &rich_policy(mode)).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+            assert!(report.elements >= 8);
+            check(&nft, &rich_policy(mode)).unwrap();
+        }
+        // A policy that differs from what is live must fail verification.
+        let mut other = rich_policy(Mode::DenyAll);
+        other.allow.pop();
+        assert!(matches!(check(&nft, &other), Err(FirewallError::Verify(_))));
+        let mut other = rich_policy(Mode::DenyAll);
+        other.mode = Mode::Bypass;
+        assert!(matches!(check(&nft, &other), Err(FirewallError::Verify(_))));
+    }
+
+    #[test]
+    fn tampering_after_apply_is_detected() {
+        let Some(ns) = TempNetns::new("tamper") else {
+            return;
+        };
+        let nft = ns.nft();
+        let policy = rich_policy(Mode::DenyAll);
+        apply(&nft, &policy).unwrap();
+        nft.run_script("insert rule inet terok_shield output accept\n")
+            .unwrap();
+        assert!(matches!(
+            check(&nft, &policy),
+            Err(FirewallError::Verify(_))
+        ));
+        apply(&nft, &policy).unwrap();
+        nft.run_script("add element inet terok_shield allow_v4 { 198.51.100.99 }\n")
+            .unwrap();
+        assert!(matches!(
+            check(&nft, &policy),
+            Err(FirewallError::Verify(_))
+        ));
+        nft.delete_table().unwrap();
+        assert!(matches!(check(&nft, &policy), Err(FirewallError::Missing)));
+    }
+
+    #[test]
+    fn missing_nft_binary_is_a_clear_error() {
+        let err = apply(&Nft::at("/nonexistent/nft"), &Policy::new(Mode::DenyAll)).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/nft"), "{err}");
+    }
+}

@@ -1,0 +1,254 @@
+//! Running `nft`: the one place the shield talks to nftables.
+//!
+//! We drive the `nft` binary (a single static binary of ours plus the distribution's nft is
+//! all a host needs). Namespaces are joined in the forked child just before exec, so the
+//! caller may be multi-threaded and never changes namespace itself.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use thiserror::Error;
+
+use super::netns::NsFiles;
+use crate::core::ruleset::{FAMILY, TABLE};
+
+/// How long one nft invocation may take before we give up (fail closed, never hang).
+pub const NFT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where `nft` lives on common distributions, for hooks that run with an empty PATH.
+const FALLBACK_PATHS: &[&str] = &[
+    "/usr/sbin/nft",
+    "/sbin/nft",
+    "/usr/bin/nft",
+    "/usr/local/sbin/nft",
+    "/bin/nft",
+];
+
+/// Failures of the nft effect; messages say what to do.
+#[derive(Debug, Error)]
+pub enum NftError {
+    #[error("nft not found (looked in PATH and {}): install the nftables package", FALLBACK_PATHS.join(", "))]
+    NotFound,
+    #[error("failed to start {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Namespace(#[from] super::netns::NsError),
+    #[error("nft failed (exit {code:?}): {stderr}")]
+    Failed { code: Option<i32>, stderr: String },
+    #[error("nft did not finish within {0:?} and was killed")]
+    Timeout(Duration),
+    #[error("nft printed output that is not valid JSON: {0}")]
+    BadJson(serde_json::Error),
+}
+
+/// A handle on the nft binary, optionally bound to a container's namespaces.
+#[derive(Debug, Clone)]
+pub struct Nft {
+    program: PathBuf,
+    user_ns: Option<PathBuf>,
+    net_ns: Option<PathBuf>,
+}
+
+impl Nft {
+    /// Find nft in PATH, then in the usual sbin directories.
+    pub fn locate() -> Result<Nft, NftError> {
+        let from_path = std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("nft"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        from_path
+            .into_iter()
+            .chain(FALLBACK_PATHS.iter().map(PathBuf::from))
+            .find(|p| is_executable(p))
+            .map(Nft::at)
+            .ok_or(NftError::NotFound)
+    }
+
+    /// Use a specific nft binary.
+    pub fn at(program: impl Into<PathBuf>) -> Nft {
+        Nft {
+            program: program.into(),
+            user_ns: None,
+            net_ns: None,
+        }
+    }
+
+    /// Run nft inside the network namespace at `path` (e.g. `/run/netns/NAME`).
+    pub fn in_netns(self, path: impl Into<PathBuf>) -> Nft {
+        Nft {
+            net_ns: Some(path.into()),
+            ..self
+        }
+    }
+
+    /// Join a user namespace first (a rootless container's), then its network namespace.
+    pub fn in_namespaces(self, user: Option<PathBuf>, net: PathBuf) -> Nft {
+        Nft {
+            user_ns: user,
+            net_ns: Some(net),
+            ..self
+        }
+    }
+
+    /// The nft binary in use.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// Run one nft script (`nft -f -`): one atomic transaction.
+    pub fn run_script(&self, script: &str) -> Result<(), NftError> {
+        self.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ())
+    }
+
+    /// Our table as nft's JSON, or `None` if it does not exist.
+    pub fn list_table_json(&self) -> Result<Option<Value>, NftError> {
+        match self.run(&["-j", "list", "table", FAMILY, TABLE], None) {
+            Ok(out) => serde_json::from_slice(&out)
+                .map(Some)
+                .map_err(NftError::BadJson),
+            Err(NftError::Failed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Our table as nft text (for `rules`), or `None` if it does not exist.
+    pub fn list_table_text(&self) -> Result<Option<String>, NftError> {
+        match self.run(&["list", "table", FAMILY, TABLE], None) {
+            Ok(out) => Ok(Some(String::from_utf8_lossy(&out).into_owned())),
+            Err(NftError::Failed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Remove our table if present; other tables are never touched.
+    pub fn delete_table(&self) -> Result<(), NftError> {
+        self.run_script(&format!(
+            "table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n"
+        ))
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, NftError> {
+        let ns = NsFiles::open(self.user_ns.as_deref(), self.net_ns.as_deref())?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        if !ns.is_empty() {
+            // SAFETY: the closure only makes setns(2) syscalls on descriptors opened before
+            // the fork; it allocates nothing and takes no locks, so it is safe after fork.
+            unsafe {
+                cmd.pre_exec(move || ns.enter());
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| NftError::Spawn {
+            program: self.program.clone(),
+            source,
+        })?;
+        let mut out_pipe = child.stdout.take().expect("piped");
+        let mut err_pipe = child.stderr.take().expect("piped");
+        let out_reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = out_pipe.read_to_end(&mut buf);
+            buf
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = err_pipe.read_to_end(&mut buf);
+            buf
+        });
+        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // nft reads its whole input before acting; a write error shows up as its exit.
+            let _ = pipe.write_all(data);
+        }
+        let status = wait_bounded(&mut child, NFT_TIMEOUT)?;
+        let out = out_reader.join().unwrap_or_default();
+        let err = err_reader.join().unwrap_or_default();
+        if status.success() {
+            Ok(out)
+        } else {
+            Err(NftError::Failed {
+                code: status.code(),
+                stderr: summarise_stderr(&err),
+            })
+        }
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Keep error output readable: nft echoes whole input lines, which may be huge element lists.
+fn summarise_stderr(err: &[u8]) -> String {
+    let text = String::from_utf8_lossy(err);
+    let mut out: String = text
+        .lines()
+        .take(6)
+        .map(|l| {
+            if l.chars().count() > 300 {
+                format!("{}…", l.chars().take(300).collect::<String>())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    if out.is_empty() {
+        out = "(no error output)".into();
+    }
+    out
+}
+
+/// Wait for a child with a deadline; kill and reap it if the deadline passes.
+pub(crate) fn wait_bounded(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Result<std::process::ExitStatus, NftError> {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(200);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) => {}
+            Err(source) => {
+                return Err(NftError::Spawn {
+                    program: PathBuf::from("nft"),
+                    source,
+                })
+            }
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(NftError::Timeout(limit));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
