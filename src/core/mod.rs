@@ -9,3 +9,5 @@ pub mod target;
 pub mod policy;
 pub mod ruleset;
 pub mod verify;
+#[cfg(test)]
+pub(crate) mod proptests;

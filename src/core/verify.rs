@@ -308,14 +308,14 @@ fn unordered_equiv(xs: &[Value], ys: &[Value]) -> bool {
     })
 }
 
+/// Test support: render a ruleset the way `nft -j` would print it, to test verification.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
-    use crate::core::policy::{AllowRule, Mode, Policy};
     use serde_json::json;
 
     /// Build what nft would print for `rs` (the same shape as `nft -j list table`).
-    fn as_live(rs: &Ruleset) -> Value {
+    pub fn as_live(rs: &Ruleset) -> Value {
         let mut objs = vec![
             json!({"metainfo": {}}),
             json!({"table": {"family": "inet", "name": TABLE, "handle": 1}}),
@@ -361,6 +361,14 @@ mod tests {
         }
         json!({"nftables": objs})
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::as_live;
+    use super::*;
+    use crate::core::policy::{AllowRule, Mode, Policy};
+    use serde_json::json;
 
     fn policy() -> Policy {
         let mut p = Policy::new(Mode::DenyAll);

@@ -106,49 +106,10 @@ pub fn check(nft: &Nft, policy: &Policy) -> Result<(), FirewallError> {
 
 #[cfg(test)]
 mod tests {
+    use super::tests_netns::TempNetns;
     use super::*;
     use crate::core::policy::{AllowRule, HostLoopback, Mode};
     use crate::core::target::{PortScope, Protocol};
-    use std::process::Command;
-
-    /// A throwaway network namespace, deleted on drop.
-    struct TempNetns(String);
-
-    impl TempNetns {
-        fn new(tag: &str) -> Option<TempNetns> {
-            let privileged = rustix::process::geteuid().is_root()
-                && Command::new("ip").arg("-V").output().is_ok()
-                && Nft::locate().is_ok();
-            if !privileged {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "privileged test cannot run in CI: needs root, ip and nft"
-                );
-                eprintln!("skipping: needs root, ip and nft");
-                return None;
-            }
-            let name = format!("tsr-{}-{tag}", std::process::id());
-            let ok = Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "ip netns add {name} failed");
-            Some(TempNetns(name))
-        }
-
-        fn nft(&self) -> Nft {
-            Nft::locate()
-                .unwrap()
-                .in_netns(format!("/run/netns/{}", self.0))
-        }
-    }
-
-    impl Drop for TempNetns {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
 
     fn rich_policy(mode: Mode) -> Policy {
         let mut p = Policy::new(mode);
@@ -248,5 +209,70 @@ mod tests {
     fn missing_nft_binary_is_a_clear_error() {
         let err = apply(&Nft::at("/nonexistent/nft"), &Policy::new(Mode::DenyAll)).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/nft"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod real_nft_properties {
+    use super::tests_netns::TempNetns;
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Any valid policy loads into a real kernel and reads back identical.
+        #[test]
+        fn any_policy_applies_and_verifies(policy in crate::core::proptests::arb_policy()) {
+            if let Some(ns) = TempNetns::new("prop") {
+                let nft = ns.nft();
+                apply(&nft, &policy).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_netns {
+    use super::*;
+    use std::process::Command;
+
+    /// A throwaway network namespace, deleted on drop.
+    pub struct TempNetns(String);
+
+    impl TempNetns {
+        pub fn new(tag: &str) -> Option<TempNetns> {
+            let privileged = rustix::process::geteuid().is_root()
+                && Command::new("ip").arg("-V").output().is_ok()
+                && Nft::locate().is_ok();
+            if !privileged {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "privileged test cannot run in CI: needs root, ip and nft"
+                );
+                eprintln!("skipping: needs root, ip and nft");
+                return None;
+            }
+            let name = format!("tsr-{}-{tag}", std::process::id());
+            let ok = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip netns add {name} failed");
+            Some(TempNetns(name))
+        }
+
+        pub fn nft(&self) -> Nft {
+            Nft::locate()
+                .unwrap()
+                .in_netns(format!("/run/netns/{}", self.0))
+        }
+    }
+
+    impl Drop for TempNetns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
     }
 }
