@@ -11,3 +11,7 @@ pub mod ruleset;
 pub mod verify;
 #[cfg(test)]
 pub(crate) mod proptests;
+pub mod audit;
+pub mod bundle;
+pub mod oci;
+pub mod podman_args;

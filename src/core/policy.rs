@@ -42,14 +42,14 @@ impl Mode {
 }
 
 /// One allowed destination: a network, optionally only for one port (and protocol).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct AllowRule {
     pub net: IpNet,
     pub scope: Option<PortScope>,
 }
 
 /// Host services a container may reach through the host-loopback address of its network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostLoopback {
     /// The address that leads to the host's loopback (slirp4netns: 10.0.2.2).
     pub gateway: IpAddr,
@@ -58,7 +58,7 @@ pub struct HostLoopback {
 }
 
 /// Everything the generator needs to build one container's ruleset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub mode: Mode,
     /// Literal allows (profiles, resolved domains, live allows); never expire.

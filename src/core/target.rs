@@ -114,7 +114,7 @@ impl fmt::Display for DomainName {
 }
 
 /// A domain entry: the exact name, or (`*.name`) any name strictly beneath it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct DomainPattern {
     pub name: DomainName,
     /// `*.example.com` matches `a.example.com` and `b.a.example.com`, never `example.com`.
@@ -143,7 +143,7 @@ impl fmt::Display for DomainPattern {
 }
 
 /// Transport protocol of a port-scoped entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -161,7 +161,7 @@ impl Protocol {
 }
 
 /// A destination port, optionally limited to one protocol (`:443` means TCP and UDP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PortScope {
     pub port: u16,
     pub protocol: Option<Protocol>,
@@ -189,7 +189,7 @@ impl fmt::Display for PortScope {
 }
 
 /// What an entry names: a DNS pattern or a network (a single address is a /32 or /128).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Host {
     Domain(DomainPattern),
@@ -197,7 +197,11 @@ pub enum Host {
 }
 
 /// One allow or deny target: a host, optionally scoped to a port and protocol.
+///
+/// Stored as its canonical text (`example.com:443/tcp`) and re-validated when read back, so a
+/// tampered state file cannot smuggle in anything `Target::parse` would refuse.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Target {
     pub host: Host,
     pub scope: Option<PortScope>,
@@ -232,6 +236,19 @@ impl fmt::Display for Notice {
                 write!(f, "{written} has host bits set; using {used}")
             }
         }
+    }
+}
+
+impl TryFrom<String> for Target {
+    type Error = TargetError;
+    fn try_from(v: String) -> Result<Self, Self::Error> {
+        Target::parse(&v)
+    }
+}
+
+impl From<Target> for String {
+    fn from(t: Target) -> String {
+        t.to_string()
     }
 }
 

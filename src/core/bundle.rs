@@ -1,0 +1,303 @@
+//! The per-container state bundle: what was decided for one container, as stored on disk.
+//!
+//! The bundle is written by `prepare` (and later by live commands), read by the OCI hook at
+//! every container start. It is versioned; unknown fields are refused, so a bundle written by
+//! another version is never half-understood. Turning a bundle into a [`Policy`] is pure.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::policy::{AllowRule, HostLoopback, Mode, Policy};
+use super::target::{DomainName, Host, Target};
+
+/// On-disk format of `state.json`; bump on any incompatible change.
+pub const BUNDLE_FORMAT: u32 = 1;
+
+/// Problems with names and bundles.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BundleError {
+    #[error("invalid container name `{0}`: use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 128 characters")]
+    BadName(String),
+    #[error("state bundle format {found} is not supported by this terok-shield (format {BUNDLE_FORMAT}); run `terok-shield prepare` again")]
+    Format { found: u32 },
+    #[error("state bundle was written by terok-shield {found}, this is {ours}; run `terok-shield prepare` again with this version")]
+    Version { found: String, ours: String },
+    #[error("state bundle belongs to container `{found}`, not `{expected}`")]
+    WrongContainer { found: String, expected: String },
+    #[error("state bundle instance {found} does not match the container's ({expected}): the name was prepared again for a new container; recreate this container with `terok-shield run`")]
+    Instance { found: String, expected: String },
+}
+
+/// A container name as podman accepts it; also safe as a directory name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ContainerName(String);
+
+impl ContainerName {
+    /// Validate a user-supplied container name.
+    pub fn new(name: &str) -> Result<Self, BundleError> {
+        let mut bytes = name.bytes();
+        let ok = name.len() <= 128
+            && bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+        if ok {
+            Ok(ContainerName(name.to_string()))
+        } else {
+            Err(BundleError::BadName(name.to_string()))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ContainerName {
+    type Error = BundleError;
+    fn try_from(v: String) -> Result<Self, Self::Error> {
+        ContainerName::new(&v)
+    }
+}
+
+impl From<ContainerName> for String {
+    fn from(v: ContainerName) -> String {
+        v.0
+    }
+}
+
+impl fmt::Display for ContainerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How domains turn into addresses for this container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsTier {
+    /// Resolved once before start (and on `resolve`); addresses cached in the bundle.
+    Static,
+    /// Our per-container resolver fills the DNS-learned sets at run time.
+    Builtin,
+    /// Per-container dnsmasq with `--nftset`.
+    Dnsmasq,
+}
+
+impl DnsTier {
+    /// Name shown by `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DnsTier::Static => "static",
+            DnsTier::Builtin => "builtin",
+            DnsTier::Dnsmasq => "dnsmasq",
+        }
+    }
+}
+
+/// Addresses a domain resolved to, and when (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resolved {
+    pub addrs: Vec<IpAddr>,
+    pub at: u64,
+}
+
+/// Everything the shield knows about one container (`state.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    pub format: u32,
+    pub shield_version: String,
+    pub name: ContainerName,
+    /// Random id tying the bundle to one container creation (names get reused).
+    pub instance: String,
+    pub created: u64,
+    pub profiles: Vec<String>,
+    /// Composed profile entries, in order.
+    pub entries: Vec<Target>,
+    /// Static-tier cache: domain -> addresses.
+    pub resolved: BTreeMap<DomainName, Resolved>,
+    pub mode: Mode,
+    /// Targets allowed at run time (`allow`).
+    pub live_allow: Vec<Target>,
+    /// Targets denied at run time (`deny`); win over profiles and live allows.
+    pub live_deny: Vec<Target>,
+    pub loopback_ports: Vec<u16>,
+    pub audit_enabled: bool,
+    pub dns_tier: DnsTier,
+}
+
+/// Facts about the running container that the hook discovers (not stored in the bundle).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuntimeFacts {
+    /// Nameservers from the container's resolv.conf.
+    pub dns_servers: Vec<IpAddr>,
+    /// Default gateway of the container's network (host loopback path for slirp4netns).
+    pub gateway: Option<IpAddr>,
+}
+
+impl Bundle {
+    /// Refuse a bundle this binary cannot honour exactly (fail closed).
+    pub fn check_compatible(&self, ours: &str) -> Result<(), BundleError> {
+        if self.format != BUNDLE_FORMAT {
+            return Err(BundleError::Format { found: self.format });
+        }
+        if self.shield_version != ours {
+            return Err(BundleError::Version {
+                found: self.shield_version.clone(),
+                ours: ours.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Domains whose addresses the static tier must look up.
+    pub fn domains_to_resolve(&self) -> Vec<DomainName> {
+        let mut out: Vec<DomainName> = self
+            .entries
+            .iter()
+            .chain(&self.live_allow)
+            .filter_map(|t| match &t.host {
+                Host::Domain(d) if !d.wildcard => Some(d.name.clone()),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Addresses a target stands for: its network, or its domain's cached addresses.
+    fn nets_of(&self, target: &Target) -> Vec<IpNet> {
+        match &target.host {
+            Host::Net(n) => vec![*n],
+            Host::Domain(d) if !d.wildcard => self
+                .resolved
+                .get(&d.name)
+                .map(|r| r.addrs.iter().map(|a| IpNet::from(*a)).collect())
+                .unwrap_or_default(),
+            Host::Domain(_) => Vec::new(),
+        }
+    }
+
+    /// The policy for this container: (profile ∪ live allows) − denies, in the bundle's mode.
+    pub fn policy(&self, facts: &RuntimeFacts) -> Policy {
+        let mut policy = Policy::new(self.mode);
+        for target in self.entries.iter().chain(&self.live_allow) {
+            for net in self.nets_of(target) {
+                policy.allow.push(AllowRule {
+                    net,
+                    scope: target.scope,
+                });
+            }
+        }
+        for target in &self.live_deny {
+            policy.deny.extend(self.nets_of(target));
+        }
+        policy.dns_servers = facts.dns_servers.clone();
+        if let (Some(gateway), false) = (facts.gateway, self.loopback_ports.is_empty()) {
+            policy.host_loopback = Some(HostLoopback {
+                gateway,
+                ports: self.loopback_ports.clone(),
+            });
+        }
+        policy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle() -> Bundle {
+        let t = |s: &str| Target::parse(s).unwrap();
+        Bundle {
+            format: BUNDLE_FORMAT,
+            shield_version: "0.1.0".into(),
+            name: ContainerName::new("c1").unwrap(),
+            instance: "abc".into(),
+            created: 0,
+            profiles: vec!["p".into()],
+            entries: vec![
+                t("example.com:443"),
+                t("198.51.100.0/24"),
+                t("*.example.org"),
+            ],
+            resolved: [(
+                "example.com".parse().unwrap(),
+                Resolved {
+                    addrs: vec!["198.18.0.5".parse().unwrap()],
+                    at: 1,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            mode: Mode::DenyAll,
+            live_allow: vec![t("198.18.9.9")],
+            live_deny: vec![t("198.51.100.7")],
+            loopback_ports: vec![8080],
+            audit_enabled: true,
+            dns_tier: DnsTier::Static,
+        }
+    }
+
+    #[test]
+    fn merges_profile_resolved_live_and_denies() {
+        let facts = RuntimeFacts {
+            dns_servers: vec!["10.0.2.3".parse().unwrap()],
+            gateway: Some("10.0.2.2".parse().unwrap()),
+        };
+        let p = bundle().policy(&facts);
+        let shown: Vec<String> = p
+            .allow
+            .iter()
+            .map(|r| format!("{}{:?}", r.net, r.scope.map(|s| s.port)))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "198.18.0.5/32Some(443)",
+                "198.51.100.0/24None",
+                "198.18.9.9/32None"
+            ]
+        );
+        assert_eq!(p.deny, vec!["198.51.100.7/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(p.host_loopback.unwrap().ports, vec![8080]);
+        assert_eq!(
+            bundle().domains_to_resolve(),
+            vec!["example.com".parse::<DomainName>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn round_trips_and_refuses_unknown_fields_and_versions() {
+        let b = bundle();
+        let text = serde_json::to_string(&b).unwrap();
+        assert_eq!(serde_json::from_str::<Bundle>(&text).unwrap(), b);
+        let tampered = text.replacen('{', "{\"extra\":1,", 1);
+        assert!(serde_json::from_str::<Bundle>(&tampered).is_err());
+        let bad_name = text.replace("\"c1\"", "\"../etc\"");
+        assert!(serde_json::from_str::<Bundle>(&bad_name).is_err());
+        let bad_target = text.replace("198.18.9.9", "198.18.9.9; flush ruleset");
+        assert!(serde_json::from_str::<Bundle>(&bad_target).is_err());
+        assert!(b.check_compatible("0.1.0").is_ok());
+        assert!(matches!(
+            b.check_compatible("0.2.0"),
+            Err(BundleError::Version { .. })
+        ));
+    }
+
+    #[test]
+    fn container_names_are_safe() {
+        for bad in ["", "-x", "a/b", "..", ".x", "a b", &"x".repeat(129)] {
+            assert!(ContainerName::new(bad).is_err(), "{bad}");
+        }
+        assert!(ContainerName::new("my-container_1.2").is_ok());
+    }
+}

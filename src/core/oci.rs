@@ -1,0 +1,186 @@
+//! The OCI runtime state a hook receives on stdin, parsed and checked.
+//!
+//! The JSON comes from the runtime, but its annotations come from whoever created the
+//! container; every field we use is validated before it is trusted.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::bundle::ContainerName;
+
+/// Annotation names, shared with the Python original so tooling keeps working.
+pub mod annotation {
+    pub const NAME: &str = "terok.shield.name";
+    pub const STATE_DIR: &str = "terok.shield.state_dir";
+    pub const VERSION: &str = "terok.shield.version";
+    pub const PROFILES: &str = "terok.shield.profiles";
+    pub const INSTANCE: &str = "terok.shield.instance";
+    pub const AUDIT_ENABLED: &str = "terok.shield.audit_enabled";
+    pub const LOOPBACK_PORTS: &str = "terok.shield.loopback_ports";
+    pub const DNS_TIER: &str = "terok.shield.dns_tier";
+}
+
+/// Largest OCI state we read: a real one is a few KiB.
+pub const MAX_STATE_BYTES: usize = 1 << 20;
+
+/// Why the OCI state was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OciError {
+    #[error("hook input is not valid OCI state JSON: {0}")]
+    Json(String),
+    #[error("hook input is larger than {MAX_STATE_BYTES} bytes")]
+    TooLarge,
+    #[error("OCI state has no usable container pid (got {0:?}); the runtime must run this hook at createRuntime")]
+    Pid(Option<i64>),
+    #[error("annotation {0} is missing; start the container with `terok-shield run` or the flags from `terok-shield prepare`")]
+    Missing(&'static str),
+    #[error("annotation {name} has an invalid value `{value}`: {why}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawState {
+    pid: Option<i64>,
+    #[serde(default)]
+    bundle: PathBuf,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// What a hook needs from the OCI state, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookInput {
+    /// Container init PID in the hook's PID namespace (absent for poststop).
+    pub pid: Option<u32>,
+    pub container_id: String,
+    /// The OCI bundle directory (holds config.json).
+    pub oci_bundle: PathBuf,
+    pub name: ContainerName,
+    /// Our state bundle directory.
+    pub state_dir: PathBuf,
+    pub version: Option<String>,
+    pub instance: Option<String>,
+}
+
+/// Parse and validate the OCI state. `need_pid` is true for createRuntime.
+pub fn parse_hook_input(bytes: &[u8], need_pid: bool) -> Result<HookInput, OciError> {
+    if bytes.len() > MAX_STATE_BYTES {
+        return Err(OciError::TooLarge);
+    }
+    let raw: RawState = serde_json::from_slice(bytes).map_err(|e| OciError::Json(e.to_string()))?;
+    let pid = match raw.pid {
+        Some(p) if p > 1 && p <= i64::from(u32::MAX) => Some(p as u32),
+        other if need_pid => return Err(OciError::Pid(other)),
+        _ => None,
+    };
+    let get = |name: &'static str| raw.annotations.get(name).cloned();
+    let name_raw = get(annotation::NAME).ok_or(OciError::Missing(annotation::NAME))?;
+    let name = ContainerName::new(&name_raw).map_err(|e| OciError::Invalid {
+        name: annotation::NAME,
+        value: name_raw.clone(),
+        why: e.to_string(),
+    })?;
+    let state_raw = get(annotation::STATE_DIR).ok_or(OciError::Missing(annotation::STATE_DIR))?;
+    let state_dir = PathBuf::from(&state_raw);
+    let clean = state_dir.is_absolute()
+        && state_dir.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+    if !clean {
+        return Err(OciError::Invalid {
+            name: annotation::STATE_DIR,
+            value: state_raw,
+            why: "must be an absolute path without `..`".into(),
+        });
+    }
+    Ok(HookInput {
+        pid,
+        container_id: raw.id,
+        oci_bundle: raw.bundle,
+        name,
+        state_dir,
+        version: get(annotation::VERSION),
+        instance: get(annotation::INSTANCE),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pid: &str, ann: &str) -> Vec<u8> {
+        format!(r#"{{"ociVersion":"1.0.2","id":"abc","status":"creating","pid":{pid},"bundle":"/b","annotations":{{{ann}}}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn accepts_a_real_shape() {
+        let ann = r#""terok.shield.name":"c1","terok.shield.state_dir":"/home/u/.local/state/terok/shield/containers/c1","terok.shield.version":"0.1.0","other":"x""#;
+        let input = parse_hook_input(&state("4242", ann), true).unwrap();
+        assert_eq!(input.pid, Some(4242));
+        assert_eq!(input.name.as_str(), "c1");
+        assert_eq!(input.version.as_deref(), Some("0.1.0"));
+    }
+
+    #[test]
+    fn refuses_hostile_or_incomplete_state() {
+        let good = r#""terok.shield.name":"c1","terok.shield.state_dir":"/s/c1""#;
+        assert!(matches!(
+            parse_hook_input(&state("0", good), true),
+            Err(OciError::Pid(_))
+        ));
+        assert!(matches!(
+            parse_hook_input(&state("1", good), true),
+            Err(OciError::Pid(_))
+        ));
+        assert!(matches!(
+            parse_hook_input(&state("-5", good), true),
+            Err(OciError::Pid(_))
+        ));
+        assert!(parse_hook_input(&state("null", good), false).is_ok());
+        assert!(matches!(
+            parse_hook_input(&state("7", r#""terok.shield.state_dir":"/s""#), true),
+            Err(OciError::Missing(_))
+        ));
+        assert!(parse_hook_input(
+            &state(
+                "7",
+                r#""terok.shield.name":"../x","terok.shield.state_dir":"/s""#
+            ),
+            true
+        )
+        .is_err());
+        assert!(parse_hook_input(
+            &state(
+                "7",
+                r#""terok.shield.name":"c","terok.shield.state_dir":"/s/../../etc""#
+            ),
+            true
+        )
+        .is_err());
+        assert!(parse_hook_input(
+            &state(
+                "7",
+                r#""terok.shield.name":"c","terok.shield.state_dir":"rel/dir""#
+            ),
+            true
+        )
+        .is_err());
+        assert!(parse_hook_input(b"not json", true).is_err());
+        assert!(matches!(
+            parse_hook_input(&vec![b' '; MAX_STATE_BYTES + 1], true),
+            Err(OciError::TooLarge)
+        ));
+    }
+}
