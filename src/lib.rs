@@ -4,3 +4,4 @@
 
 pub mod core;
 pub mod effects;
+pub mod cli;

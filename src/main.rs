@@ -1,3 +1,36 @@
-fn main() {
-    println!("terok-shield {}", env!("CARGO_PKG_VERSION"));
+//! The `terok-shield` binary: parse the command line, run the command, report failure.
+//!
+//! Exit codes (stable; scripts may rely on them):
+//! - `0`: success (also when stdout is closed early, e.g. `terok-shield profiles | head -1`).
+//! - `1`: the command failed: bad input, a bad `config.yml` or profile, an unknown profile,
+//!   or a system error. One message on stderr, `terok-shield: error: ...`, says what went
+//!   wrong, every underlying cause, and how to fix it.
+//! - `2`: usage error (unknown option, missing argument, conflicting flags), reported by clap
+//!   together with the relevant usage line.
+
+use std::io;
+use std::process::ExitCode;
+
+use clap::Parser;
+use terok_shield::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("terok-shield: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A reader that stopped reading (`| head`) is not a failure of ours.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
 }

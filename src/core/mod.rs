@@ -15,3 +15,5 @@ pub mod audit;
 pub mod bundle;
 pub mod oci;
 pub mod podman_args;
+pub mod bundled;
+pub mod config;

@@ -2,3 +2,5 @@
 pub mod firewall;
 pub mod netns;
 pub mod nft;
+pub mod paths;
+pub mod profiles;
