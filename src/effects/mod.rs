@@ -4,3 +4,6 @@ pub mod netns;
 pub mod nft;
 pub mod paths;
 pub mod profiles;
+pub mod hooks;
+pub mod procfs;
+pub mod state;

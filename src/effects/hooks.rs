@@ -1,0 +1,277 @@
+//! OCI hook descriptors: how podman learns to call `terok-shield hook ...`.
+//!
+//! The descriptors are generic (one pair serves every container): they fire only for
+//! containers carrying our `terok.shield.name` annotation, and the hook finds the container's
+//! bundle through another annotation. Podman forgets `--hooks-dir` when a container restarts,
+//! so `setup` installs the pair where podman always looks: the system hooks directory
+//! (`--system`), or a user directory added to the user's containers.conf (`--user`).
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use thiserror::Error;
+
+use super::state::{write_atomic, StateError};
+use crate::core::oci::annotation;
+
+/// Descriptor file names, as the Python original names them.
+pub const CREATE_RUNTIME_FILE: &str = "terok-shield-createRuntime.json";
+pub const POSTSTOP_FILE: &str = "terok-shield-poststop.json";
+
+/// Where podman looks for hooks when no `hooks_dir` is configured.
+pub const SYSTEM_HOOK_DIRS: &[&str] = &[
+    "/usr/share/containers/oci/hooks.d",
+    "/etc/containers/oci/hooks.d",
+];
+/// Where `setup --system` installs.
+pub const SYSTEM_INSTALL_DIR: &str = "/etc/containers/oci/hooks.d";
+
+/// Failures installing hooks.
+#[derive(Debug, Error)]
+pub enum HookInstallError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid TOML ({reason}); fix it by hand, then run `terok-shield setup --user` again")]
+    BadContainersConf { path: PathBuf, reason: String },
+    #[error("cannot find this program's own path ({0}); run terok-shield by its full path")]
+    SelfPath(std::io::Error),
+}
+
+/// The JSON of one descriptor calling `binary hook STAGE`.
+pub fn descriptor(binary: &Path, stage: &str) -> String {
+    let value = json!({
+        "version": "1.0.0",
+        "hook": {
+            "path": binary,
+            "args": ["terok-shield", "hook", stage],
+            "timeout": 30,
+        },
+        "when": { "annotations": { format!("^{}$", annotation::NAME.replace('.', "\\.")): ".+" } },
+        "stages": [stage],
+    });
+    serde_json::to_string_pretty(&value).expect("descriptor serialises") + "\n"
+}
+
+/// Write both descriptors into `dir` (created if needed).
+pub fn write_descriptors(dir: &Path, binary: &Path) -> Result<(), HookInstallError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|source| HookInstallError::Io {
+            action: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    write_atomic(
+        &dir.join(CREATE_RUNTIME_FILE),
+        descriptor(binary, "createRuntime").as_bytes(),
+    )?;
+    write_atomic(
+        &dir.join(POSTSTOP_FILE),
+        descriptor(binary, "poststop").as_bytes(),
+    )?;
+    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE] {
+        // Descriptors are public configuration; podman must be able to read them.
+        let p = dir.join(f);
+        let _ = fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    }
+    Ok(())
+}
+
+/// The absolute path of the running binary (what the descriptors must call).
+pub fn self_binary() -> Result<PathBuf, HookInstallError> {
+    std::env::current_exe().map_err(HookInstallError::SelfPath)
+}
+
+/// Where a persistent installation was found, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Installed {
+    System(PathBuf),
+    User(PathBuf),
+}
+
+impl Installed {
+    /// The directory holding the descriptors.
+    pub fn dir(&self) -> &Path {
+        match self {
+            Installed::System(p) | Installed::User(p) => p,
+        }
+    }
+}
+
+/// Find persistent descriptors without asking podman (too slow for every `run`).
+///
+/// `user_hooks_dir` is where `setup --user` installs; it only counts if the user's
+/// containers.conf lists it in `hooks_dir`.
+pub fn find_installed(user_hooks_dir: &Path, containers_conf: &Path) -> Option<Installed> {
+    let has = |d: &Path| d.join(CREATE_RUNTIME_FILE).is_file() && d.join(POSTSTOP_FILE).is_file();
+    if has(user_hooks_dir) && conf_lists_dir(containers_conf, user_hooks_dir) {
+        return Some(Installed::User(user_hooks_dir.to_path_buf()));
+    }
+    SYSTEM_HOOK_DIRS
+        .iter()
+        .map(Path::new)
+        .find(|d| has(d))
+        .map(|d| Installed::System(d.to_path_buf()))
+}
+
+fn conf_lists_dir(conf: &Path, dir: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(conf) else {
+        return false;
+    };
+    let Ok(doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return false;
+    };
+    doc.get("engine")
+        .and_then(|e| e.get("hooks_dir"))
+        .and_then(|h| h.as_array())
+        .is_some_and(|a| {
+            a.iter()
+                .any(|v| v.as_str() == Some(&*dir.to_string_lossy()))
+        })
+}
+
+/// `setup --user`: descriptors into `user_hooks_dir`, and that directory added to
+/// `[engine] hooks_dir` in the user's containers.conf (keeping podman's default directories,
+/// which a configured `hooks_dir` would otherwise replace). Other settings are preserved.
+pub fn setup_user(
+    user_hooks_dir: &Path,
+    containers_conf: &Path,
+    binary: &Path,
+) -> Result<(), HookInstallError> {
+    write_descriptors(user_hooks_dir, binary)?;
+    let text = match fs::read_to_string(containers_conf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(HookInstallError::Io {
+                action: "read",
+                path: containers_conf.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let updated = add_hooks_dir(&text, user_hooks_dir).map_err(|reason| {
+        HookInstallError::BadContainersConf {
+            path: containers_conf.to_path_buf(),
+            reason,
+        }
+    })?;
+    if updated != text {
+        if let Some(parent) = containers_conf.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(|source| HookInstallError::Io {
+                    action: "create",
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+        }
+        write_atomic(containers_conf, updated.as_bytes())?;
+        let _ = fs::set_permissions(
+            containers_conf,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        );
+    }
+    Ok(())
+}
+
+/// Pure edit of containers.conf text: ensure `[engine] hooks_dir` contains `dir` (first) and
+/// podman's default directories.
+pub fn add_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| e.to_string())?;
+    let engine = doc
+        .entry("engine")
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
+        .as_table_mut()
+        .ok_or("`engine` is not a table")?;
+    let existing: Vec<String> = engine
+        .get("hooks_dir")
+        .and_then(|h| h.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_else(|| SYSTEM_HOOK_DIRS.iter().map(|s| s.to_string()).collect());
+    let ours = dir.to_string_lossy().to_string();
+    if existing.contains(&ours) {
+        return Ok(doc.to_string());
+    }
+    let mut dirs = toml_edit::Array::new();
+    dirs.push(ours);
+    for d in existing {
+        dirs.push(d);
+    }
+    engine["hooks_dir"] = toml_edit::value(dirs);
+    Ok(doc.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_is_gated_by_our_annotation() {
+        let d: serde_json::Value = serde_json::from_str(&descriptor(
+            Path::new("/usr/bin/terok-shield"),
+            "createRuntime",
+        ))
+        .unwrap();
+        assert_eq!(d["hook"]["path"], "/usr/bin/terok-shield");
+        assert_eq!(
+            d["hook"]["args"],
+            json!(["terok-shield", "hook", "createRuntime"])
+        );
+        assert_eq!(d["when"]["annotations"]["^terok\\.shield\\.name$"], ".+");
+        assert_eq!(d["stages"], json!(["createRuntime"]));
+    }
+
+    #[test]
+    fn containers_conf_edit_preserves_settings_and_defaults() {
+        let text = "# mine\n[containers]\ndefault_ulimits = [\"nofile=20000:20000\"]\n\n[engine]\nruntime = \"runc\"\n";
+        let out = add_hooks_dir(text, Path::new("/home/u/.config/terok/shield/hooks.d")).unwrap();
+        assert!(
+            out.contains("# mine")
+                && out.contains("runtime = \"runc\"")
+                && out.contains("nofile=20000")
+        );
+        let doc: toml_edit::DocumentMut = out.parse().unwrap();
+        let dirs: Vec<&str> = doc["engine"]["hooks_dir"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            dirs,
+            [
+                "/home/u/.config/terok/shield/hooks.d",
+                SYSTEM_HOOK_DIRS[0],
+                SYSTEM_HOOK_DIRS[1]
+            ]
+        );
+        assert_eq!(
+            add_hooks_dir(&out, Path::new("/home/u/.config/terok/shield/hooks.d")).unwrap(),
+            out,
+            "idempotent"
+        );
+        let fresh = add_hooks_dir("", Path::new("/h")).unwrap();
+        assert!(fresh.contains("[engine]"));
+        assert!(add_hooks_dir("engine = 3", Path::new("/h")).is_err());
+        assert!(add_hooks_dir("[engine\n", Path::new("/h")).is_err());
+    }
+}
