@@ -16,7 +16,10 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
 use crate::core::config::{parse_config, Config};
+use crate::core::profile::{LineNotice, ProfileName};
+use crate::core::target::Target;
 use crate::effects::paths::Paths;
+use crate::effects::profiles::ProfileStore;
 
 /// `config.yml` larger than this is refused: it is a handful of keys, never megabytes.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -131,6 +134,32 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
         bail!("{} is not UTF-8 text; save it as UTF-8", path.display());
     };
     Ok(parse_config(path, &text)?)
+}
+
+/// Profiles chosen for a command: their names, composed entries and notices.
+pub struct SelectedProfiles {
+    pub names: Vec<ProfileName>,
+    pub entries: Vec<Target>,
+    pub notices: Vec<LineNotice>,
+}
+
+/// Load `--profiles` (or the configured defaults when none were given) and compose them.
+pub fn select_profiles(requested: &[String], ctx: &Context) -> anyhow::Result<SelectedProfiles> {
+    let names: Vec<ProfileName> = if requested.is_empty() {
+        ctx.config.default_profiles.clone()
+    } else {
+        requested
+            .iter()
+            .map(|n| ProfileName::new(n))
+            .collect::<Result<_, _>>()?
+    };
+    let store = ProfileStore::new(&ctx.paths.profiles_dir);
+    let (entries, notices) = store.load_many(&names)?;
+    Ok(SelectedProfiles {
+        names,
+        entries,
+        notices,
+    })
 }
 
 /// Run one parsed command line.
