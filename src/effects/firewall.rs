@@ -57,9 +57,23 @@ pub enum FirewallError {
 
 /// Replace the shield's table with `policy`'s ruleset and verify the result.
 pub fn apply(nft: &Nft, policy: &Policy) -> Result<ApplyReport, FirewallError> {
+    apply_with(nft, policy, true)
+}
+
+/// Install `policy` into a network namespace that never had our table (a new container):
+/// skips the costly table deletion; exact verification still catches any leftover.
+pub fn apply_fresh(nft: &Nft, policy: &Policy) -> Result<ApplyReport, FirewallError> {
+    apply_with(nft, policy, false)
+}
+
+fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, FirewallError> {
     let t0 = Instant::now();
     let ruleset = Ruleset::generate(policy);
-    let transactions = ruleset.transactions();
+    let transactions = if replace {
+        ruleset.transactions()
+    } else {
+        ruleset.transactions_fresh()
+    };
     let generate = t0.elapsed();
 
     let t1 = Instant::now();
@@ -203,6 +217,22 @@ mod tests {
         ));
         nft.delete_table().unwrap();
         assert!(matches!(check(&nft, &policy), Err(FirewallError::Missing)));
+    }
+
+    #[test]
+    fn fresh_apply_refuses_a_namespace_that_already_has_a_table() {
+        let Some(ns) = TempNetns::new("fresh") else {
+            return;
+        };
+        let nft = ns.nft();
+        let policy = rich_policy(Mode::DenyAll);
+        apply_fresh(&nft, &policy).unwrap();
+        // A second fresh apply merges into the existing table: verification must refuse it.
+        assert!(matches!(
+            apply_fresh(&nft, &policy),
+            Err(FirewallError::Verify(_))
+        ));
+        apply(&nft, &policy).unwrap();
     }
 
     #[test]

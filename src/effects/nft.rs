@@ -19,6 +19,9 @@ use crate::core::ruleset::{FAMILY, TABLE};
 /// How long one nft invocation may take before we give up (fail closed, never hang).
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Environment variable naming the nft binary to use (e.g. a wrapper, or a non-standard path).
+pub const NFT_ENV: &str = "TEROK_SHIELD_NFT";
+
 /// Where `nft` lives on common distributions, for hooks that run with an empty PATH.
 const FALLBACK_PATHS: &[&str] = &[
     "/usr/sbin/nft",
@@ -57,8 +60,17 @@ pub struct Nft {
 }
 
 impl Nft {
-    /// Find nft in PATH, then in the usual sbin directories.
+    /// Find nft: `$TEROK_SHIELD_NFT` if set (an absolute path), else PATH, then the usual
+    /// sbin directories.
     pub fn locate() -> Result<Nft, NftError> {
+        if let Some(explicit) = std::env::var_os(NFT_ENV) {
+            let path = PathBuf::from(explicit);
+            return if path.is_absolute() && is_executable(&path) {
+                Ok(Nft::at(path))
+            } else {
+                Err(NftError::NotFound)
+            };
+        }
         let from_path = std::env::var_os("PATH")
             .map(|p| {
                 std::env::split_paths(&p)
@@ -226,29 +238,41 @@ fn summarise_stderr(err: &[u8]) -> String {
 }
 
 /// Wait for a child with a deadline; kill and reap it if the deadline passes.
+///
+/// Sleeps in poll(2) on a pidfd, so the caller wakes the instant the child exits (no polling
+/// interval added to every nft call).
 pub(crate) fn wait_bounded(
     child: &mut std::process::Child,
     limit: Duration,
 ) -> Result<std::process::ExitStatus, NftError> {
-    let start = Instant::now();
-    let mut pause = Duration::from_micros(200);
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+
+    let spawn_err = |source: std::io::Error| NftError::Spawn {
+        program: PathBuf::from("nft"),
+        source,
+    };
+    let pid = Pid::from_raw(child.id() as i32).expect("child pid is positive");
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).map_err(|e| spawn_err(e.into()))?;
+    let deadline = Instant::now() + limit;
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) => {}
-            Err(source) => {
-                return Err(NftError::Spawn {
-                    program: PathBuf::from("nft"),
-                    source,
-                })
-            }
+        if let Some(status) = child.try_wait().map_err(spawn_err)? {
+            return Ok(status);
         }
-        if start.elapsed() > limit {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             let _ = child.kill();
             let _ = child.wait();
             return Err(NftError::Timeout(limit));
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(10));
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        let timeout = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(spawn_err(e.into())),
+        }
     }
 }
