@@ -1,7 +1,7 @@
 //! A rootless user namespace with its own network namespace, owned by an unprivileged user:
 //! the situation of a rootless Podman container, where netlink messages are smaller.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -40,9 +40,17 @@ impl RootlessNs {
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start runuser (util-linux)");
+        // Keep the holder's stderr for error messages (and out of the test output).
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            let _ = err_tx.send(text);
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::sync_channel(1);
         std::thread::spawn(move || {
@@ -55,7 +63,10 @@ impl RootlessNs {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("rootless namespace holder did not start: {e}");
+                let err = err_rx
+                    .recv_timeout(Duration::from_secs(1))
+                    .unwrap_or_default();
+                panic!("rootless namespace holder did not start: {e}; stderr: {err}");
             }
         };
         let pid: u32 = match line.trim().parse() {
@@ -63,7 +74,13 @@ impl RootlessNs {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("rootless namespace holder printed {line:?}, expected its PID (is unprivileged userns allowed?)");
+                let err = err_rx
+                    .recv_timeout(Duration::from_secs(1))
+                    .unwrap_or_default();
+                panic!(
+                    "rootless namespace holder printed {line:?}, expected its PID \
+                     (are unprivileged user namespaces allowed?); stderr: {err}"
+                );
             }
         };
         let ns = RootlessNs {
@@ -109,6 +126,91 @@ impl Drop for RootlessNs {
             }
         }
     }
+}
+
+/// Run one `#[ignore]`d test of the current test binary as `user`, with extra environment
+/// `env`, and return its stdout. The binary is copied to a world-readable temporary
+/// directory first (the build tree may be private). Panics with the child's output if it
+/// fails or overruns `limit`.
+pub fn run_test_as(user: &str, test: &str, env: &[(&str, String)], limit: Duration) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let dir =
+        std::env::temp_dir().join(format!("terok-shield-it-{}-as-{user}", std::process::id()));
+    let exe = dir.join("test-binary");
+    let mode =
+        |p: &std::path::Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| mode(&dir, 0o755))
+        .and_then(|()| std::fs::copy(std::env::current_exe()?, &exe))
+        .and_then(|_| mode(&exe, 0o755))
+        .unwrap_or_else(|e| panic!("prepare {}: {e}", exe.display()));
+    let args = [
+        test,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ];
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", user, "--"])
+        .arg(&exe)
+        .args(args)
+        .current_dir("/");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run_with_env(&mut cmd, limit);
+    let _ = std::fs::remove_dir_all(&dir);
+    let what = format!("{} {} as {user}", exe.display(), args.join(" "));
+    let (status, stdout, stderr) = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        status.success(),
+        "{what} failed ({status}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    stdout
+}
+
+fn run_with_env(
+    cmd: &mut Command,
+    limit: Duration,
+) -> Result<(std::process::ExitStatus, String, String), String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if start.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("did not finish within {limit:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    Ok((
+        status,
+        out_t.join().unwrap_or_default(),
+        err_t.join().unwrap_or_default(),
+    ))
 }
 
 fn user_exists(name: &str) -> bool {
