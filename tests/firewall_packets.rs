@@ -551,3 +551,63 @@ fn assertions_fail_when_the_packets_disagree() {
     fails("tcp refused (drop)", &|| bed.expect_tcp_refused(FAR, 80));
     fails("udp refused (drop)", &|| bed.expect_udp_refused(FAR, 53));
 }
+
+#[test]
+fn apply_fresh_installs_once_and_refuses_to_merge() {
+    let bed = bed!();
+    let first = policy(Mode::DenyAll, &[PUB_A]);
+    terok_shield::effects::firewall::apply_fresh(&bed.nft(), &first)
+        .unwrap_or_else(|e| panic!("apply_fresh into a new namespace: {e}"));
+    bed.expect_tcp_ok(PUB_A, 80);
+    bed.expect_tcp_refused(PUB_B, 80);
+    // A second fresh install over a live table cannot verify; what is live stays closed.
+    let second = policy(Mode::DenyAll, &[PUB_A, PUB_B]);
+    let err = terok_shield::effects::firewall::apply_fresh(&bed.nft(), &second)
+        .expect_err("apply_fresh over an existing table must not verify");
+    assert!(matches!(err, FirewallError::Verify(_)), "{err:?}");
+    assert_eq!(tables(&bed), ["inet terok_shield"]);
+    bed.expect_tcp_refused(FAR, 80);
+    bed.expect_tcp_refused(PRIV_172, 80);
+    bed.expect_udp_refused(FAR, 53);
+    // A normal apply then restores exactly the requested policy.
+    bed.apply(&second);
+    bed.expect_tcp_ok(PUB_B, 80);
+}
+
+#[test]
+fn update_opens_and_closes_destinations_live() {
+    use terok_shield::effects::firewall::{check, update};
+    let bed = bed!();
+    let nft = bed.nft();
+    let a = policy(Mode::DenyAll, &[PUB_A, "198.18.1.0/24"]);
+    bed.apply(&a);
+    let mut b = policy(Mode::DenyAll, &[PUB_A, PUB_B, "198.18.1.0/24", PUB6_A]);
+    b.allow.push(allow_port(SCOPED, 443, Some(Protocol::Tcp)));
+    update(&nft, &a, &b).unwrap_or_else(|e| panic!("update a->b: {e}"));
+    check(&nft, &b).unwrap();
+    bed.expect_tcp_ok(PUB_B, 80);
+    bed.expect_tcp_ok(PUB6_A, 80);
+    bed.expect_tcp_ok(SCOPED, 443);
+    bed.expect_tcp_refused(SCOPED, 80);
+    let c = policy(Mode::DenyAll, &[PUB_B]);
+    update(&nft, &b, &c).unwrap_or_else(|e| panic!("update b->c: {e}"));
+    check(&nft, &c).unwrap();
+    bed.expect_tcp_ok(PUB_B, 80);
+    for host in [PUB_A, NET_HOST, PUB6_A, SCOPED] {
+        bed.expect_tcp_refused(host, 443);
+    }
+    // A mode change needs other chains: update must still land exactly on the target.
+    let mut d = c.clone();
+    d.mode = Mode::Bypass;
+    update(&nft, &c, &d).unwrap_or_else(|e| panic!("update c->d: {e}"));
+    check(&nft, &d).unwrap();
+    bed.expect_tcp_ok(FAR, 80);
+    bed.expect_tcp_refused(PRIV_172, 80);
+    // Told the wrong "old" policy, update must still end at the target, verified.
+    update(&nft, &a, &c).unwrap_or_else(|e| panic!("update from a stale view: {e}"));
+    check(&nft, &c).unwrap();
+    bed.expect_tcp_refused(FAR, 80);
+    bed.expect_tcp_refused(PUB_A, 80);
+    bed.expect_tcp_ok(PUB_B, 80);
+    assert_eq!(tables(&bed), ["inet terok_shield"]);
+}
