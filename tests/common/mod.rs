@@ -50,7 +50,15 @@ pub fn require_privileges() -> bool {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "privileged integration tests cannot run in CI: missing {missing}"
             );
-            eprintln!("SKIP privileged test: needs {missing} (set CI=true to make this fatal)");
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                // Straight to stderr, past libtest's capture, so the skip is seen.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIP privileged tests: need {missing} (with CI=true this is a failure)"
+                );
+            });
             false
         }
     }
