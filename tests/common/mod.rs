@@ -11,6 +11,7 @@
 pub mod bed;
 pub mod cmd;
 pub mod netns;
+pub mod policies;
 pub mod probe;
 pub mod userns;
 pub mod world;
