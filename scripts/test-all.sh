@@ -16,7 +16,7 @@ die() { printf 'test-all.sh: %s\n' "$*" >&2; exit 1; }
 
 # Packages the tests (and later the end-to-end tests) need. Installed only when missing.
 PACKAGES=(nftables iproute2 podman runc slirp4netns uidmap busybox-static dnsmasq-base
-          conntrack socat ca-certificates)
+          conntrack socat ca-certificates time)
 
 install_packages() {
     local missing=() p
@@ -73,6 +73,11 @@ log "packages"
 install_packages
 log "test user"
 setup_test_user
+# The rootless Podman environment of the end-to-end tests, when that script is present.
+if [[ -x scripts/podman-env.sh ]]; then
+    log "scripts/podman-env.sh"
+    ./scripts/podman-env.sh
+fi
 find_cargo
 cargo --version
 export CI="${CI:-}"
