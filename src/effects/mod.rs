@@ -7,3 +7,4 @@ pub mod profiles;
 pub mod hooks;
 pub mod procfs;
 pub mod state;
+pub mod dns_client;
