@@ -2,6 +2,6 @@
 //!
 //! `core` decides (pure, no I/O); `effects` acts on the system; `cli` wires them to commands.
 
+pub mod cli;
 pub mod core;
 pub mod effects;
-pub mod cli;

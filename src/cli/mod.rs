@@ -4,8 +4,13 @@
 //! `Context`, so locating files and reading `config.yml` happens once, in one place, and
 //! fails with one clear message before any command starts working.
 
+pub mod hook;
+pub mod inspect;
+pub mod live;
+pub mod prepare;
 pub mod preview;
 pub mod profiles;
+pub mod setup;
 pub mod status;
 
 use std::fs;
@@ -16,6 +21,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
 use crate::core::config::{parse_config, Config};
+use crate::core::policy::Mode;
 use crate::core::profile::{LineNotice, ProfileName};
 use crate::core::target::Target;
 use crate::effects::paths::Paths;
@@ -40,8 +46,37 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show the configuration in effect: mode, audit, profiles and file locations.
+    /// Without NAME: the configuration in effect. With NAME: that container's shield state
+    /// (up, down, down_all, block, inactive or error).
     Status(StatusArgs),
+    /// Write a container's state bundle and print the podman flags that shield it.
+    Prepare(PrepareArgs),
+    /// Prepare, then start the container with `podman run`.
+    Run(RunArgs),
+    /// Resolve a container's domains again and cache the addresses (static DNS tier).
+    Resolve(ResolveArgs),
+    /// Show the live nftables ruleset inside a running container.
+    Rules(NameArgs),
+    /// Show audit log entries (JSON lines).
+    Logs(LogsArgs),
+    /// Install the OCI hooks persistently so restarts re-apply the firewall.
+    Setup(SetupArgs),
+    /// Allow an IP, CIDR, domain (resolved now) on a running container; `:PORT[/tcp|udp]` scopes it.
+    Allow(TargetArgs),
+    /// Deny an IP, CIDR or domain on a running container; persists across up/down and restarts.
+    Deny(TargetArgs),
+    /// Bypass mode: public egress accepted and logged (private ranges and denies still blocked).
+    Down(DownArgs),
+    /// Back to deny-all with the effective allowlist; cuts connections it no longer allows.
+    Up(NameArgs),
+    /// Block everything but loopback; cuts open connections.
+    Block(NameArgs),
+    /// Internal: flush conntrack in the namespaces this process was started in.
+    #[command(hide = true, name = "internal-conntrack-flush")]
+    InternalConntrackFlush,
+    /// OCI hook entry point, called by podman (not by hand).
+    #[command(hide = true)]
+    Hook(HookArgs),
     /// List the available allowlist profiles, bundled and user-defined.
     Profiles(ProfilesArgs),
     /// Print the ruleset a container would get, without touching any container.
@@ -51,6 +86,8 @@ pub enum Command {
 /// Arguments of `status`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct StatusArgs {
+    /// A shielded container's name; omit for the general configuration.
+    pub name: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +119,112 @@ pub struct PreviewArgs {
     /// Print JSON instead of nft text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Arguments of `prepare`.
+#[derive(Debug, Clone, Args)]
+pub struct PrepareArgs {
+    /// Container name (the same name must be used for podman).
+    pub name: String,
+    /// Profiles to apply instead of the configured default_profiles.
+    #[arg(long, value_name = "PROFILE", num_args = 1.., value_delimiter = ',')]
+    pub profiles: Vec<String>,
+    /// Print the flags as a JSON array instead of shell words.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Container name.
+    pub name: String,
+    /// Profiles to apply instead of the configured default_profiles.
+    #[arg(long, value_name = "PROFILE", num_args = 1.., value_delimiter = ',')]
+    pub profiles: Vec<String>,
+    /// `-- [podman run flags] IMAGE [COMMAND...]`
+    #[arg(last = true, required = true, value_name = "PODMAN_ARGS")]
+    pub podman_args: Vec<String>,
+}
+
+/// Arguments of `resolve`.
+#[derive(Debug, Clone, Args)]
+pub struct ResolveArgs {
+    /// Container name.
+    pub name: String,
+    /// Resolve again even if the cache is still fresh.
+    #[arg(long)]
+    pub force: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A command that takes just a container name.
+#[derive(Debug, Clone, Args)]
+pub struct NameArgs {
+    /// Container name.
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A container and a target (`allow`, `deny`).
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// Container name.
+    pub name: String,
+    /// IP, CIDR, domain or *.domain, optionally with :PORT or :PORT/tcp|udp (allow only).
+    pub target: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `down`.
+#[derive(Debug, Clone, Args)]
+pub struct DownArgs {
+    /// Container name.
+    pub name: String,
+    /// Also let private ranges (RFC 1918, ULA, link-local, CGNAT) through.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `logs`.
+#[derive(Debug, Clone, Args)]
+pub struct LogsArgs {
+    /// Only this container's entries.
+    #[arg(long)]
+    pub container: Option<String>,
+    /// How many of the most recent entries.
+    #[arg(short = 'n', default_value_t = 50)]
+    pub n: usize,
+    /// Print one JSON array instead of JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `setup`.
+#[derive(Debug, Clone, Args)]
+pub struct SetupArgs {
+    /// Install for the current user (hooks dir added to ~/.config/containers/containers.conf).
+    #[arg(long, conflicts_with = "system")]
+    pub user: bool,
+    /// Install system-wide in /etc/containers/oci/hooks.d (needs root).
+    #[arg(long)]
+    pub system: bool,
+}
+
+/// Arguments of the hidden `hook` command.
+#[derive(Debug, Clone, Args)]
+pub struct HookArgs {
+    /// OCI hook stage.
+    pub stage: hook::Stage,
 }
 
 /// What every command needs: where files live and the validated configuration.
@@ -164,11 +307,38 @@ pub fn select_profiles(requested: &[String], ctx: &Context) -> anyhow::Result<Se
 
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // The hook needs only the OCI state and the bundle: no config, no HOME.
+    if let Command::Hook(args) = &cli.command {
+        return hook::run(args.stage);
+    }
+    if let Command::InternalConntrackFlush = &cli.command {
+        return Ok(crate::effects::conntrack::flush_current_netns()?);
+    }
     let ctx = Context::from_process_env(cli.state_dir)?;
     match &cli.command {
-        Command::Status(args) => status::run(args, &ctx),
+        Command::Status(args) => match &args.name {
+            Some(name) => inspect::status(name, args.json, &ctx),
+            None => status::run(args, &ctx),
+        },
         Command::Profiles(args) => profiles::run(args, &ctx),
         Command::Preview(args) => preview::run(args, &ctx),
+        Command::Prepare(a) => prepare::run_prepare(&a.name, &a.profiles, a.json, &ctx),
+        Command::Run(a) => prepare::run_container(&a.name, &a.profiles, &a.podman_args, &ctx),
+        Command::Resolve(a) => prepare::run_resolve(&a.name, a.force, a.json, &ctx),
+        Command::Rules(a) => inspect::rules(&a.name, a.json, &ctx),
+        Command::Logs(a) => inspect::logs(a.container.as_deref(), a.n, a.json, &ctx),
+        Command::Setup(a) => setup::run(a.user, a.system, &ctx),
+        Command::Allow(a) => {
+            live::run(&a.name, live::Change::Allow(a.target.clone()), a.json, &ctx)
+        }
+        Command::Deny(a) => live::run(&a.name, live::Change::Deny(a.target.clone()), a.json, &ctx),
+        Command::Down(a) => {
+            let mode = if a.all { Mode::BypassAll } else { Mode::Bypass };
+            live::run(&a.name, live::Change::Mode(mode), a.json, &ctx)
+        }
+        Command::Up(a) => live::run(&a.name, live::Change::Mode(Mode::DenyAll), a.json, &ctx),
+        Command::Block(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
+        Command::Hook(_) | Command::InternalConntrackFlush => unreachable!("handled above"),
     }
 }
 

@@ -157,6 +157,31 @@ impl Bundle {
         Ok(())
     }
 
+    /// Record a live `allow`: clears any deny of the same host, remembers the target (and, for
+    /// a domain, the addresses it resolved to now).
+    pub fn live_allow(&mut self, target: Target, resolved: Option<Resolved>) {
+        self.live_deny.retain(|t| t.host != target.host);
+        if let (Host::Domain(d), Some(r)) = (&target.host, resolved) {
+            self.resolved.insert(d.name.clone(), r);
+        }
+        if !self.live_allow.contains(&target) && !self.entries.contains(&target) {
+            self.live_allow.push(target);
+        }
+    }
+
+    /// Record a live `deny` of a host (ports are not part of a deny): drops live allows of the
+    /// same host and remembers the deny, which persists across mode changes and restarts.
+    pub fn live_deny(&mut self, target: Target) {
+        let host = Target {
+            host: target.host,
+            scope: None,
+        };
+        self.live_allow.retain(|t| t.host != host.host);
+        if !self.live_deny.contains(&host) {
+            self.live_deny.push(host);
+        }
+    }
+
     /// Domains whose addresses the static tier must look up.
     pub fn domains_to_resolve(&self) -> Vec<DomainName> {
         let mut out: Vec<DomainName> = self
@@ -186,10 +211,32 @@ impl Bundle {
         }
     }
 
+    /// Whether a domain target is switched off by a live deny of that domain (or a wildcard
+    /// covering it).
+    fn denied_domain(&self, target: &Target) -> bool {
+        let Host::Domain(d) = &target.host else {
+            return false;
+        };
+        self.live_deny.iter().any(|t| match &t.host {
+            Host::Domain(deny) if deny.wildcard => {
+                deny.name.is_parent_of(&d.name) || (d.wildcard && deny.name == d.name)
+            }
+            Host::Domain(deny) => !d.wildcard && deny.name == d.name,
+            Host::Net(_) => false,
+        })
+    }
+
     /// The policy for this container: (profile ∪ live allows) − denies, in the bundle's mode.
+    ///
+    /// A denied address or network goes into the deny sets and wins over everything. A denied
+    /// domain removes exactly what that domain brought: its addresses are not allowed through
+    /// it, but an address that another allowed target also brings stays allowed.
     pub fn policy(&self, facts: &RuntimeFacts) -> Policy {
         let mut policy = Policy::new(self.mode);
         for target in self.entries.iter().chain(&self.live_allow) {
+            if self.denied_domain(target) {
+                continue;
+            }
             for net in self.nets_of(target) {
                 policy.allow.push(AllowRule {
                     net,
@@ -198,7 +245,9 @@ impl Bundle {
             }
         }
         for target in &self.live_deny {
-            policy.deny.extend(self.nets_of(target));
+            if let Host::Net(net) = target.host {
+                policy.deny.push(net);
+            }
         }
         policy.dns_servers = facts.dns_servers.clone();
         if let (Some(gateway), false) = (facts.gateway, self.loopback_ports.is_empty()) {
@@ -291,6 +340,71 @@ mod tests {
             b.check_compatible("0.2.0"),
             Err(BundleError::Version { .. })
         ));
+    }
+
+    #[test]
+    fn live_allow_and_deny_follow_the_documented_semantics() {
+        let t = |s: &str| Target::parse(s).unwrap();
+        let facts = RuntimeFacts::default();
+        let allowed = |b: &Bundle| -> Vec<String> {
+            b.policy(&facts)
+                .allow
+                .iter()
+                .map(|r| r.net.to_string())
+                .collect()
+        };
+        let mut b = bundle();
+        // Deny a profile network's member: it lands in the deny set, the network stays.
+        b.live_deny(t("198.51.100.7"));
+        assert_eq!(
+            b.policy(&facts).deny,
+            vec!["198.51.100.7/32".parse::<IpNet>().unwrap()]
+        );
+        // Allowing it again clears the deny.
+        b.live_allow(t("198.51.100.7"), None);
+        assert!(b.policy(&facts).deny.is_empty());
+        // A denied domain removes exactly its own addresses; a shared address brought by another
+        // allowed target stays.
+        b.live_allow(
+            t("other.example"),
+            Some(Resolved {
+                addrs: vec!["198.18.0.5".parse().unwrap(), "198.18.7.7".parse().unwrap()],
+                at: 2,
+            }),
+        );
+        b.live_deny(t("example.com:443"));
+        assert_eq!(
+            b.live_deny.last().unwrap().to_string(),
+            "example.com",
+            "a deny has no port"
+        );
+        let now = allowed(&b);
+        assert!(
+            now.contains(&"198.18.0.5/32".to_string()),
+            "still brought by other.example: {now:?}"
+        );
+        b.live_deny(t("other.example"));
+        let now = allowed(&b);
+        assert!(
+            !now.iter()
+                .any(|n| n.starts_with("198.18.0.5") || n.starts_with("198.18.7.7")),
+            "{now:?}"
+        );
+        assert!(
+            b.policy(&facts).deny.is_empty(),
+            "domain denies never block shared addresses outright"
+        );
+        // Wildcard deny covers subdomains.
+        b.live_allow(
+            t("a.example.org"),
+            Some(Resolved {
+                addrs: vec!["198.18.9.1".parse().unwrap()],
+                at: 3,
+            }),
+        );
+        assert!(allowed(&b).contains(&"198.18.9.1/32".to_string()));
+        b.live_deny(t("*.example.org"));
+        assert!(!allowed(&b).contains(&"198.18.9.1/32".to_string()));
     }
 
     #[test]

@@ -3,17 +3,17 @@
 //! Effects (nft, namespaces, podman, files, sockets) live in `crate::effects` and only carry
 //! out what this module computed, which keeps the security-relevant logic testable in memory.
 
-pub mod private;
-pub mod profile;
-pub mod target;
-pub mod policy;
-pub mod ruleset;
-pub mod verify;
-#[cfg(test)]
-pub(crate) mod proptests;
 pub mod audit;
 pub mod bundle;
-pub mod oci;
-pub mod podman_args;
 pub mod bundled;
 pub mod config;
+pub mod oci;
+pub mod podman_args;
+pub mod policy;
+pub mod private;
+pub mod profile;
+#[cfg(test)]
+pub(crate) mod proptests;
+pub mod ruleset;
+pub mod target;
+pub mod verify;

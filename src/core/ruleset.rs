@@ -290,8 +290,12 @@ fn allow_sets(allow: &[AllowRule]) -> [Vec<Element>; 6] {
     }
     let n4 = IpNet::aggregate(&n4);
     let n6 = IpNet::aggregate(&n6);
-    // Single addresses already covered by a network add nothing.
-    let covered = |a: &IpAddr, nets: &[IpNet]| nets.iter().any(|n| n.contains(a));
+    // Single addresses already covered by a network add nothing. `aggregate` returns sorted,
+    // disjoint networks, so a binary search finds the only candidate: O(log n) per address.
+    let covered = |a: &IpAddr, nets: &[IpNet]| {
+        let i = nets.partition_point(|n| n.network() <= *a);
+        i > 0 && nets[i - 1].contains(a)
+    };
     a4.sort_unstable();
     a4.dedup();
     a6.sort_unstable();
@@ -449,6 +453,55 @@ impl Ruleset {
             txs.push(current);
         }
         txs
+    }
+
+    /// Transactions that turn the live `self` into `target` by rewriting only the sets whose
+    /// contents differ (each: flush, then re-add), or `None` when the chains differ and the
+    /// whole table must be replaced. Sets are rewritten rather than patched so that merged
+    /// interval elements never conflict; each set's flush and first elements share one
+    /// transaction, so no set is ever seen empty by a packet.
+    pub fn update_to(&self, target: &Ruleset) -> Option<Vec<String>> {
+        if self.chains != target.chains
+            || self.sets.len() != target.sets.len()
+            || self
+                .sets
+                .iter()
+                .zip(&target.sets)
+                .any(|(a, b)| a.name != b.name || a.kind != b.kind)
+        {
+            return None;
+        }
+        let mut txs = Vec::new();
+        let mut current = String::new();
+        let mut used = 0;
+        for (old, new) in self.sets.iter().zip(&target.sets) {
+            if old.elements == new.elements || new.kind.is_learned() {
+                continue;
+            }
+            let weight = new.kind.weight();
+            let per_tx = (TRANSACTION_BUDGET / weight).max(1);
+            if used + new.elements.len().min(per_tx) * weight > TRANSACTION_BUDGET
+                && !current.is_empty()
+            {
+                txs.push(std::mem::take(&mut current));
+                used = 0;
+            }
+            let _ = writeln!(current, "flush set {FAMILY} {TABLE} {}", new.name);
+            for chunk in new.elements.chunks(per_tx) {
+                if used + chunk.len() * weight > TRANSACTION_BUDGET {
+                    txs.push(std::mem::take(&mut current));
+                    used = 0;
+                }
+                let _ = write!(current, "add element {FAMILY} {TABLE} {} {{ ", new.name);
+                write_elements(&mut current, chunk);
+                current.push_str(" }\n");
+                used += chunk.len() * weight;
+            }
+        }
+        if !current.is_empty() {
+            txs.push(current);
+        }
+        Some(txs)
     }
 
     /// Total number of set elements (for reports).
@@ -880,6 +933,28 @@ mod tests {
             2,
             "443 without protocol opens tcp and udp"
         );
+    }
+
+    #[test]
+    fn updates_touch_only_changed_sets_and_refuse_chain_changes() {
+        let old = Ruleset::generate(&sample_policy(Mode::DenyAll));
+        let mut p = sample_policy(Mode::DenyAll);
+        p.allow.push(AllowRule {
+            net: net("198.51.100.99/32"),
+            scope: None,
+        });
+        let txs = old.update_to(&Ruleset::generate(&p)).unwrap();
+        assert_eq!(txs.len(), 1);
+        assert!(
+            txs[0].starts_with("flush set inet terok_shield allow_v4\n"),
+            "{}",
+            txs[0]
+        );
+        assert!(txs[0].contains("198.51.100.99") && !txs[0].contains("allow_net_v4"));
+        assert_eq!(old.update_to(&old).unwrap(), Vec::<String>::new());
+        assert!(old
+            .update_to(&Ruleset::generate(&sample_policy(Mode::Bypass)))
+            .is_none());
     }
 
     #[test]

@@ -108,6 +108,48 @@ fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, 
     })
 }
 
+/// Move a live table from `old` to `new` policy: rewrite only the changed sets when the
+/// chains are the same, else replace the table; verify either way. If the quick path leaves
+/// anything unexpected (the live table had drifted), fall back to a full replacement.
+pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, FirewallError> {
+    let t0 = Instant::now();
+    let target = Ruleset::generate(new);
+    let Some(transactions) = Ruleset::generate(old).update_to(&target) else {
+        return apply(nft, new);
+    };
+    let generate = t0.elapsed();
+    let t1 = Instant::now();
+    let total = transactions.len();
+    for (index, tx) in transactions.iter().enumerate() {
+        if let Err(source) = nft.run_script(tx) {
+            if index == 0 {
+                return apply(nft, new);
+            }
+            return Err(FirewallError::LoadElements {
+                index: index + 1,
+                total,
+                source,
+            });
+        }
+    }
+    let load = t1.elapsed();
+    let t2 = Instant::now();
+    let live = nft
+        .list_table_json()
+        .map_err(FirewallError::Read)?
+        .ok_or(FirewallError::Missing)?;
+    if verify(&target, &live).is_err() {
+        return apply(nft, new);
+    }
+    Ok(ApplyReport {
+        transactions: total,
+        elements: target.element_count(),
+        generate,
+        load,
+        verify: t2.elapsed(),
+    })
+}
+
 /// Verify what is live against `policy` without changing anything.
 pub fn check(nft: &Nft, policy: &Policy) -> Result<(), FirewallError> {
     let live = nft
@@ -233,6 +275,35 @@ mod tests {
             Err(FirewallError::Verify(_))
         ));
         apply(&nft, &policy).unwrap();
+    }
+
+    #[test]
+    fn updates_rewrite_sets_and_recover_from_drift() {
+        let Some(ns) = TempNetns::new("update") else {
+            return;
+        };
+        let nft = ns.nft();
+        let old = rich_policy(Mode::DenyAll);
+        apply(&nft, &old).unwrap();
+        let mut new = old.clone();
+        new.allow.push(AllowRule {
+            net: "198.51.100.99/32".parse().unwrap(),
+            scope: None,
+        });
+        new.deny.push("198.18.4.0/24".parse().unwrap());
+        let report = update(&nft, &old, &new).unwrap();
+        assert_eq!(report.transactions, 1);
+        check(&nft, &new).unwrap();
+        // Drift: someone removed a chain rule; the update repairs it by a full replacement.
+        nft.run_script("flush chain inet terok_shield input\n")
+            .unwrap();
+        update(&nft, &new, &old).unwrap();
+        check(&nft, &old).unwrap();
+        // A mode change replaces the table.
+        let mut bypass = old.clone();
+        bypass.mode = Mode::Bypass;
+        update(&nft, &old, &bypass).unwrap();
+        check(&nft, &bypass).unwrap();
     }
 
     #[test]

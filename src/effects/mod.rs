@@ -1,10 +1,12 @@
 //! Thin effect modules: the only code that touches the system (nft, namespaces, files).
+pub mod audit;
+pub mod conntrack;
+pub mod dns_client;
 pub mod firewall;
+pub mod hooks;
 pub mod netns;
 pub mod nft;
 pub mod paths;
-pub mod profiles;
-pub mod hooks;
 pub mod procfs;
+pub mod profiles;
 pub mod state;
-pub mod dns_client;

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use rustix::process::{Gid, Uid};
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use thiserror::Error;
 
@@ -53,10 +54,38 @@ impl NsFiles {
     pub fn enter(&self) -> std::io::Result<()> {
         if let Some(user) = &self.user {
             move_into_link_name_space(user.as_fd(), Some(LinkNameSpaceType::User))?;
+            // Become the namespace's root (as `nsenter -U` does). The owner already maps to
+            // it; anyone else (root on the host) would otherwise be unmapped, and exec would
+            // drop every capability the namespace just granted.
+            rustix::thread::set_thread_res_gid(Gid::ROOT, Gid::ROOT, Gid::ROOT)?;
+            rustix::thread::set_thread_res_uid(Uid::ROOT, Uid::ROOT, Uid::ROOT)?;
         }
         if let Some(net) = &self.net {
             move_into_link_name_space(net.as_fd(), Some(LinkNameSpaceType::Network))?;
         }
         Ok(())
+    }
+}
+
+/// Whether the network namespace at `path` is the one this process is in.
+///
+/// The shield must never load its ruleset into the host's own namespace (a container on the
+/// host network, a PID that is not the container's): callers refuse when this is true.
+pub fn is_own_netns(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = std::fs::metadata(path)?;
+    let ours = std::fs::metadata("/proc/self/ns/net")?;
+    Ok(theirs.dev() == ours.dev() && theirs.ino() == ours.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_its_own_namespace() {
+        assert!(is_own_netns(Path::new("/proc/self/ns/net")).unwrap());
+        assert!(is_own_netns(Path::new(&format!("/proc/{}/ns/net", std::process::id()))).unwrap());
+        assert!(is_own_netns(Path::new("/nonexistent")).is_err());
     }
 }

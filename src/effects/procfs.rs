@@ -57,22 +57,6 @@ pub fn resolv_conf_source(oci_bundle: &Path) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Nameserver addresses listed in resolv.conf text.
-pub fn nameservers(text: &str) -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = Vec::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            continue;
-        }
-        let addr = words.next().and_then(|a| a.split('%').next()?.parse().ok());
-        if let Some(addr) = addr.filter(|a| !out.contains(a)) {
-            out.push(addr);
-        }
-    }
-    out
-}
-
 /// Default IPv4 gateway of `pid`'s network namespace (/proc/PID/net/route).
 pub fn default_gateway(pid: u32) -> Option<IpAddr> {
     let text = fs::read_to_string(format!("/proc/{pid}/net/route")).ok()?;
@@ -106,15 +90,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_nameservers_and_gateway() {
-        let conf = "# c\nnameserver 10.0.2.3\nnameserver fe80::1%eth0\nsearch x\nnameserver junk\nnameserver 10.0.2.3\n";
-        assert_eq!(
-            nameservers(conf),
-            vec![
-                "10.0.2.3".parse::<IpAddr>().unwrap(),
-                "fe80::1".parse().unwrap()
-            ]
-        );
+    fn reads_the_default_gateway() {
         let route = "Iface\tDestination\tGateway \tFlags\nTAP0\t0002000A\t00000000\t0001\ntap0\t00000000\t0202000A\t0003\n";
         assert_eq!(
             parse_default_gateway(route),

@@ -1,0 +1,173 @@
+//! `terok-shield hook createRuntime|poststop`: what podman runs around a shielded container.
+//!
+//! createRuntime runs inside podman's rootless user namespace, before the workload starts.
+//! It must fail closed: any error exits non-zero, which makes the runtime refuse to start the
+//! container, and the reason goes to stderr (podman shows it), the bundle's hook-error.log
+//! and the audit log. It needs no config file, no PATH and no network: only the bundle, the
+//! OCI state on stdin, and nft.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use serde_json::json;
+
+use super::prepare::VERSION;
+use crate::core::audit::rfc3339_utc;
+use crate::core::bundle::{BundleError, RuntimeFacts};
+use crate::core::oci::{parse_hook_input, HookInput, MAX_STATE_BYTES};
+use crate::effects::audit;
+use crate::effects::firewall::apply_fresh;
+use crate::effects::nft::Nft;
+use crate::effects::procfs;
+use crate::effects::state::{
+    append_line, clear_runtime, load_bundle, lock_dir, write_runtime, RuntimeRecord,
+    HOOK_ERROR_FILE,
+};
+
+/// The OCI hook stages we implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    #[value(name = "createRuntime")]
+    CreateRuntime,
+    #[value(name = "poststop")]
+    Poststop,
+}
+
+fn now_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Run a hook stage; any error is reported everywhere it can be and returned.
+pub fn run(stage: Stage) -> anyhow::Result<()> {
+    let mut raw = Vec::new();
+    std::io::stdin()
+        .take(MAX_STATE_BYTES as u64 + 1)
+        .read_to_end(&mut raw)
+        .context("failed to read the OCI state from stdin")?;
+    let input = match parse_hook_input(&raw, stage == Stage::CreateRuntime) {
+        Ok(input) => input,
+        Err(e) => {
+            // No trustworthy bundle directory to log into: stderr is all we have.
+            bail!("refusing to start the container: {e}");
+        }
+    };
+    let result = match stage {
+        Stage::CreateRuntime => create_runtime(&input),
+        Stage::Poststop => poststop(&input),
+    };
+    if let Err(e) = &result {
+        let stage_name = match stage {
+            Stage::CreateRuntime => "createRuntime",
+            Stage::Poststop => "poststop",
+        };
+        let line = format!("{} {stage_name}: {e:#}\n", rfc3339_utc(now_millis()));
+        if input.state_dir.is_dir() {
+            let _ = append_line(&input.state_dir.join(HOOK_ERROR_FILE), &line);
+            audit::record(
+                &input.state_dir,
+                true,
+                &input.name,
+                "failure",
+                false,
+                json!({"stage": stage_name, "error": format!("{e:#}")}),
+            );
+        }
+    }
+    result
+}
+
+fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
+    let pid = input.pid.context("OCI state has no pid")?;
+    let dir = &input.state_dir;
+    if !dir.join(crate::effects::state::STATE_FILE).is_file() {
+        bail!(
+            "refusing to start the container: no shield state in {} (was it deleted?); recreate the container with `terok-shield run`",
+            dir.display()
+        );
+    }
+    let _lock = lock_dir(dir)?;
+    let bundle = load_bundle(dir, &input.name)?;
+    bundle.check_compatible(VERSION)?;
+    if let Some(v) = input.version.as_deref().filter(|v| *v != VERSION) {
+        bail!(BundleError::Version {
+            found: v.to_string(),
+            ours: VERSION.to_string()
+        });
+    }
+    match input.instance.as_deref() {
+        Some(i) if i == bundle.instance => {}
+        found => bail!(BundleError::Instance {
+            found: bundle.instance.clone(),
+            expected: found.unwrap_or("(none)").to_string(),
+        }),
+    }
+    let start_time = procfs::start_time(pid)?;
+    let dns_servers = procfs::resolv_conf_source(&input.oci_bundle)
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|t| crate::effects::dns_client::servers_from_resolv_conf(&t))
+        .unwrap_or_default();
+    let gateway = if bundle.loopback_ports.is_empty() {
+        None
+    } else {
+        procfs::default_gateway(pid)
+    };
+    let facts = RuntimeFacts {
+        dns_servers: dns_servers.clone(),
+        gateway,
+    };
+    let policy = bundle.policy(&facts);
+    let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    if crate::effects::netns::is_own_netns(&netns)
+        .with_context(|| format!("cannot inspect {}", netns.display()))?
+    {
+        bail!("refusing to start the container: it shares the host's network namespace (--network host?), which the shield cannot filter without firewalling the host");
+    }
+    let nft = Nft::locate()?.in_netns(netns);
+    let report = apply_fresh(&nft, &policy).context("refusing to start the container")?;
+    write_runtime(
+        dir,
+        &RuntimeRecord {
+            pid,
+            start_time,
+            instance: bundle.instance.clone(),
+            dns_servers,
+            gateway,
+            applied_at: now_millis() as u64,
+        },
+    )?;
+    audit::record(
+        dir,
+        bundle.audit_enabled,
+        &input.name,
+        "apply",
+        true,
+        json!({"mode": bundle.mode.status_name(), "pid": pid, "report": report, "container_id": input.container_id}),
+    );
+    Ok(())
+}
+
+fn poststop(input: &HookInput) -> anyhow::Result<()> {
+    let dir: &Path = &input.state_dir;
+    if !dir.is_dir() {
+        return Ok(()); // nothing was held
+    }
+    let _lock = lock_dir(dir)?;
+    let enabled = load_bundle(dir, &input.name)
+        .map(|b| b.audit_enabled)
+        .unwrap_or(true);
+    clear_runtime(dir)?;
+    audit::record(
+        dir,
+        enabled,
+        &input.name,
+        "stop",
+        true,
+        json!({"container_id": input.container_id}),
+    );
+    Ok(())
+}

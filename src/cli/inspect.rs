@@ -1,0 +1,171 @@
+//! `status NAME`, `rules NAME`, `logs`: looking at shielded containers.
+//!
+//! The container is reached directly: the PID the hook recorded (checked against its start
+//! time, so a reused PID is never mistaken for the container), then nft run inside the
+//! container's user and network namespaces, with no `podman unshare` round trip.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use serde_json::json;
+
+use super::{print, Context};
+use crate::core::bundle::{Bundle, ContainerName, RuntimeFacts};
+use crate::effects::audit;
+use crate::effects::firewall::{check, FirewallError};
+use crate::effects::nft::Nft;
+use crate::effects::procfs::is_same_process;
+use crate::effects::state::{read_runtime, RuntimeRecord, StateStore};
+
+/// A running shielded container, reachable for nft.
+pub struct Live {
+    pub bundle: Bundle,
+    pub runtime: RuntimeRecord,
+    pub nft: Nft,
+    pub dir: PathBuf,
+}
+
+/// The container's bundle and, if it is running, its runtime record.
+pub fn lookup(
+    name: &ContainerName,
+    ctx: &Context,
+) -> anyhow::Result<(Bundle, Option<RuntimeRecord>, PathBuf)> {
+    let store = StateStore::new(&ctx.paths.containers_dir);
+    let bundle = store.load(name)?;
+    let dir = store.dir(name);
+    let runtime = read_runtime(&dir)?
+        .filter(|r| is_same_process(r.pid, r.start_time) && r.instance == bundle.instance);
+    Ok((bundle, runtime, dir))
+}
+
+/// Reach a running container or explain why not.
+pub fn live(name: &ContainerName, ctx: &Context) -> anyhow::Result<Live> {
+    let (bundle, runtime, dir) = lookup(name, ctx)?;
+    let Some(runtime) = runtime else {
+        bail!("container `{name}` is not running (no live shielded process found); start it with `podman start {name}`");
+    };
+    let netns = PathBuf::from(format!("/proc/{}/ns/net", runtime.pid));
+    if crate::effects::netns::is_own_netns(&netns)? {
+        bail!("container `{name}` (pid {}) shares this shell's network namespace; refusing to touch it", runtime.pid);
+    }
+    let nft = Nft::locate()?.in_namespaces(
+        Some(PathBuf::from(format!("/proc/{}/ns/user", runtime.pid))),
+        netns,
+    );
+    Ok(Live {
+        bundle,
+        runtime,
+        nft,
+        dir,
+    })
+}
+
+/// Shield states `status NAME` reports.
+fn state_of(
+    name: &ContainerName,
+    ctx: &Context,
+) -> anyhow::Result<(String, Option<String>, Option<Bundle>)> {
+    let (bundle, runtime, _) = lookup(name, ctx)?;
+    let Some(runtime) = runtime else {
+        return Ok(("inactive".into(), None, Some(bundle)));
+    };
+    let live = live(name, ctx)?;
+    let facts = RuntimeFacts {
+        dns_servers: runtime.dns_servers.clone(),
+        gateway: runtime.gateway,
+    };
+    match check(&live.nft, &bundle.policy(&facts)) {
+        Ok(()) => Ok((bundle.mode.status_name().into(), None, Some(bundle))),
+        Err(FirewallError::Missing) => Ok((
+            "error".into(),
+            Some("the container is running but its firewall table is gone".into()),
+            Some(bundle),
+        )),
+        Err(e) => Ok(("error".into(), Some(format!("{e:#}")), Some(bundle))),
+    }
+}
+
+/// `status NAME [--json]`.
+pub fn status(name: &str, json_out: bool, ctx: &Context) -> anyhow::Result<()> {
+    let name = ContainerName::new(name)?;
+    let (state, problem, bundle) = state_of(&name, ctx)?;
+    let bundle = bundle.expect("lookup returns the bundle");
+    if json_out {
+        let v = json!({
+            "name": name.as_str(),
+            "state": state,
+            "problem": problem,
+            "configured_mode": bundle.mode.status_name(),
+            "profiles": bundle.profiles,
+            "dns_tier": bundle.dns_tier.name(),
+            "live_allow": bundle.live_allow.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            "live_deny": bundle.live_deny.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        });
+        return Ok(print(&format!("{}\n", serde_json::to_string(&v)?))?);
+    }
+    let mut out = format!(
+        "Container: {name}\nState:     {state}\nProfiles:  {}\nDNS tier:  {}\n",
+        bundle.profiles.join(", "),
+        bundle.dns_tier.name()
+    );
+    if let Some(p) = problem {
+        out.push_str(&format!("Problem:   {p}\n"));
+    }
+    print(&out)?;
+    if state == "error" {
+        bail!("the shield of `{name}` is not in the state it should be; `terok-shield up {name}` re-applies it");
+    }
+    Ok(())
+}
+
+/// `rules NAME`: the live ruleset, read from the container's namespace.
+pub fn rules(name: &str, json_out: bool, ctx: &Context) -> anyhow::Result<()> {
+    let name = ContainerName::new(name)?;
+    let live = live(&name, ctx)?;
+    if json_out {
+        let v = live
+            .nft
+            .list_table_json()?
+            .context("the container has no shield table")?;
+        return Ok(print(&format!("{}\n", serde_json::to_string(&v)?))?);
+    }
+    let text = live
+        .nft
+        .list_table_text()?
+        .with_context(|| format!("container `{name}` is running without its shield table; `terok-shield up {name}` re-applies it"))?;
+    Ok(print(&format!(
+        "# container {name}, mode {} (pid {})\n{text}",
+        live.bundle.mode.status_name(),
+        live.runtime.pid
+    ))?)
+}
+
+/// `logs [--container NAME] [-n N] [--json]`.
+pub fn logs(
+    container: Option<&str>,
+    n: usize,
+    json_out: bool,
+    ctx: &Context,
+) -> anyhow::Result<()> {
+    let store = StateStore::new(&ctx.paths.containers_dir);
+    let names = match container {
+        Some(c) => vec![ContainerName::new(c)?],
+        None => store.names(),
+    };
+    let mut records: Vec<_> = names
+        .iter()
+        .flat_map(|n| audit::read(&store.dir(n)))
+        .collect();
+    records.sort_by(|a, b| a.ts.cmp(&b.ts));
+    let skip = records.len().saturating_sub(n);
+    let records = &records[skip..];
+    if json_out {
+        return Ok(print(&format!("{}\n", serde_json::to_string(records)?))?);
+    }
+    let mut out = String::new();
+    for r in records {
+        out.push_str(&serde_json::to_string(r)?);
+        out.push('\n');
+    }
+    Ok(print(&out)?)
+}

@@ -1,0 +1,359 @@
+//! `prepare` and `run`: build a container's state bundle and start it shielded.
+//!
+//! `prepare` composes the profiles, resolves domains (static tier), writes a fresh bundle,
+//! makes sure podman will call our hook, and prints the podman flags. `run` does the same and
+//! then execs `podman run` with those flags plus the user's (checked) arguments.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use serde_json::json;
+
+use super::{print, select_profiles, Context};
+use crate::core::bundle::{Bundle, ContainerName, DnsTier, Resolved, BUNDLE_FORMAT};
+use crate::core::oci::annotation;
+use crate::core::podman_args::check_run_args;
+use crate::core::policy::Mode;
+use crate::effects::audit;
+use crate::effects::dns_client::{resolve_all, servers_from_resolv_conf, ResolverConfig};
+use crate::effects::hooks::{find_installed, self_binary, write_descriptors, Installed};
+use crate::effects::procfs::is_same_process;
+use crate::effects::state::{read_runtime, save_bundle, StateStore, HOOKS_DIR};
+
+/// This binary's version; bundles and hooks must agree on it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The outcome of preparing a container.
+pub struct Prepared {
+    /// podman flags that make a container shielded.
+    pub flags: Vec<String>,
+    /// Things the user should know (unresolvable names, missing persistent hooks, notices).
+    pub warnings: Vec<String>,
+    pub bundle_dir: PathBuf,
+    pub resolved_addresses: usize,
+}
+
+/// Where `setup --user` installs hook descriptors.
+pub fn user_hooks_dir(ctx: &Context) -> PathBuf {
+    ctx.paths.config_dir.join("hooks.d")
+}
+
+/// The user's containers.conf (podman reads `[engine] hooks_dir` from it).
+pub fn user_containers_conf() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("/nonexistent"));
+    base.join("containers").join("containers.conf")
+}
+
+fn now_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// A random id for one container creation.
+fn new_instance_id() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("failed to read /dev/urandom for a bundle id")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Upstream resolvers for static resolution: `upstream_dns` from config, else /etc/resolv.conf.
+pub fn upstream_servers(ctx: &Context) -> Vec<std::net::SocketAddr> {
+    let servers = match ctx.config.upstream_dns {
+        Some(addr) => vec![addr],
+        None => std::fs::read_to_string("/etc/resolv.conf")
+            .map(|t| servers_from_resolv_conf(&t))
+            .unwrap_or_default(),
+    };
+    servers
+        .into_iter()
+        .map(|a| std::net::SocketAddr::new(a, 53))
+        .collect()
+}
+
+/// Build the bundle for `name` and return the podman flags.
+pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result<Prepared> {
+    let name = ContainerName::new(name)?;
+    let selected = select_profiles(profiles, ctx)?;
+    let mut warnings: Vec<String> = selected.notices.iter().map(|n| n.to_string()).collect();
+    let store = StateStore::new(&ctx.paths.containers_dir);
+    let dir = store.dir(&name);
+    if let Some(rt) = read_runtime(&dir).ok().flatten() {
+        if is_same_process(rt.pid, rt.start_time) {
+            bail!(
+                "container `{name}` is running with a shield (pid {}); stop and remove it first (`podman rm -f {name}`), or choose another name",
+                rt.pid
+            );
+        }
+    }
+    let dir = store.reset(&name)?;
+    let _lock = store.lock(&name)?;
+
+    let mut bundle = Bundle {
+        format: BUNDLE_FORMAT,
+        shield_version: VERSION.to_string(),
+        name: name.clone(),
+        instance: new_instance_id()?,
+        created: (now_millis() / 1000) as u64,
+        profiles: selected.names.iter().map(|p| p.to_string()).collect(),
+        entries: selected.entries,
+        resolved: Default::default(),
+        mode: Mode::DenyAll,
+        live_allow: Vec::new(),
+        live_deny: Vec::new(),
+        loopback_ports: ctx.config.loopback_ports.clone(),
+        audit_enabled: ctx.config.audit.enabled,
+        dns_tier: DnsTier::Static,
+    };
+    let wildcards: Vec<String> = bundle
+        .entries
+        .iter()
+        .filter(|t| matches!(&t.host, crate::core::target::Host::Domain(d) if d.wildcard))
+        .map(|t| t.to_string())
+        .collect();
+    if !wildcards.is_empty() {
+        warnings.push(format!(
+            "wildcard entries cannot be resolved before start and allow nothing in the static DNS tier: {}",
+            wildcards.join(", ")
+        ));
+    }
+    let resolved_addresses = resolve_into(&mut bundle, ctx, &mut warnings)?;
+    save_bundle(&dir, &bundle)?;
+
+    let mut flags = vec![
+        "--name".to_string(),
+        name.to_string(),
+        format!("--annotation={}={}", annotation::NAME, name),
+        format!("--annotation={}={}", annotation::STATE_DIR, dir.display()),
+        format!("--annotation={}={}", annotation::VERSION, VERSION),
+        format!("--annotation={}={}", annotation::INSTANCE, bundle.instance),
+        format!(
+            "--annotation={}={}",
+            annotation::PROFILES,
+            bundle.profiles.join(",")
+        ),
+        format!(
+            "--annotation={}={}",
+            annotation::AUDIT_ENABLED,
+            bundle.audit_enabled
+        ),
+        format!(
+            "--annotation={}={}",
+            annotation::DNS_TIER,
+            bundle.dns_tier.name()
+        ),
+        "--cap-drop=NET_ADMIN".to_string(),
+        "--cap-drop=NET_RAW".to_string(),
+    ];
+    if !bundle.loopback_ports.is_empty() {
+        let ports: Vec<String> = bundle.loopback_ports.iter().map(u16::to_string).collect();
+        flags.push(format!(
+            "--annotation={}={}",
+            annotation::LOOPBACK_PORTS,
+            ports.join(",")
+        ));
+    }
+    match find_installed(&user_hooks_dir(ctx), &user_containers_conf()) {
+        Some(Installed::System(_)) | Some(Installed::User(_)) => {}
+        None => {
+            let hooks = dir.join(HOOKS_DIR);
+            write_descriptors(&hooks, &self_binary()?)?;
+            flags.push(format!("--hooks-dir={}", hooks.display()));
+            warnings.push(
+                "no persistent OCI hooks are installed, so `podman restart` or `podman start` would bring this container back without its firewall; run `terok-shield setup --user` once to fix that".to_string(),
+            );
+        }
+    }
+    audit::record(
+        &dir,
+        bundle.audit_enabled,
+        &name,
+        "prepare",
+        true,
+        json!({"profiles": bundle.profiles, "entries": bundle.entries.len(), "resolved_addresses": resolved_addresses, "instance": bundle.instance}),
+    );
+    Ok(Prepared {
+        flags,
+        warnings,
+        bundle_dir: dir,
+        resolved_addresses,
+    })
+}
+
+/// Resolve the bundle's domains into its cache (static tier); unresolvable names warn.
+pub fn resolve_into(
+    bundle: &mut Bundle,
+    ctx: &Context,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<usize> {
+    let names = bundle.domains_to_resolve();
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let servers = upstream_servers(ctx);
+    if servers.is_empty() {
+        warnings.push("no DNS server found (set upstream_dns in config.yml or add a nameserver to /etc/resolv.conf); domains allow nothing until resolved".into());
+        return Ok(0);
+    }
+    let cfg = ResolverConfig {
+        servers,
+        timeout: Duration::from_secs(3),
+        attempts: 2,
+    };
+    let now = (now_millis() / 1000) as u64;
+    let mut failed = Vec::new();
+    let mut count = 0;
+    for r in resolve_all(&cfg, &names)? {
+        if let Some(err) = &r.error {
+            if r.addrs.is_empty() {
+                failed.push(format!("{} ({err})", r.name));
+            }
+        }
+        count += r.addrs.len();
+        bundle.resolved.insert(
+            r.name.clone(),
+            Resolved {
+                addrs: r.addrs,
+                at: now,
+            },
+        );
+    }
+    if !failed.is_empty() {
+        warnings.push(format!("could not resolve: {}", failed.join(", ")));
+    }
+    Ok(count)
+}
+
+/// Quote one word for a POSIX shell.
+pub fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// `terok-shield prepare NAME [--profiles P...] [--json]`.
+pub fn run_prepare(
+    name: &str,
+    profiles: &[String],
+    json_out: bool,
+    ctx: &Context,
+) -> anyhow::Result<()> {
+    let prepared = prepare(name, profiles, ctx)?;
+    for w in &prepared.warnings {
+        eprintln!("terok-shield: warning: {w}");
+    }
+    if json_out {
+        print(&format!("{}\n", serde_json::to_string(&prepared.flags)?))?;
+    } else {
+        let words: Vec<String> = prepared.flags.iter().map(|f| shell_quote(f)).collect();
+        print(&format!("{}\n", words.join(" ")))?;
+    }
+    Ok(())
+}
+
+/// Find podman for `run`.
+fn podman_binary() -> anyhow::Result<PathBuf> {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("podman"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    candidates
+        .into_iter()
+        .chain([
+            PathBuf::from("/usr/bin/podman"),
+            PathBuf::from("/usr/local/bin/podman"),
+        ])
+        .find(|p| Path::new(p).is_file())
+        .context("podman not found: install podman (apt-get install podman) or add it to PATH")
+}
+
+/// `terok-shield run NAME [--profiles P...] -- [podman flags] IMAGE [CMD...]`.
+pub fn run_container(
+    name: &str,
+    profiles: &[String],
+    podman_args: &[String],
+    ctx: &Context,
+) -> anyhow::Result<()> {
+    // Check the user's arguments before touching any state: bad input changes nothing.
+    let user = check_run_args(podman_args)?;
+    ContainerName::new(name)?;
+    let podman = podman_binary()?;
+    let prepared = prepare(name, profiles, ctx)?;
+    for w in &prepared.warnings {
+        eprintln!("terok-shield: warning: {w}");
+    }
+    let err = std::process::Command::new(podman)
+        .arg("run")
+        .args(&prepared.flags)
+        .args(&user.flags)
+        .arg(&user.image)
+        .args(&user.command)
+        .exec();
+    Err(err).context("failed to start podman")
+}
+
+/// `resolve NAME [--force]`: refresh the static-tier cache of a prepared container.
+pub fn run_resolve(name: &str, force: bool, json_out: bool, ctx: &Context) -> anyhow::Result<()> {
+    let name = ContainerName::new(name)?;
+    let store = StateStore::new(&ctx.paths.containers_dir);
+    let _lock = store.lock(&name)?;
+    let mut bundle = store.load(&name)?;
+    let now = (now_millis() / 1000) as u64;
+    let max_age = u64::from(ctx.config.dns.cache_max_age);
+    let fresh = bundle.domains_to_resolve().iter().all(|d| {
+        bundle
+            .resolved
+            .get(d)
+            .is_some_and(|r| now.saturating_sub(r.at) < max_age)
+    });
+    let mut warnings = Vec::new();
+    let cached = fresh && !force;
+    if !cached {
+        bundle.resolved.clear();
+        resolve_into(&mut bundle, ctx, &mut warnings)?;
+        save_bundle(&store.dir(&name), &bundle)?;
+        audit::record(
+            &store.dir(&name),
+            bundle.audit_enabled,
+            &name,
+            "resolve",
+            true,
+            json!({"forced": force}),
+        );
+    }
+    for w in &warnings {
+        eprintln!("terok-shield: warning: {w}");
+    }
+    let count: usize = bundle.resolved.values().map(|r| r.addrs.len()).sum();
+    if json_out {
+        let v = json!({"name": name.as_str(), "addresses": count, "cached": cached, "domains": bundle.resolved});
+        return Ok(print(&format!("{}\n", serde_json::to_string(&v)?))?);
+    }
+    let how = if cached {
+        " (cached)"
+    } else if force {
+        " (forced)"
+    } else {
+        ""
+    };
+    Ok(print(&format!("Resolved {count} IPs for {name}{how}\n"))?)
+}
