@@ -1,0 +1,697 @@
+//! Harness for the end-to-end tests: real `terok-shield run`, real rootless Podman as an
+//! unprivileged user, real slirp4netns, and a fake internet in a network namespace.
+//!
+//! Each test takes [`E2e::start`], which serialises the tests (one global lock), builds a
+//! fresh world (see [`world`]), installs the freshly built binary where the test user can run
+//! it, and writes the test user's `config.yml`. Dropping it removes the test's containers,
+//! restores every user file it changed, and tears the world down.
+//!
+//! The environment comes from `scripts/podman-env.sh`. Without it (not root, no podman, no
+//! test user or image) the tests print a skip line, except with `CI=true`, where they fail.
+
+#![allow(dead_code)]
+
+pub mod cmd;
+pub mod world;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use cmd::{run_bounded, Out};
+use world::World;
+
+/// The unprivileged user that runs podman (created by scripts/podman-env.sh).
+pub const USER: &str = "shieldtest";
+/// The offline busybox image (imported by scripts/podman-env.sh).
+pub const IMAGE: &str = "localhost/shield-test:latest";
+/// World-readable place for the binary under test (the build tree may not be readable).
+pub const BIN_DIR: &str = "/tmp/terok-shield-e2e/bin";
+/// The word every test workload prints first: seeing it means the workload ran.
+pub const RAN: &str = "WORKLOAD-RAN";
+/// A refusal must come back at once: 0.3 s, in the container's /proc/uptime centiseconds.
+/// (An ICMP reject makes a blocking connect wait ~1 s, a TCP reset fails in a few ms.)
+pub const FAST_CS: u32 = 30;
+
+/// Bounds for commands.
+pub const SHORT: Duration = Duration::from_secs(60);
+pub const LONG: Duration = Duration::from_secs(120);
+
+/// Name of the createRuntime descriptor in a bundle's hooks dir.
+pub const CREATE_RUNTIME_JSON: &str = "terok-shield-createRuntime.json";
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// The test user's identity and home.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl TestUser {
+    pub fn runtime_dir(&self) -> String {
+        format!("/run/user/{}", self.uid)
+    }
+    pub fn config_dir(&self) -> PathBuf {
+        self.home.join(".config/terok/shield")
+    }
+    pub fn profiles_dir(&self) -> PathBuf {
+        self.config_dir().join("profiles")
+    }
+    pub fn containers_dir(&self) -> PathBuf {
+        self.home.join(".local/state/terok/shield/containers")
+    }
+    pub fn containers_conf(&self) -> PathBuf {
+        self.home.join(".config/containers/containers.conf")
+    }
+    pub fn user_hooks_dir(&self) -> PathBuf {
+        self.config_dir().join("hooks.d")
+    }
+}
+
+fn lookup_user(name: &str) -> Option<TestUser> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 7 || f[0] != name {
+            return None;
+        }
+        Some(TestUser {
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: PathBuf::from(f[5]),
+        })
+    })
+}
+
+/// Run `program args` as the test user with a clean environment plus `env`.
+pub fn as_user(
+    user: &TestUser,
+    env: &[(&str, &str)],
+    program: &str,
+    args: &[&str],
+    limit: Duration,
+) -> Out {
+    let mut full: Vec<String> = vec![
+        "-u".into(),
+        USER.into(),
+        "--".into(),
+        "env".into(),
+        "-i".into(),
+    ];
+    full.push(format!("HOME={}", user.home.display()));
+    full.push(format!("XDG_RUNTIME_DIR={}", user.runtime_dir()));
+    full.push("PATH=/usr/sbin:/usr/bin:/sbin:/bin".into());
+    full.push("LANG=C.UTF-8".into());
+    for (k, v) in env {
+        full.push(format!("{k}={v}"));
+    }
+    full.push(program.into());
+    full.extend(args.iter().map(|s| s.to_string()));
+    run_bounded("runuser", &full, limit)
+}
+
+/// Whether the e2e environment is there; `Err` lists what is missing.
+fn environment() -> &'static Result<TestUser, String> {
+    static VERDICT: OnceLock<Result<TestUser, String>> = OnceLock::new();
+    VERDICT.get_or_init(|| {
+        let mut missing = Vec::new();
+        if !rustix::process::geteuid().is_root() {
+            missing.push("root".to_string());
+        }
+        for tool in ["podman", "runuser", "ip", "nft"] {
+            let found = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+                .iter()
+                .any(|d| Path::new(d).join(tool).is_file());
+            if !found {
+                missing.push(format!("the `{tool}` command"));
+            }
+        }
+        for dir in ["/etc/containers/oci/hooks.d", "/usr/share/containers/oci/hooks.d"] {
+            if Path::new(dir).join(CREATE_RUNTIME_JSON).exists() {
+                missing.push(format!(
+                    "a host without system-wide terok-shield hooks (found {dir}/{CREATE_RUNTIME_JSON}; the tests need per-container hooks)"
+                ));
+            }
+        }
+        let user = lookup_user(USER);
+        if user.is_none() {
+            missing.push(format!("the user {USER} (scripts/podman-env.sh creates it)"));
+        }
+        if let (true, Some(user)) = (missing.is_empty(), &user) {
+            match cmd::run(
+                "runuser",
+                &[
+                    "-u", USER, "--", "env", "-i",
+                    &format!("HOME={}", user.home.display()),
+                    &format!("XDG_RUNTIME_DIR={}", user.runtime_dir()),
+                    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                    "podman", "image", "exists", IMAGE,
+                ],
+                SHORT,
+            ) {
+                Ok(out) if out.ok() => {}
+                Ok(out) => missing.push(format!(
+                    "the image {IMAGE} for {USER} (scripts/podman-env.sh imports it; podman said: {})",
+                    out.stderr.trim()
+                )),
+                Err(e) => missing.push(format!("a working podman for {USER}: {e}")),
+            }
+        }
+        match (missing.is_empty(), user) {
+            (true, Some(user)) => Ok(user),
+            _ => Err(missing.join(", ")),
+        }
+    })
+}
+
+/// Copy the binary under test (and helper scripts) where the test user can run them.
+fn install_binaries() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(BIN_DIR);
+        fs::create_dir_all(dir).expect("create e2e bin dir");
+        for d in [dir.parent().unwrap(), dir] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod e2e dir");
+        }
+        let bin = dir.join("terok-shield");
+        let tmp = dir.join(format!(".terok-shield.{}", std::process::id()));
+        fs::copy(env!("CARGO_BIN_EXE_terok-shield"), &tmp).expect("copy terok-shield");
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).expect("chmod terok-shield");
+        fs::rename(&tmp, &bin).expect("install terok-shield");
+        // An nft that works but lies in `-j list`: the output chain's policy reads `accept`.
+        write_exec(
+            &dir.join("nft-flip-policy"),
+            "#!/bin/sh\n\
+             # e2e helper: real nft, except that JSON listings claim chain policy accept.\n\
+             PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+             if [ \"$1\" = \"-j\" ]; then\n\
+             \x20 out=$(nft \"$@\") || exit $?\n\
+             \x20 printf '%s\\n' \"$out\" | sed 's/\"policy\": *\"drop\"/\"policy\": \"accept\"/g'\n\
+             else\n\
+             \x20 exec nft \"$@\"\n\
+             fi\n",
+        );
+        bin
+    })
+    .clone()
+}
+
+fn write_exec(path: &Path, text: &str) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// The config.yml every test runs with: no lookups ever leave the fake internet.
+pub const CONFIG_YML: &str = "# written by tests/e2e_podman.rs (restored afterwards)\n\
+default_profiles: [e2e-basic]\n\
+audit:\n  enabled: true\n\
+upstream_dns: 198.51.100.53\n";
+
+/// The profile most tests use.
+pub const BASIC_PROFILE: &str = "# e2e: one IPv4 host, one IPv6 host, a port-scoped network\n\
+198.51.100.10\n\
+2001:db8::10\n\
+198.18.0.0/16:443/tcp\n";
+
+/// A file the test changed, and what it held before.
+struct Saved {
+    path: PathBuf,
+    before: Option<(Vec<u8>, std::fs::Metadata)>,
+}
+
+/// One test's access to the e2e environment.
+pub struct E2e {
+    pub user: TestUser,
+    pub bin: PathBuf,
+    names: Vec<String>,
+    saved: Vec<Saved>,
+    remove_dirs: Vec<PathBuf>,
+    // Dropped after the containers and files: the world, then the lock.
+    pub world: World,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl E2e {
+    /// The environment for one test, or None (skip) when it is missing outside CI.
+    pub fn start() -> Option<E2e> {
+        let user = match environment() {
+            Ok(user) => user.clone(),
+            Err(missing) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "e2e tests cannot run in CI: missing {missing}; run scripts/podman-env.sh as root first"
+                );
+                eprintln!("SKIP e2e test: needs {missing} (run scripts/podman-env.sh as root; CI=true makes this fatal)");
+                return None;
+            }
+        };
+        let lock = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let bin = install_binaries();
+        let world = World::up();
+        let mut e2e = E2e {
+            user,
+            bin,
+            names: Vec::new(),
+            saved: Vec::new(),
+            remove_dirs: Vec::new(),
+            world,
+            _lock: lock,
+        };
+        for dir in [
+            e2e.user.home.join(".config"),
+            e2e.user.home.join(".config/terok"),
+            e2e.user.config_dir(),
+            e2e.user.profiles_dir(),
+        ] {
+            e2e.mkdir_owned(&dir);
+        }
+        // Persistent user hooks left by a killed run would hide the per-container ones.
+        let hooks = e2e.user.user_hooks_dir();
+        if hooks.exists() {
+            eprintln!("e2e: removing leftover {}", hooks.display());
+            let _ = fs::remove_dir_all(&hooks);
+        }
+        e2e.drop_leftover_hooks_dir_setting(&hooks);
+        let conf = e2e.user.config_dir().join("config.yml");
+        e2e.write_user_file(&conf, CONFIG_YML);
+        e2e.profile("e2e-basic", BASIC_PROFILE);
+        Some(e2e)
+    }
+
+    /// Remove a `hooks_dir` that lists `hooks` from the user's containers.conf (left there by
+    /// a `setup --user` test that was killed before it could restore the file).
+    fn drop_leftover_hooks_dir_setting(&self, hooks: &Path) {
+        let conf = self.user.containers_conf();
+        let Ok(text) = fs::read_to_string(&conf) else {
+            return;
+        };
+        let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+            return;
+        };
+        let ours = hooks.display().to_string();
+        let listed = doc
+            .get("engine")
+            .and_then(|e| e.get("hooks_dir"))
+            .and_then(|h| h.as_array())
+            .is_some_and(|a| a.iter().any(|v| v.as_str() == Some(&ours)));
+        if listed {
+            if let Some(engine) = doc.get_mut("engine").and_then(|e| e.as_table_mut()) {
+                engine.remove("hooks_dir");
+            }
+            eprintln!("e2e: removing a leftover hooks_dir from {}", conf.display());
+            fs::write(&conf, doc.to_string())
+                .unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
+        }
+    }
+
+    /// A container name for this test (`e2e-TAG`), with any leftover container and bundle of
+    /// that name removed first.
+    pub fn name(&mut self, tag: &str) -> String {
+        let name = format!("e2e-{tag}");
+        self.podman(&["rm", "-f", "-t", "0", &name]);
+        let dir = self.bundle_dir(&name);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+        }
+        self.names.push(name.clone());
+        name
+    }
+
+    /// `terok-shield ARGS` as the test user.
+    pub fn shield(&self, args: &[&str]) -> Out {
+        self.shield_env(&[], args)
+    }
+
+    /// `terok-shield ARGS` as the test user, with extra environment.
+    pub fn shield_env(&self, env: &[(&str, &str)], args: &[&str]) -> Out {
+        as_user(&self.user, env, &self.bin.display().to_string(), args, LONG)
+    }
+
+    /// `podman ARGS` as the test user.
+    pub fn podman(&self, args: &[&str]) -> Out {
+        as_user(&self.user, &[], "podman", args, LONG)
+    }
+
+    /// Whether podman knows a container of that name.
+    pub fn container_exists(&self, name: &str) -> bool {
+        self.podman(&["container", "exists", name]).ok()
+    }
+
+    /// `podman inspect` State.Status (`running`, `exited`, `created`...), None if unknown.
+    pub fn container_state(&self, name: &str) -> Option<String> {
+        let out = self.podman(&["inspect", "--format", "{{.State.Status}}", name]);
+        out.ok().then(|| out.stdout.trim().to_string())
+    }
+
+    /// The state bundle of `name`.
+    pub fn bundle_dir(&self, name: &str) -> PathBuf {
+        self.user.containers_dir().join(name)
+    }
+
+    /// Write a user profile `NAME.txt` (removed again when the test ends).
+    pub fn profile(&mut self, name: &str, text: &str) -> PathBuf {
+        let path = self.user.profiles_dir().join(format!("{name}.txt"));
+        self.write_user_file(&path, text);
+        path
+    }
+
+    /// Write a file owned by the test user; its previous content comes back at the end.
+    pub fn write_user_file(&mut self, path: &Path, text: &str) {
+        self.save(path);
+        fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        self.chown(path);
+    }
+
+    /// Remember `path` as it is now, to restore it when the test ends.
+    pub fn save(&mut self, path: &Path) {
+        if self.saved.iter().any(|s| s.path == path) {
+            return;
+        }
+        let before = fs::read(path)
+            .ok()
+            .map(|b| (b, fs::metadata(path).unwrap()));
+        self.saved.push(Saved {
+            path: path.to_path_buf(),
+            before,
+        });
+    }
+
+    /// Remove `dir` when the test ends unless it exists now.
+    pub fn remove_at_end_unless_present(&mut self, dir: &Path) {
+        if !dir.exists() {
+            self.remove_dirs.push(dir.to_path_buf());
+        }
+    }
+
+    fn chown(&self, path: &Path) {
+        std::os::unix::fs::chown(path, Some(self.user.uid), Some(self.user.gid))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    }
+
+    fn mkdir_owned(&self, dir: &Path) {
+        if !dir.exists() {
+            fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            self.chown(dir);
+        }
+    }
+
+    /// Audit records of `name`, read through `terok-shield logs --container NAME --json`.
+    pub fn audit(&self, name: &str) -> Vec<Value> {
+        let out = self
+            .shield(&["logs", "--container", name, "-n", "100000", "--json"])
+            .expect_ok();
+        match serde_json::from_str(&out.stdout) {
+            Ok(Value::Array(records)) => records,
+            other => panic!("`logs --json` did not print a JSON array: {other:?}\n{out}"),
+        }
+    }
+
+    /// Audit records of `name` with the given event.
+    pub fn events(&self, name: &str, event: &str) -> Vec<Value> {
+        self.audit(name)
+            .into_iter()
+            .filter(|r| r["event"] == event)
+            .collect()
+    }
+
+    /// `terok-shield prepare NAME --json` flags for `profiles`.
+    pub fn prepare(&self, name: &str, profiles: &str) -> Vec<String> {
+        let out = self
+            .shield(&["prepare", name, "--profiles", profiles, "--json"])
+            .expect_ok();
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!("prepare --json is not a JSON array of strings ({e}): {out}")
+        })
+    }
+
+    /// `podman run FLAGS ARGS...` with the flags of a prepared container.
+    pub fn podman_run_prepared(&self, flags: &[String], args: &[&str]) -> Out {
+        let mut full: Vec<&str> = vec!["run"];
+        full.extend(flags.iter().map(String::as_str));
+        full.extend_from_slice(args);
+        self.podman(&full)
+    }
+
+    /// Give a prepared container's createRuntime hook this environment (podman does not pass
+    /// its own environment to OCI hooks; the descriptor's `env` is the only way in).
+    pub fn set_hook_env(&self, name: &str, env: &[&str]) {
+        let path = self
+            .bundle_dir(name)
+            .join("hooks")
+            .join(CREATE_RUNTIME_JSON);
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "read {} (prepare writes it when no persistent hooks are installed): {e}",
+                path.display()
+            )
+        });
+        let mut desc: Value = serde_json::from_str(&text).unwrap();
+        desc["hook"]["env"] = Value::from(env.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        fs::write(&path, serde_json::to_string_pretty(&desc).unwrap()).unwrap();
+    }
+
+    /// Read a file as root (state files are the user's, mode 0600).
+    pub fn read(&self, path: &Path) -> String {
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+}
+
+impl Drop for E2e {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        for name in &self.names {
+            let _ = cmd::run(
+                "runuser",
+                &[
+                    "-u",
+                    USER,
+                    "--",
+                    "env",
+                    "-i",
+                    &format!("HOME={}", self.user.home.display()),
+                    &format!("XDG_RUNTIME_DIR={}", self.user.runtime_dir()),
+                    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                    "podman",
+                    "rm",
+                    "-f",
+                    "-t",
+                    "0",
+                    name,
+                ],
+                SHORT,
+            );
+            let dir = self.user.containers_dir().join(name);
+            if failed {
+                eprintln!("e2e: kept {} for inspection", dir.display());
+            } else {
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+        for saved in self.saved.iter().rev() {
+            match &saved.before {
+                Some((bytes, meta)) => {
+                    let _ = fs::write(&saved.path, bytes);
+                    let _ = fs::set_permissions(&saved.path, meta.permissions());
+                    let _ = std::os::unix::fs::chown(
+                        &saved.path,
+                        Some(std::os::unix::fs::MetadataExt::uid(meta)),
+                        Some(std::os::unix::fs::MetadataExt::gid(meta)),
+                    );
+                }
+                None => {
+                    let _ = fs::remove_file(&saved.path);
+                }
+            }
+        }
+        for dir in &self.remove_dirs {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// One connection attempt made inside a container.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub host: String,
+    pub port: u16,
+    pub rc: i32,
+    /// Duration in centiseconds (container's /proc/uptime).
+    pub cs: u32,
+    pub text: String,
+}
+
+/// A workload script: print [`RAN`], then try each `host:port` with busybox `nc`, timing it
+/// with /proc/uptime (busybox `date` has no `%N`). Each attempt is bounded by `timeout 5`.
+pub fn probe_script(targets: &[(&str, u16)]) -> String {
+    let mut s = String::from(
+        "t() { read u _ </proc/uptime; echo ${u/./}; }\n\
+         p() { a=$(t); o=$(timeout 5 nc \"$1\" \"$2\" </dev/null 2>&1); r=$?; b=$(t); echo \"PROBE $1 $2 rc=$r cs=$((b-a)) $(echo $o)\"; }\n",
+    );
+    s.push_str(&format!("echo {RAN}\n"));
+    if targets.iter().any(|(host, _)| host.contains(':')) {
+        // slirp4netns announces IPv6 by router advertisement: wait (at most 3 s) for it.
+        s.push_str(
+            "i=0; while [ $i -lt 30 ] && ! ip -6 route | grep -q '^default'; do sleep 0.1; i=$((i+1)); done\n",
+        );
+    }
+    for (host, port) in targets {
+        s.push_str(&format!("p {host} {port}\n"));
+    }
+    s
+}
+
+/// The probes a workload printed.
+pub fn parse_probes(stdout: &str) -> Vec<Probe> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("PROBE ")?;
+            let mut words = rest.splitn(5, ' ');
+            let host = words.next()?.to_string();
+            let port = words.next()?.parse().ok()?;
+            let rc = words.next()?.strip_prefix("rc=")?.parse().ok()?;
+            let cs = words.next()?.strip_prefix("cs=")?.parse().ok()?;
+            let text = words.next().unwrap_or("").to_string();
+            Some(Probe {
+                host,
+                port,
+                rc,
+                cs,
+                text,
+            })
+        })
+        .collect()
+}
+
+/// Checks on the probes of one workload run.
+pub struct Probes<'a> {
+    pub all: Vec<Probe>,
+    pub out: &'a Out,
+    pub world: &'a World,
+    /// World hits before the workload ran (see [`World::mark`]).
+    pub since: usize,
+}
+
+impl<'a> Probes<'a> {
+    /// The probes in `out`; `since` is [`World::mark`] taken before the workload started.
+    #[track_caller]
+    pub fn of(out: &'a Out, world: &'a World, since: usize) -> Probes<'a> {
+        assert!(out.stdout.contains(RAN), "the workload did not run: {out}");
+        Probes {
+            all: parse_probes(&out.stdout),
+            out,
+            world,
+            since,
+        }
+    }
+
+    #[track_caller]
+    fn get(&self, host: &str, port: u16) -> &Probe {
+        self.all
+            .iter()
+            .find(|p| p.host == host && p.port == port)
+            .unwrap_or_else(|| panic!("no probe of {host} {port} in the output: {}", self.out))
+    }
+
+    /// The world's server on `host:port` answered with its own banner.
+    #[track_caller]
+    pub fn reached(&self, host: &str, port: u16) {
+        let p = self.get(host, port);
+        let want = world::banner(host.parse().unwrap(), port);
+        assert!(
+            p.rc == 0 && p.text.contains(want.trim()),
+            "{host} port {port}: expected the banner {:?}, got {p:?}\n{}",
+            want.trim(),
+            self.out
+        );
+        assert!(
+            self.world.saw_since(self.since, host, port),
+            "{host} port {port}: banner printed but the world has no record of it"
+        );
+    }
+
+    /// `host:port` was refused at once (connection refused in under [`FAST_CS`]) and never
+    /// reached the world.
+    #[track_caller]
+    pub fn refused_fast(&self, host: &str, port: u16) {
+        let p = self.get(host, port);
+        assert!(
+            p.rc != 0 && p.text.contains("refused"),
+            "{host} port {port}: expected `Connection refused`, got {p:?}\n{}",
+            self.out
+        );
+        assert!(
+            p.cs <= FAST_CS,
+            "{host} port {port}: refused, but only after {} ms (limit {} ms): {p:?}",
+            p.cs * 10,
+            FAST_CS * 10
+        );
+        assert!(
+            !self.world.saw_since(self.since, host, port),
+            "{host} port {port}: refused in the container, yet the world accepted a connection"
+        );
+    }
+}
+
+/// TCP banner servers on the host's 127.0.0.1 (for `loopback_ports`), stopped on drop.
+pub struct LoopbackServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    counts: std::sync::Arc<Mutex<std::collections::HashMap<u16, usize>>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl LoopbackServer {
+    pub fn start(ports: &[u16]) -> LoopbackServer {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let listeners: Vec<std::net::TcpListener> = ports
+            .iter()
+            .map(|&p| {
+                let l = std::net::TcpListener::bind(("127.0.0.1", p))
+                    .unwrap_or_else(|e| panic!("bind 127.0.0.1:{p}: {e}"));
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counts = std::sync::Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let (done_tx, done) = std::sync::mpsc::sync_channel(1);
+        let (stop2, counts2) = (stop.clone(), counts.clone());
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while !stop2.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(600) {
+                for l in &listeners {
+                    if let Ok((mut s, _)) = l.accept() {
+                        let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+                        let _ = s.write_all(format!("terok-e2e-loopback {port}\n").as_bytes());
+                        *counts2.lock().unwrap().entry(port).or_insert(0) += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = done_tx.send(());
+        });
+        LoopbackServer { stop, counts, done }
+    }
+
+    /// Connections accepted on `port`.
+    pub fn accepted(&self, port: u16) -> usize {
+        self.counts.lock().unwrap().get(&port).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for LoopbackServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.done.recv_timeout(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,393 @@
+//! The fake internet for rootless containers.
+//!
+//! slirp4netns turns a container's connections into sockets of the host, so the servers
+//! must be reachable from the host's own network namespace. A "world" netns is joined to the
+//! host by a veth pair, and the host routes exactly the fake prefixes through it:
+//!
+//! ```text
+//!  container --slirp4netns--> host sockets --tse2e-host (198.18.255.253, fd5e:ed00:ffff::1)
+//!                                               |  veth
+//!                              world netns   wan0 (198.18.255.254, fd5e:ed00:ffff::2)
+//!                                            lo: every address in HOSTS, servers on them
+//! ```
+//!
+//! Host routes: 198.51.100.0/24, 198.18.0.0/15, 2001:db8::/32 and fd5e:ed00::/48, nothing
+//! else. Everything is created and removed by name; a run that crashed is swept at start.
+
+use std::io::{ErrorKind, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::cmd::ip;
+
+/// Names of what the world adds to the host.
+pub const WORLD_NS: &str = "tse2e-world";
+pub const HOST_VETH: &str = "tse2e-host";
+pub const WORLD_VETH: &str = "wan0";
+
+pub const HOST_LINK4: &str = "198.18.255.253";
+pub const WORLD_LINK4: &str = "198.18.255.254";
+pub const HOST_LINK6: &str = "fd5e:ed00:ffff::1";
+pub const WORLD_LINK6: &str = "fd5e:ed00:ffff::2";
+
+/// Host routes through the world: the fake public prefixes and our ULA /48.
+pub const ROUTES4: &[&str] = &["198.51.100.0/24", "198.18.0.0/15"];
+pub const ROUTES6: &[&str] = &["2001:db8::/32", "fd5e:ed00::/48"];
+
+/// Hosts of the fake internet (on the world's loopback).
+pub const ALLOWED4: &str = "198.51.100.10";
+pub const BLOCKED4: &str = "198.51.100.20";
+pub const REUSE_A: &str = "198.51.100.30";
+pub const REUSE_B: &str = "198.51.100.40";
+pub const LIVE4: &str = "198.51.100.50";
+pub const DNS4: &str = "198.51.100.53";
+pub const NAMED4: &str = "198.51.100.60";
+pub const SCOPED4: &str = "198.18.5.10";
+pub const ALLOWED6: &str = "2001:db8::10";
+pub const BLOCKED6: &str = "2001:db8::20";
+pub const ULA6: &str = "fd5e:ed00::7";
+
+pub const HOSTS: &[&str] = &[
+    ALLOWED4, BLOCKED4, REUSE_A, REUSE_B, LIVE4, DNS4, NAMED4, SCOPED4, ALLOWED6, BLOCKED6, ULA6,
+];
+
+/// TCP ports served on every world host (dual-stack wildcard listeners).
+pub const TCP_PORTS: &[u16] = &[80, 443];
+
+/// The fake DNS zone served on 198.51.100.53:53 (A records only; anything else NXDOMAIN).
+pub const DNS_ZONE: &[(&str, Ipv4Addr)] = &[("svc.e2e.test", Ipv4Addr::new(198, 51, 100, 60))];
+
+/// A world server lives at most this long, whatever happens to the test.
+const SERVER_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// The TCP banner: names the address and port that answered.
+pub fn banner(ip: IpAddr, port: u16) -> String {
+    format!("terok-e2e-world {ip} {port}\n")
+}
+
+/// One TCP connection the world accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// The world: namespace, veth, host routes and servers; all removed on drop.
+pub struct World {
+    stop: Arc<AtomicBool>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    dns_queries: Arc<Mutex<Vec<String>>>,
+    done: Option<mpsc::Receiver<()>>,
+}
+
+impl World {
+    /// Sweep leftovers, then build the world and start its servers.
+    pub fn up() -> World {
+        sweep();
+        let mut world = World {
+            stop: Arc::new(AtomicBool::new(false)),
+            hits: Arc::new(Mutex::new(Vec::new())),
+            dns_queries: Arc::new(Mutex::new(Vec::new())),
+            done: None,
+        };
+        if let Err(e) = build() {
+            sweep();
+            panic!("cannot build the e2e world: {e}");
+        }
+        world.done = Some(start_servers(
+            world.stop.clone(),
+            world.hits.clone(),
+            world.dns_queries.clone(),
+        ));
+        world
+    }
+
+    /// Every TCP connection accepted so far.
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// How many connections the world has accepted so far (for [`World::saw_since`]).
+    pub fn mark(&self) -> usize {
+        self.hits.lock().unwrap().len()
+    }
+
+    /// Whether the world accepted a TCP connection on `host:port` after `mark`.
+    pub fn saw_since(&self, mark: usize, host: &str, port: u16) -> bool {
+        let want = SocketAddr::new(host.parse().unwrap(), port);
+        self.hits().iter().skip(mark).any(|h| h.local == want)
+    }
+
+    /// Names the fake DNS server was asked for.
+    pub fn dns_queries(&self) -> Vec<String> {
+        self.dns_queries.lock().unwrap().clone()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(done) = self.done.take() {
+            if done.recv_timeout(Duration::from_secs(5)).is_err() {
+                eprintln!("e2e cleanup: world server thread did not stop within 5 s");
+            }
+        }
+        sweep();
+    }
+}
+
+fn build() -> Result<(), String> {
+    let w = WORLD_NS;
+    ip(&["netns", "add", w])?;
+    ip(&["-n", w, "link", "set", "lo", "up"])?;
+    ip(&[
+        "link", "add", HOST_VETH, "type", "veth", "peer", "name", WORLD_VETH, "netns", w,
+    ])?;
+    ip(&["addr", "add", &format!("{HOST_LINK4}/30"), "dev", HOST_VETH])?;
+    ip(&[
+        "addr",
+        "add",
+        &format!("{HOST_LINK6}/64"),
+        "dev",
+        HOST_VETH,
+        "nodad",
+    ])?;
+    ip(&["link", "set", HOST_VETH, "up"])?;
+    ip(&[
+        "-n",
+        w,
+        "addr",
+        "add",
+        &format!("{WORLD_LINK4}/30"),
+        "dev",
+        WORLD_VETH,
+    ])?;
+    ip(&[
+        "-n",
+        w,
+        "addr",
+        "add",
+        &format!("{WORLD_LINK6}/64"),
+        "dev",
+        WORLD_VETH,
+        "nodad",
+    ])?;
+    ip(&["-n", w, "link", "set", WORLD_VETH, "up"])?;
+    ip(&["-n", w, "route", "add", "default", "via", HOST_LINK4])?;
+    ip(&["-n", w, "-6", "route", "add", "default", "via", HOST_LINK6])?;
+    for host in HOSTS {
+        let ipaddr: IpAddr = host.parse().unwrap();
+        if ipaddr.is_ipv4() {
+            ip(&["-n", w, "addr", "add", &format!("{host}/32"), "dev", "lo"])?;
+        } else {
+            ip(&[
+                "-n",
+                w,
+                "addr",
+                "add",
+                &format!("{host}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])?;
+        }
+    }
+    for route in ROUTES4 {
+        ip(&["route", "add", route, "via", WORLD_LINK4, "dev", HOST_VETH]).map_err(|e| {
+            format!("{e} (does the host already route {route} somewhere? remove that route first)")
+        })?;
+    }
+    for route in ROUTES6 {
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            route,
+            "via",
+            WORLD_LINK6,
+            "dev",
+            HOST_VETH,
+        ])
+        .map_err(|e| {
+            format!("{e} (does the host already route {route} somewhere? remove that route first)")
+        })?;
+    }
+    Ok(())
+}
+
+/// Remove our routes, veth and namespace by name (each step may find nothing to remove).
+pub fn sweep() {
+    let quiet = |args: &[&str]| {
+        let _ = super::cmd::run("ip", args, Duration::from_secs(30));
+    };
+    for route in ROUTES4 {
+        quiet(&["route", "del", route, "dev", HOST_VETH]);
+    }
+    for route in ROUTES6 {
+        quiet(&["-6", "route", "del", route, "dev", HOST_VETH]);
+    }
+    quiet(&["link", "del", HOST_VETH]);
+    quiet(&["netns", "del", WORLD_NS]);
+}
+
+fn start_servers(
+    stop: Arc<AtomicBool>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    queries: Arc<Mutex<Vec<String>>>,
+) -> mpsc::Receiver<()> {
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    let (done_tx, done_rx) = mpsc::sync_channel::<()>(1);
+    let ns = std::fs::File::open(format!("/run/netns/{WORLD_NS}")).expect("open world netns");
+    std::thread::Builder::new()
+        .name("e2e-world".into())
+        .spawn(move || {
+            // Only this single-use thread ever enters the world namespace.
+            let joined = rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            );
+            drop(ns);
+            let sockets = joined
+                .map_err(|e| format!("setns into {WORLD_NS}: {e}"))
+                .and_then(|()| bind_all());
+            match sockets {
+                Ok((tcp, dns)) => {
+                    let _ = ready_tx.send(Ok(()));
+                    serve(tcp, dns, &stop, &hits, &queries);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+            let _ = done_tx.send(());
+        })
+        .expect("spawn world server thread");
+    match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Ok(())) => done_rx,
+        Ok(Err(e)) => panic!("world servers failed to start: {e}"),
+        Err(e) => panic!("world servers did not report readiness: {e}"),
+    }
+}
+
+fn bind_all() -> Result<(Vec<TcpListener>, UdpSocket), String> {
+    let mut tcp = Vec::new();
+    for &port in TCP_PORTS {
+        // `[::]` with the namespace default bindv6only=0 accepts IPv4 as well.
+        let l = TcpListener::bind(("::", port)).map_err(|e| format!("tcp [::]:{port}: {e}"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        tcp.push(l);
+    }
+    let dns = UdpSocket::bind((DNS4.parse::<IpAddr>().unwrap(), 53))
+        .map_err(|e| format!("udp {DNS4}:53: {e}"))?;
+    dns.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok((tcp, dns))
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+fn serve(
+    tcp: Vec<TcpListener>,
+    dns: UdpSocket,
+    stop: &AtomicBool,
+    hits: &Mutex<Vec<Hit>>,
+    queries: &Mutex<Vec<String>>,
+) {
+    let started = Instant::now();
+    let mut idle = Duration::from_micros(100);
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
+        let mut busy = false;
+        for l in &tcp {
+            match l.accept() {
+                Ok((mut stream, peer)) => {
+                    busy = true;
+                    let Ok(local) = stream.local_addr() else {
+                        continue;
+                    };
+                    let local = canonical(local);
+                    // Recorded before answering, so a client that saw the banner always
+                    // finds its hit here.
+                    hits.lock().unwrap().push(Hit {
+                        local,
+                        peer: canonical(peer),
+                    });
+                    let _ = stream.set_nonblocking(true);
+                    // A fresh socket's send buffer takes the short banner at once.
+                    let _ = stream.write_all(banner(local.ip(), local.port()).as_bytes());
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => {}
+            }
+        }
+        if let Ok((n, peer)) = dns.recv_from(&mut buf) {
+            busy = true;
+            if let Some((name, reply)) = dns_answer(&buf[..n]) {
+                queries.lock().unwrap().push(name);
+                let _ = dns.send_to(&reply, peer);
+            }
+        }
+        if busy {
+            idle = Duration::from_micros(100);
+        } else {
+            std::thread::sleep(idle);
+            idle = (idle * 2).min(Duration::from_millis(2));
+        }
+    }
+}
+
+/// A minimal authoritative answer to one DNS query: A records from [`DNS_ZONE`], an empty
+/// NOERROR for other types of a known name, NXDOMAIN for unknown names.
+pub fn dns_answer(query: &[u8]) -> Option<(String, Vec<u8>)> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None; // too short, or a response
+    }
+    let qdcount = u16::from_be_bytes([query[4], query[5]]);
+    if qdcount != 1 {
+        return None;
+    }
+    // Walk the question name.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *query.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(query.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
+    let question_end = i + 4;
+    query.get(..question_end)?;
+    let name = labels.join(".");
+    let known = DNS_ZONE.iter().find(|(n, _)| *n == name);
+    let mut reply = Vec::with_capacity(question_end + 16);
+    reply.extend_from_slice(&query[0..2]); // id
+    let rd = query[2] & 0x01;
+    reply.push(0x84 | rd); // QR, AA, RD copied
+    reply.push(if known.is_some() { 0x00 } else { 0x03 }); // RCODE: NOERROR / NXDOMAIN
+    let answers: u16 = if known.is_some() && qtype == 1 { 1 } else { 0 };
+    reply.extend_from_slice(&1u16.to_be_bytes()); // qdcount
+    reply.extend_from_slice(&answers.to_be_bytes());
+    reply.extend_from_slice(&[0, 0, 0, 0]); // nscount, arcount
+    reply.extend_from_slice(&query[12..question_end]);
+    if let (Some((_, addr)), 1) = (known, answers) {
+        reply.extend_from_slice(&[0xc0, 0x0c]); // pointer to the question name
+        reply.extend_from_slice(&1u16.to_be_bytes()); // A
+        reply.extend_from_slice(&1u16.to_be_bytes()); // IN
+        reply.extend_from_slice(&300u32.to_be_bytes()); // TTL
+        reply.extend_from_slice(&4u16.to_be_bytes());
+        reply.extend_from_slice(&addr.octets());
+    }
+    Some((name, reply))
+}
