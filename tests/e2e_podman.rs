@@ -815,10 +815,9 @@ fn reused_name_starts_from_a_clean_bundle() {
     p.reached(REUSE_B, 80);
 }
 
-/// A profile domain resolved before start through `upstream_dns` (the fake DNS server in the
-/// world). Ignored while `effects::dns_client` is a stub; run with `--ignored` once it lands.
+/// A profile domain is resolved before start through `upstream_dns` (the fake DNS server in
+/// the world), and the address it resolves to is reachable; nothing else is.
 #[test]
-#[ignore = "needs effects::dns_client (currently a todo!() stub)"]
 fn domain_entry_is_resolved_through_upstream_dns() {
     let mut h = e2e!();
     h.profile("e2e-named", "svc.e2e.test\n");
