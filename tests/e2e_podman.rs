@@ -197,7 +197,6 @@ fn private_range_is_refused_unless_allowlisted() {
 /// `--profiles a,b` merges both allowlists. (Podman 4 splits `--annotation` values at
 /// commas, so the profiles annotation must not contain one.)
 #[test]
-#[ignore = "src bug: prepare.rs joins the profiles/loopback_ports annotations with commas, which podman splits; remove this ignore with the fix"]
 fn several_profiles_combine_in_one_container() {
     let mut h = e2e!();
     h.profile("e2e-extra", "198.51.100.40\n");
@@ -219,7 +218,6 @@ fn several_profiles_combine_in_one_container() {
 /// `loopback_ports` opens exactly those ports of the host's loopback, reached through
 /// slirp4netns' host-loopback address 10.0.2.2.
 #[test]
-#[ignore = "src bug: prepare.rs joins the profiles/loopback_ports annotations with commas, which podman splits; remove this ignore with the fix"]
 fn loopback_ports_reach_host_services_and_nothing_else() {
     let mut h = e2e!();
     let conf = h.user.config_dir().join("config.yml");
@@ -452,9 +450,13 @@ fn fail_closed_on_corrupt_state_json() {
 /// so `TEROK_SHIELD_NFT` reaches the hook through the descriptor's `env`.
 #[test]
 fn fail_closed_when_nft_is_missing() {
-    assert_fails_closed("no-nft", "nft not found", |h, name| {
-        h.set_hook_env(name, &["TEROK_SHIELD_NFT=/nonexistent/nft"]);
-    });
+    assert_fails_closed(
+        "no-nft",
+        "is not an absolute path to an executable",
+        |h, name| {
+            h.set_hook_env(name, &["TEROK_SHIELD_NFT=/nonexistent/nft"]);
+        },
+    );
 }
 
 /// nft loads the ruleset, but reading it back shows a different policy: verification must

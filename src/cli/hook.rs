@@ -127,7 +127,9 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     {
         bail!("refusing to start the container: it shares the host's network namespace (--network host?), which the shield cannot filter without firewalling the host");
     }
-    let nft = Nft::locate()?.in_netns(netns);
+    let nft = Nft::locate()
+        .context("refusing to start the container")?
+        .in_netns(netns);
     let report = apply_fresh(&nft, &policy).context("refusing to start the container")?;
     write_runtime(
         dir,

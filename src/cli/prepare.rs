@@ -140,7 +140,7 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         format!(
             "--annotation={}={}",
             annotation::PROFILES,
-            bundle.profiles.join(",")
+            bundle.profiles.join(" ")
         ),
         format!(
             "--annotation={}={}",
@@ -160,7 +160,7 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         flags.push(format!(
             "--annotation={}={}",
             annotation::LOOPBACK_PORTS,
-            ports.join(",")
+            ports.join(" ")
         ));
     }
     match find_installed(&user_hooks_dir(ctx), &user_containers_conf()) {

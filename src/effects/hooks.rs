@@ -46,8 +46,11 @@ pub enum HookInstallError {
 }
 
 /// The JSON of one descriptor calling `binary hook STAGE`.
+///
+/// Podman does not pass its environment to hooks, so a `TEROK_SHIELD_NFT` set when the
+/// descriptor is written is recorded in the descriptor's `env`.
 pub fn descriptor(binary: &Path, stage: &str) -> String {
-    let value = json!({
+    let mut value = json!({
         "version": "1.0.0",
         "hook": {
             "path": binary,
@@ -57,6 +60,13 @@ pub fn descriptor(binary: &Path, stage: &str) -> String {
         "when": { "annotations": { format!("^{}$", annotation::NAME.replace('.', "\\.")): ".+" } },
         "stages": [stage],
     });
+    if let Some(nft) = std::env::var_os(crate::effects::nft::NFT_ENV) {
+        value["hook"]["env"] = json!([format!(
+            "{}={}",
+            crate::effects::nft::NFT_ENV,
+            nft.to_string_lossy()
+        )]);
+    }
     serde_json::to_string_pretty(&value).expect("descriptor serialises") + "\n"
 }
 

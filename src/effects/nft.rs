@@ -36,6 +36,8 @@ const FALLBACK_PATHS: &[&str] = &[
 pub enum NftError {
     #[error("nft not found (looked in PATH and {}): install the nftables package", FALLBACK_PATHS.join(", "))]
     NotFound,
+    #[error("{NFT_ENV}={} is not an absolute path to an executable: point it at nft, or unset it", .0.display())]
+    BadOverride(PathBuf),
     #[error("failed to start {program}: {source}")]
     Spawn {
         program: PathBuf,
@@ -68,7 +70,7 @@ impl Nft {
             return if path.is_absolute() && is_executable(&path) {
                 Ok(Nft::at(path))
             } else {
-                Err(NftError::NotFound)
+                Err(NftError::BadOverride(path))
             };
         }
         let from_path = std::env::var_os("PATH")
