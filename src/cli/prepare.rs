@@ -6,7 +6,7 @@
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
@@ -269,20 +269,7 @@ pub fn run_prepare(
 
 /// Find podman for `run`.
 fn podman_binary() -> anyhow::Result<PathBuf> {
-    let candidates = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("podman"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    candidates
-        .into_iter()
-        .chain([
-            PathBuf::from("/usr/bin/podman"),
-            PathBuf::from("/usr/local/bin/podman"),
-        ])
-        .find(|p| Path::new(p).is_file())
+    crate::effects::nft::find_program("podman", &["/usr/bin/podman", "/usr/local/bin/podman"])
         .context("podman not found: install podman (apt-get install podman) or add it to PATH")
 }
 
@@ -328,9 +315,29 @@ pub fn run_resolve(name: &str, force: bool, json_out: bool, ctx: &Context) -> an
     let mut warnings = Vec::new();
     let cached = fresh && !force;
     if !cached {
+        let before = bundle.clone();
         bundle.resolved.clear();
         resolve_into(&mut bundle, ctx, &mut warnings)?;
         save_bundle(&store.dir(&name), &bundle)?;
+        // A running container gets the new addresses at once.
+        let runtime = crate::effects::state::read_runtime(&store.dir(&name))?
+            .filter(|r| is_same_process(r.pid, r.start_time) && r.instance == bundle.instance);
+        if let Some(rt) = runtime {
+            let facts = crate::core::bundle::RuntimeFacts {
+                dns_servers: rt.dns_servers.clone(),
+                gateway: rt.gateway,
+            };
+            let live = super::inspect::live(&name, ctx)?;
+            if let Err(e) = crate::effects::firewall::update(
+                &live.nft,
+                &before.policy(&facts),
+                &bundle.policy(&facts),
+            ) {
+                save_bundle(&store.dir(&name), &before)?;
+                return Err(anyhow::Error::from(e)
+                    .context("the running container could not be updated; nothing was changed"));
+            }
+        }
         audit::record(
             &store.dir(&name),
             bundle.audit_enabled,

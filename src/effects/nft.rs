@@ -73,17 +73,7 @@ impl Nft {
                 Err(NftError::BadOverride(path))
             };
         }
-        let from_path = std::env::var_os("PATH")
-            .map(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("nft"))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        from_path
-            .into_iter()
-            .chain(FALLBACK_PATHS.iter().map(PathBuf::from))
-            .find(|p| is_executable(p))
+        find_program("nft", FALLBACK_PATHS)
             .map(Nft::at)
             .ok_or(NftError::NotFound)
     }
@@ -211,6 +201,22 @@ impl Nft {
             })
         }
     }
+}
+
+/// Find an executable by name in PATH, then in `fallbacks` (full paths), for programs that
+/// may run with an empty or minimal PATH (OCI hooks).
+pub fn find_program(name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
+    let from_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    from_path
+        .into_iter()
+        .chain(fallbacks.iter().map(PathBuf::from))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
