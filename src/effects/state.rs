@@ -213,8 +213,14 @@ pub fn read_runtime(dir: &Path) -> Result<Option<RuntimeRecord>, StateError> {
 }
 
 /// Record what the hook found (atomically).
+///
+/// Not fsynced: the record describes a running process and is meaningless after a reboot,
+/// and the hook is on the container's start path (an fsync costs ~1 ms here). The rename
+/// still makes it all-or-nothing.
 pub fn write_runtime(dir: &Path, record: &RuntimeRecord) -> Result<(), StateError> {
-    write_json_atomic(&dir.join(RUNTIME_FILE), record)
+    let mut text = serde_json::to_vec(record).expect("runtime records serialise");
+    text.push(b'\n');
+    replace_file(&dir.join(RUNTIME_FILE), &text, false)
 }
 
 /// Forget the runtime record (the container stopped).
@@ -258,6 +264,10 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Sta
 
 /// Write bytes to a temporary sibling, fsync, then rename over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    replace_file(path, bytes, true)
+}
+
+fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = OpenOptions::new()
         .create(true)
@@ -267,7 +277,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .open(&tmp)
         .map_err(io("write", &tmp))?;
     file.write_all(bytes).map_err(io("write", &tmp))?;
-    file.sync_all().map_err(io("sync", &tmp))?;
+    if durable {
+        file.sync_all().map_err(io("sync", &tmp))?;
+    }
     fs::rename(&tmp, path).map_err(io("replace", path))?;
     Ok(())
 }
