@@ -90,4 +90,6 @@ log "cargo clippy --all-targets -- -D warnings"
 timeout --kill-after=30s 20m cargo clippy --all-targets -- -D warnings
 log "cargo test --all-targets (CI=${CI:-unset})"
 timeout --kill-after=30s 35m cargo test --all-targets
+log "demo: a shielded container reaches an allowlisted host and is refused another"
+timeout --kill-after=30s 15m ./scripts/demo.sh
 log "all checks passed"
