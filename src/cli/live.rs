@@ -142,9 +142,11 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
     }
     if revokes {
         let pid = running.runtime.pid;
-        conntrack::flush_in(
+        conntrack::revoke_in(
             Some(&PathBuf::from(format!("/proc/{pid}/ns/user"))),
             &PathBuf::from(format!("/proc/{pid}/ns/net")),
+            &running.dir,
+            name.as_str(),
         )?;
     }
 

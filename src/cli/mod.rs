@@ -71,9 +71,9 @@ pub enum Command {
     Up(NameArgs),
     /// Block everything but loopback; cuts open connections.
     Block(NameArgs),
-    /// Internal: flush conntrack in the namespaces this process was started in.
-    #[command(hide = true, name = "internal-conntrack-flush")]
-    InternalConntrackFlush,
+    /// Internal: cut the flows a container's policy refuses (run inside its namespaces).
+    #[command(hide = true, name = "internal-conntrack-revoke")]
+    InternalConntrackRevoke { bundle_dir: PathBuf, name: String },
     /// OCI hook entry point, called by podman (not by hand).
     #[command(hide = true)]
     Hook(HookArgs),
@@ -311,8 +311,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Hook(args) = &cli.command {
         return hook::run(args.stage);
     }
-    if let Command::InternalConntrackFlush = &cli.command {
-        return Ok(crate::effects::conntrack::flush_current_netns()?);
+    if let Command::InternalConntrackRevoke { bundle_dir, name } = &cli.command {
+        let name = crate::core::bundle::ContainerName::new(name)?;
+        let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
+        let runtime = crate::effects::state::read_runtime(bundle_dir)?
+            .context("the container has no runtime record")?;
+        let facts = crate::core::bundle::RuntimeFacts {
+            dns_servers: runtime.dns_servers,
+            gateway: runtime.gateway,
+        };
+        crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts))?;
+        return Ok(());
     }
     let ctx = Context::from_process_env(cli.state_dir)?;
     match &cli.command {
@@ -338,7 +347,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up(a) => live::run(&a.name, live::Change::Mode(Mode::DenyAll), a.json, &ctx),
         Command::Block(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
-        Command::Hook(_) | Command::InternalConntrackFlush => unreachable!("handled above"),
+        Command::Hook(_) | Command::InternalConntrackRevoke { .. } => unreachable!("handled above"),
     }
 }
 

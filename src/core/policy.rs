@@ -75,6 +75,37 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether a flow to `dst` (IP protocol number `proto`, destination port `dport`) is
+    /// allowed by this policy, mirroring the ruleset's output chain. Used to decide which
+    /// open connections to cut when access is revoked, so it must agree with the generator
+    /// (checked against real packets in tests).
+    pub fn permits(&self, dst: IpAddr, proto: u8, dport: Option<u16>) -> bool {
+        if dst.is_loopback() {
+            return true;
+        }
+        let net = IpNet::from(dst);
+        if self.mode == Mode::Block || self.deny.iter().any(|n| n.contains(&dst)) {
+            return false;
+        }
+        let tcp_or_udp = proto == 6 || proto == 17;
+        let allowed = self.allow.iter().any(|r| {
+            r.net.contains(&dst)
+                && r.scope.is_none_or(|s| {
+                    dport == Some(s.port) && s.protocols().iter().any(|p| p.number() == proto)
+                })
+        });
+        let dns = tcp_or_udp && dport == Some(53) && self.dns_servers.contains(&dst);
+        let host = self.host_loopback.as_ref().is_some_and(|lb| {
+            lb.gateway == dst && proto == 6 && dport.is_some_and(|p| lb.ports.contains(&p))
+        });
+        match self.mode {
+            Mode::DenyAll => allowed || dns || host,
+            Mode::Bypass => allowed || !super::private::is_private(&net),
+            Mode::BypassAll => true,
+            Mode::Block => false,
+        }
+    }
+
     /// An empty policy in `mode`: nothing allowed, nothing denied, no DNS.
     pub fn new(mode: Mode) -> Self {
         Policy {
@@ -85,5 +116,66 @@ impl Policy {
             host_loopback: None,
             resolver_mark: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::target::{PortScope, Protocol};
+
+    fn policy(mode: Mode) -> Policy {
+        let mut p = Policy::new(mode);
+        let r = |n: &str, scope| AllowRule {
+            net: n.parse().unwrap(),
+            scope,
+        };
+        p.allow = vec![
+            r("198.51.100.0/24", None),
+            r(
+                "198.18.0.5/32",
+                Some(PortScope {
+                    port: 443,
+                    protocol: Some(Protocol::Tcp),
+                }),
+            ),
+            r("fd5e:ed00::7/128", None),
+        ];
+        p.deny = vec!["198.51.100.7/32".parse().unwrap()];
+        p.dns_servers = vec!["10.0.2.3".parse().unwrap()];
+        p
+    }
+
+    #[test]
+    fn permits_mirrors_every_mode() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let up = policy(Mode::DenyAll);
+        assert!(up.permits(ip("198.51.100.9"), 6, Some(80)));
+        assert!(!up.permits(ip("198.51.100.7"), 6, Some(80)), "deny wins");
+        assert!(up.permits(ip("198.18.0.5"), 6, Some(443)));
+        assert!(
+            !up.permits(ip("198.18.0.5"), 17, Some(443)),
+            "scope is tcp only"
+        );
+        assert!(!up.permits(ip("198.18.0.5"), 6, Some(80)));
+        assert!(up.permits(ip("10.0.2.3"), 17, Some(53)));
+        assert!(!up.permits(ip("10.0.2.3"), 6, Some(80)));
+        assert!(!up.permits(ip("198.18.9.9"), 6, Some(80)));
+        assert!(up.permits(ip("127.0.0.1"), 6, Some(80)));
+        let down = policy(Mode::Bypass);
+        assert!(down.permits(ip("198.18.9.9"), 6, Some(80)));
+        assert!(
+            !down.permits(ip("172.31.0.1"), 6, Some(80)),
+            "private stays closed"
+        );
+        assert!(
+            down.permits(ip("fd5e:ed00::7"), 6, Some(80)),
+            "allowlisted private opens"
+        );
+        assert!(!down.permits(ip("198.51.100.7"), 6, Some(80)));
+        let all = policy(Mode::BypassAll);
+        assert!(all.permits(ip("172.31.0.1"), 6, Some(80)));
+        assert!(!all.permits(ip("198.51.100.7"), 6, Some(80)));
+        assert!(!policy(Mode::Block).permits(ip("198.51.100.9"), 6, Some(80)));
     }
 }

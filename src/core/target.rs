@@ -151,6 +151,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number (6, 17).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
     /// The nft keyword; a closed set, so safe to print.
     pub fn keyword(self) -> &'static str {
         match self {

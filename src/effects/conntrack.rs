@@ -1,10 +1,10 @@
-//! Flushing a network namespace's connection-tracking table over netlink.
+//! Cutting open connections that a new policy no longer allows, over ctnetlink.
 //!
-//! Revoking access must cut connections that are already open: the ruleset accepts packets
-//! of established flows early, so after `up`, `deny` or `block` the container's conntrack
-//! entries are dropped. Each flow's next packet is then judged afresh by the new ruleset
-//! (Linux picks up mid-stream TCP by default), so allowed flows carry on and revoked ones are
-//! rejected at once. No `conntrack` binary is needed: one ctnetlink message does it.
+//! The ruleset accepts packets of established flows early, so revoking access (`up`, `deny`,
+//! `block`) must also remove the container's conntrack entries for flows the new policy
+//! refuses: their next packet is then judged afresh and rejected. Entries of flows that stay
+//! allowed are kept (deleting them would break server-to-client streams, whose next inbound
+//! packet would look new to the input chain). No `conntrack` binary is needed.
 
 use std::os::fd::AsFd;
 
@@ -18,59 +18,205 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLMSG_ERROR: u16 = 0x2;
+const NLMSG_DONE: u16 = 0x3;
+const NLM_F_DUMP: u16 = 0x300;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+/// Attribute numbers (linux/netfilter/nfnetlink_conntrack.h).
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const NLA_TYPE_MASK: u16 = 0x3fff;
 
-/// The flush request: a netlink header plus an nfgenmsg for all address families.
-fn flush_message(seq: u32) -> [u8; 20] {
-    let mut msg = [0u8; 20];
-    msg[0..4].copy_from_slice(&20u32.to_ne_bytes());
-    msg[4..6].copy_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
-    msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // nfgenmsg: family AF_UNSPEC (all), version NFNETLINK_V0, res_id 0.
+/// One tracked flow, as much as revocation needs: where it goes, and its original tuple
+/// (kept as raw attribute bytes, to name the entry exactly when deleting it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    pub family: u8,
+    pub dst: std::net::IpAddr,
+    pub proto: u8,
+    pub dport: Option<u16>,
+    tuple_orig: Vec<u8>,
+}
+
+/// Iterate netlink attributes in `buf`: (type without flags, payload, whole attribute).
+fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+        if len < 4 || len > rest.len() {
+            return None;
+        }
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & NLA_TYPE_MASK;
+        let (whole, payload) = (&rest[..len], &rest[4..len]);
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+        Some((kind, payload, whole))
+    })
+}
+
+/// Parse one conntrack message payload (after the nlmsghdr) into a flow.
+fn parse_flow(payload: &[u8]) -> Option<Flow> {
+    let family = *payload.first()?;
+    let (_, _, tuple) = attrs(payload.get(4..)?).find(|(k, _, _)| *k == CTA_TUPLE_ORIG)?;
+    let inner = &tuple[4..];
+    let mut dst = None;
+    let (mut proto, mut dport) = (None, None);
+    for (kind, body, _) in attrs(inner) {
+        match kind {
+            CTA_TUPLE_IP => {
+                for (k, v, _) in attrs(body) {
+                    dst = match (k, v.len()) {
+                        (CTA_IP_V4_DST, 4) => {
+                            Some(std::net::IpAddr::from(<[u8; 4]>::try_from(v).ok()?))
+                        }
+                        (CTA_IP_V6_DST, 16) => {
+                            Some(std::net::IpAddr::from(<[u8; 16]>::try_from(v).ok()?))
+                        }
+                        _ => dst,
+                    };
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (k, v, _) in attrs(body) {
+                    match (k, v.len()) {
+                        (CTA_PROTO_NUM, 1) => proto = Some(v[0]),
+                        (CTA_PROTO_DST_PORT, 2) => dport = Some(u16::from_be_bytes([v[0], v[1]])),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(Flow {
+        family,
+        dst: dst?,
+        proto: proto?,
+        dport,
+        tuple_orig: tuple.to_vec(),
+    })
+}
+
+fn header(len: usize, kind: u16, flags: u16, seq: u32, family: u8) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[family, 0, 0, 0]);
     msg
 }
 
-/// Flush every conntrack entry of the calling thread's network namespace.
-pub fn flush_current_netns() -> std::io::Result<()> {
+fn open_socket() -> std::io::Result<rustix::fd::OwnedFd> {
     let sock = socket_with(
         AddressFamily::NETLINK,
         SocketType::RAW,
         SocketFlags::CLOEXEC,
         Some(netlink::NETFILTER),
     )?;
-    send(sock.as_fd(), &flush_message(1), SendFlags::empty())?;
-    let mut buf = [0u8; 512];
-    let (n, _) = recv(sock.as_fd(), &mut buf, RecvFlags::empty())?;
-    if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
-        let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        // ENOENT: the table was already empty.
-        if code != 0 && code != -2 {
-            return Err(std::io::Error::from_raw_os_error(-code));
-        }
-    }
-    Ok(())
+    let timeout = Some(std::time::Duration::from_secs(2));
+    rustix::net::sockopt::set_socket_timeout(&sock, rustix::net::sockopt::Timeout::Recv, timeout)?;
+    Ok(sock)
 }
 
-/// Flush the conntrack table of another process's namespaces by running this binary's
-/// hidden `internal-conntrack-flush` command inside them (joining a user namespace needs a
-/// single-threaded process, which a fresh child is).
-pub fn flush_in(user: Option<&std::path::Path>, net: &std::path::Path) -> anyhow::Result<()> {
+/// Every flow tracked in the calling thread's network namespace.
+pub fn dump_current_netns() -> std::io::Result<Vec<Flow>> {
+    let sock = open_socket()?;
+    send(
+        sock.as_fd(),
+        &header(20, IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0),
+        SendFlags::empty(),
+    )?;
+    let mut flows = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    // Bounded: a namespace with more entries than this many reads is not a container's.
+    for _ in 0..100_000 {
+        let (n, _) = recv(sock.as_fd(), &mut buf, RecvFlags::empty())?;
+        let mut rest = &buf[..n];
+        while rest.len() >= 16 {
+            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            if len < 16 || len > rest.len() {
+                break;
+            }
+            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            match kind {
+                NLMSG_DONE => return Ok(flows),
+                NLMSG_ERROR => {
+                    let code = i32::from_ne_bytes([rest[16], rest[17], rest[18], rest[19]]);
+                    return Err(std::io::Error::from_raw_os_error(-code));
+                }
+                _ => flows.extend(parse_flow(&rest[16..len])),
+            }
+            rest = &rest[((len + 3) & !3).min(rest.len())..];
+        }
+    }
+    Err(std::io::Error::other("conntrack dump did not end"))
+}
+
+/// Delete the given flows; returns how many were deleted (gone already is not an error).
+pub fn delete_flows(flows: &[Flow]) -> std::io::Result<usize> {
+    let sock = open_socket()?;
+    let mut deleted = 0;
+    let mut buf = [0u8; 512];
+    for (i, flow) in flows.iter().enumerate() {
+        let mut msg = header(
+            20 + flow.tuple_orig.len(),
+            IPCTNL_MSG_CT_DELETE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            i as u32 + 1,
+            flow.family,
+        );
+        msg.extend_from_slice(&flow.tuple_orig);
+        let len = msg.len() as u32;
+        msg[0..4].copy_from_slice(&len.to_ne_bytes());
+        send(sock.as_fd(), &msg, SendFlags::empty())?;
+        let (n, _) = recv(sock.as_fd(), &mut buf, RecvFlags::empty())?;
+        if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
+            match i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]) {
+                0 => deleted += 1,
+                -2 => {}
+                code => return Err(std::io::Error::from_raw_os_error(-code)),
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Cut the flows `policy` no longer permits in another process's namespaces, by running this
+/// binary's hidden `internal-conntrack-revoke` command inside them (joining a user namespace
+/// needs a single-threaded process, which a fresh child is). The child recomputes the policy
+/// from the container's bundle, so nothing but a path crosses the process boundary.
+pub fn revoke_in(
+    user: Option<&std::path::Path>,
+    net: &std::path::Path,
+    bundle_dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use std::os::unix::process::CommandExt;
     let ns = super::netns::NsFiles::open(user, Some(net))?;
     let exe = std::env::current_exe().context("cannot find this program's own path")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("internal-conntrack-flush")
+    cmd.arg("internal-conntrack-revoke")
+        .arg(bundle_dir)
+        .arg(name)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: only setns(2) on descriptors opened before the fork (see `NsFiles::enter`).
+    // SAFETY: only setns(2)/setres[ug]id(2) on descriptors opened before the fork.
     unsafe {
         cmd.pre_exec(move || ns.enter());
     }
     let out = cmd
         .output()
-        .context("failed to start the conntrack flush helper")?;
+        .context("failed to start the connection-revoking helper")?;
     if !out.status.success() {
         anyhow::bail!(
             "failed to cut open connections: {}",
@@ -80,13 +226,23 @@ pub fn flush_in(user: Option<&std::path::Path>, net: &std::path::Path) -> anyhow
     Ok(())
 }
 
+/// In the container's namespaces: delete every flow `policy` does not permit.
+pub fn revoke_current_netns(policy: &crate::core::policy::Policy) -> std::io::Result<usize> {
+    let doomed: Vec<Flow> = dump_current_netns()?
+        .into_iter()
+        .filter(|f| !policy.permits(f.dst, f.proto, f.dport))
+        .collect();
+    delete_flows(&doomed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::policy::{AllowRule, Mode, Policy};
     use std::process::Command;
 
     #[test]
-    fn flush_empties_a_namespace_table() {
+    fn revoke_deletes_exactly_the_flows_the_policy_refuses() {
         let root = rustix::process::geteuid().is_root()
             && Command::new("conntrack").arg("--version").output().is_ok();
         if !root {
@@ -109,50 +265,109 @@ mod tests {
                 .output()
                 .unwrap()
         };
-        run(&["ip", "link", "set", "lo", "up"]);
-        // Create a conntrack entry: a UDP packet to a loopback port.
-        run(&["sh", "-c", "echo x > /dev/udp/127.0.0.1/9 2>/dev/null; echo x | timeout 1 nc -u -w1 127.0.0.1 9 || true"]);
-        run(&[
+        for (dst, dport) in [
+            ("198.51.100.10", "80"),
+            ("198.51.100.20", "80"),
+            ("198.18.0.5", "443"),
+        ] {
+            let out = run(&[
+                "conntrack",
+                "-I",
+                "-p",
+                "tcp",
+                "-s",
+                "198.51.100.2",
+                "-d",
+                dst,
+                "--sport",
+                "40000",
+                "--dport",
+                dport,
+                "--state",
+                "ESTABLISHED",
+                "-t",
+                "120",
+                "-u",
+                "ASSURED",
+            ]);
+            assert!(
+                out.status.success(),
+                "conntrack -I: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = run(&[
             "conntrack",
             "-I",
             "-p",
             "udp",
             "-s",
-            "127.0.0.1",
+            "2001:db8:ffff::2",
             "-d",
-            "127.0.0.1",
+            "2001:db8::20",
             "--sport",
-            "1111",
+            "5000",
             "--dport",
-            "2222",
+            "53",
             "-t",
-            "60",
-            "-u",
-            "ASSURED",
+            "120",
         ]);
-        let count =
-            |out: std::process::Output| String::from_utf8_lossy(&out.stdout).lines().count();
         assert!(
-            count(run(&["conntrack", "-L"])) >= 1,
-            "test setup made no entry"
+            out.status.success(),
+            "conntrack -I v6: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        let mut policy = Policy::new(Mode::DenyAll);
+        policy.allow.push(AllowRule {
+            net: "198.51.100.10/32".parse().unwrap(),
+            scope: None,
+        });
+        policy.allow.push(AllowRule {
+            net: "198.18.0.0/16".parse().unwrap(),
+            scope: None,
+        });
         let ns_path = format!("/run/netns/{name}");
-        std::thread::spawn(move || {
+        let (flows, deleted) = std::thread::spawn(move || {
             let f = std::fs::File::open(ns_path).unwrap();
             rustix::thread::move_into_link_name_space(
                 f.as_fd(),
                 Some(rustix::thread::LinkNameSpaceType::Network),
             )
             .unwrap();
-            flush_current_netns().unwrap();
-            flush_current_netns().unwrap(); // flushing an empty table is fine
+            let flows = dump_current_netns().unwrap();
+            (flows, revoke_current_netns(&policy).unwrap())
         })
         .join()
         .unwrap();
-        assert_eq!(count(run(&["conntrack", "-L"])), 0);
+        assert_eq!(flows.len(), 4, "{flows:?}");
+        assert!(flows
+            .iter()
+            .any(|f| f.dst.to_string() == "2001:db8::20" && f.proto == 17 && f.dport == Some(53)));
+        assert_eq!(deleted, 2);
+        let left = String::from_utf8_lossy(&run(&["conntrack", "-L"]).stdout).to_string()
+            + &String::from_utf8_lossy(&run(&["conntrack", "-L", "-f", "ipv6"]).stdout);
+        assert!(
+            left.contains("dst=198.51.100.10") && left.contains("dst=198.18.0.5"),
+            "{left}"
+        );
+        assert!(
+            !left.contains("dst=198.51.100.20") && !left.contains("dst=2001:db8::20"),
+            "{left}"
+        );
         Command::new("ip")
             .args(["netns", "del", &name])
             .status()
             .unwrap();
+    }
+
+    #[test]
+    fn malformed_messages_are_skipped() {
+        assert!(parse_flow(&[]).is_none());
+        assert!(parse_flow(&[2, 0, 0, 0, 0xff, 0xff, 1, 0]).is_none());
+        assert_eq!(
+            attrs(&[8, 0, 1, 0, 1, 2]).count(),
+            0,
+            "length beyond the buffer"
+        );
     }
 }
