@@ -10,3 +10,4 @@ pub mod paths;
 pub mod procfs;
 pub mod profiles;
 pub mod state;
+pub mod nfnetlink;
