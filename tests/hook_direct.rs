@@ -1,0 +1,229 @@
+//! The OCI hook driven directly, the way a runtime calls it: OCI state on stdin, an empty
+//! environment (no PATH, no HOME), a container process in its own network namespace.
+//!
+//! Needs root (to create the namespace); without it the tests print a skip line, except
+//! under `CI=true`, where they fail.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_terok-shield");
+
+fn privileged() -> bool {
+    let ok = rustix::process::geteuid().is_root() && Command::new("nft").arg("-v").output().is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "hook tests need root and nft in CI"
+        );
+        eprintln!("SKIP hook tests: need root and nft");
+    }
+    ok
+}
+
+/// A stand-in container: `sleep` in a fresh network namespace, killed and reaped on drop.
+struct FakeContainer {
+    child: Child,
+}
+
+impl FakeContainer {
+    fn start() -> FakeContainer {
+        let child = Command::new("unshare")
+            .args(["-n", "sleep", "60"])
+            .spawn()
+            .expect("unshare");
+        let me = format!("/proc/{}/ns/net", child.id());
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap();
+        // Bounded wait until unshare has moved into its new namespace.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::metadata(&me) {
+                if m.ino() != own.ino() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "unshare did not create a namespace"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        FakeContainer { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn tables(&self) -> String {
+        let out = Command::new("nsenter")
+            .args(["-n", "-t", &self.pid().to_string(), "nft", "list", "tables"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for FakeContainer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A prepared bundle in a private state dir, with its instance id.
+struct Prepared {
+    root: PathBuf,
+    dir: PathBuf,
+    instance: String,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn prepare(tag: &str) -> Prepared {
+    let root = std::env::temp_dir().join(format!("ts-hook-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let profiles = root.join("config/profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    std::fs::write(profiles.join("t.txt"), "198.51.100.10\n2001:db8::10\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["prepare", "hooked", "--profiles", "t", "--json"])
+        .env("TEROK_SHIELD_CONFIG_DIR", root.join("config"))
+        .env("TEROK_SHIELD_STATE_DIR", root.join("state"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flags: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    let instance = flags
+        .iter()
+        .find_map(|f| f.strip_prefix("--annotation=terok.shield.instance="))
+        .unwrap()
+        .to_string();
+    Prepared {
+        dir: root.join("state/containers/hooked"),
+        root,
+        instance,
+    }
+}
+
+fn oci_state(pid: u32, dir: &Path, instance: &str) -> String {
+    serde_json::json!({
+        "ociVersion": "1.0.2", "id": "x", "status": "creating", "pid": pid, "bundle": "/nonexistent",
+        "annotations": {
+            "terok.shield.name": "hooked",
+            "terok.shield.state_dir": dir,
+            "terok.shield.version": env!("CARGO_PKG_VERSION"),
+            "terok.shield.instance": instance,
+        }
+    })
+    .to_string()
+}
+
+/// Run `hook createRuntime` with an empty environment; (success, stderr, elapsed).
+fn hook(stdin: &str) -> (bool, String, Duration) {
+    let start = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["hook", "createRuntime"])
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+#[test]
+fn hook_applies_with_an_empty_environment() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare("empty-env");
+    let (ok, err, took) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    assert!(ok, "hook failed: {err}");
+    assert!(took < Duration::from_secs(5), "hook took {took:?}");
+    assert!(
+        c.tables().contains("table inet terok_shield"),
+        "{}",
+        c.tables()
+    );
+    let runtime = std::fs::read_to_string(p.dir.join("runtime.json")).unwrap();
+    assert!(
+        runtime.contains(&format!("\"pid\":{}", c.pid())),
+        "{runtime}"
+    );
+    // A second createRuntime into the same namespace (a leftover table) must refuse.
+    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    assert!(!ok && err.contains("does not match"), "{err}");
+}
+
+#[test]
+fn hook_refuses_the_hosts_own_network_namespace() {
+    if !privileged() {
+        return;
+    }
+    let p = prepare("host-ns");
+    let before = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap()
+        .stdout;
+    let (ok, err, _) = hook(&oci_state(std::process::id(), &p.dir, &p.instance));
+    assert!(!ok && err.contains("host's network namespace"), "{err}");
+    let after = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(before, after, "the host's tables changed");
+}
+
+#[test]
+fn hook_refuses_bad_input_and_changes_nothing() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare("bad-input");
+    for (stdin, expect) in [
+        ("not json".to_string(), "not valid OCI state"),
+        (oci_state(c.pid(), &p.dir, "someone-else"), "instance"),
+        (
+            oci_state(c.pid(), &p.dir, &p.instance).replace("\"hooked\"", "\"../etc\""),
+            "invalid value",
+        ),
+        (
+            oci_state(c.pid(), &p.dir, &p.instance)
+                .replace(env!("CARGO_PKG_VERSION"), "0.0.0-other"),
+            "terok-shield 0.0.0-other",
+        ),
+    ] {
+        let (ok, err, _) = hook(&stdin);
+        assert!(!ok, "accepted {stdin}");
+        assert!(err.contains(expect), "expected {expect:?} in {err}");
+    }
+    assert!(!c.tables().contains("terok_shield"), "{}", c.tables());
+}
