@@ -7,6 +7,7 @@ pub mod audit;
 pub mod bundle;
 pub mod bundled;
 pub mod config;
+pub mod dns_policy;
 pub mod oci;
 pub mod podman_args;
 pub mod policy;

@@ -1,0 +1,1784 @@
+//! DNS policy of the per-container resolver: which questions go upstream, and which addresses
+//! of an answer the firewall learns, all decided on bytes and values with no I/O at all.
+//!
+//! The builtin DNS tier runs one small resolver inside the container's network namespace. It
+//! answers only allowlisted names, forwards them upstream and puts every address of the answer
+//! into the DNS-learned nft sets *before* the client sees the answer, so the first connection
+//! already passes. Everything that decides anything in that loop lives here, so the rules are
+//! unit- and property-tested without sockets, clocks or nft:
+//!
+//! - [`DnsPolicy`] is built from the container's [`Bundle`] (profile entries and live allows,
+//!   minus live denies) and decides per question ([`DnsPolicy::decide_query`]).
+//! - [`inspect_request`] validates a client query (one question of class IN, a name we can
+//!   represent) and [`refused_response`] answers the ones we refuse, with an RFC 8914 Extended
+//!   DNS Error when the client speaks EDNS, so tools can tell "blocked" from "broken".
+//! - [`extract_answer`] checks that an upstream answer belongs to the request, follows the
+//!   CNAME chain from the queried name only, clamps TTLs, refuses DNS rebinding (a public name
+//!   must not point the workload at a private or host-local address the user did not allow)
+//!   and returns the set inserts plus the bytes to hand to the client.
+//!
+//! DNS messages are parsed and built with `hickory-proto`; the only bytes touched by hand are
+//! the 12-byte header of replies to messages hickory cannot parse, and the message ID.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::EdnsOption;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use ipnet::IpNet;
+use thiserror::Error;
+
+use super::bundle::Bundle;
+use super::policy::Mode;
+use super::private::is_private;
+use super::ruleset::sets;
+use super::target::{DomainName, DomainPattern, Host, PortScope, Target};
+
+/// Longest CNAME chain followed from the queried name; longer chains are cut (recursive
+/// resolvers give up at about this depth too), so a hostile answer cannot make us loop.
+pub const MAX_CNAME_CHAIN: usize = 16;
+
+/// EDNS option code of an Extended DNS Error (RFC 8914).
+pub const EDNS_EDE: u16 = 15;
+
+/// Extended DNS Error INFO-CODE 15 "Blocked": refused by the operator's security policy.
+pub const EDE_BLOCKED: u16 = 15;
+
+/// EXTRA-TEXT of our Extended DNS Errors: names the component, so a user reading `dig` output
+/// knows the shield (not the upstream resolver) refused the name.
+pub const EDE_TEXT: &str = "blocked by terok-shield";
+
+/// UDP payload size advertised in the OPT records we write (the DNS Flag Day 2020 value, which
+/// avoids IP fragmentation on every common path).
+pub const OUR_UDP_PAYLOAD: u16 = 1232;
+
+/// The classic DNS UDP limit, which applies to clients that did not send EDNS.
+const CLASSIC_UDP_PAYLOAD: u16 = 512;
+
+/// One allowlisted domain pattern and the ports it opens (`None`: every port).
+///
+/// Kept as the pair the user wrote, so the resolver can log which entry let a name through and
+/// put the learned addresses into the service sets when the entry is port-scoped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Grant {
+    /// The allowlist entry's name pattern, as written (exact name or `*.` wildcard).
+    pub pattern: DomainPattern,
+    /// The entry's port scope; decides between the `dns_*` and `dns_svc_*` sets.
+    pub scope: Option<PortScope>,
+}
+
+/// Why a question is not forwarded; shown in the resolver's log so a user can fix the profile.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RefuseReason {
+    /// The container is in block mode: nothing but loopback, so no name resolves either.
+    #[error("the container is in block mode")]
+    BlockMode,
+    /// A meta or transfer type (ANY, AXFR, IXFR, OPT, TSIG, ...) that a workload never needs
+    /// and that only amplifies or probes.
+    #[error("query type {0} is not served")]
+    QueryType(RecordType),
+    /// A live `deny` of this name (or of a wildcard covering it) wins over every allow.
+    #[error("denied by `deny {0}`")]
+    Denied(DomainPattern),
+    /// No allowlisted pattern covers the name (default-deny mode).
+    #[error("not on the allowlist")]
+    NotAllowlisted,
+}
+
+/// What to do with one question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryDecision {
+    /// Forward upstream. The grants that matched say which ports the learned addresses open;
+    /// the list is empty only in bypass mode, where unlisted names resolve but teach nothing.
+    Forward(Vec<Grant>),
+    /// Answer REFUSED ([`refused_response`]) without asking upstream.
+    Refuse(RefuseReason),
+}
+
+/// The resolver's view of one container's policy: allowed patterns, denied patterns and the
+/// allowlisted networks that decide which private answers may pass.
+///
+/// Built from the same bundle fields as [`Bundle::policy`], with the same treatment of live
+/// denies, so the builtin tier and the static tier open the same names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPolicy {
+    mode: Mode,
+    /// Allowed patterns that no live deny switched off, sorted and without repeats.
+    grants: Vec<Grant>,
+    /// Live denies of domains: a query they match is refused even if a wider allow covers it.
+    denied: Vec<DomainPattern>,
+    /// Allowlisted networks (profile entries and live allows) with their port scopes.
+    allow_nets: Vec<(IpNet, Option<PortScope>)>,
+    /// Live denies of networks; they win over everything in the ruleset, so never learned.
+    deny_nets: Vec<IpNet>,
+}
+
+impl DnsPolicy {
+    /// The DNS policy of a container: (profile entries ∪ live allows) − live denies.
+    ///
+    /// A domain entry is dropped exactly when [`Bundle::policy`] drops it (a live deny of the
+    /// same name, or a wildcard deny covering it). In addition, a question matched by any live
+    /// domain deny is refused, so `deny a.example.org` holds even while `*.example.org` is
+    /// allowed: a specific deny beats a broader allow, as users expect.
+    pub fn from_bundle(bundle: &Bundle) -> DnsPolicy {
+        let mut grants = Vec::new();
+        let mut allow_nets = Vec::new();
+        for target in bundle.entries.iter().chain(&bundle.live_allow) {
+            match &target.host {
+                Host::Domain(pattern) => {
+                    if !denied_domain(&bundle.live_deny, target) {
+                        grants.push(Grant {
+                            pattern: pattern.clone(),
+                            scope: target.scope,
+                        });
+                    }
+                }
+                Host::Net(net) => allow_nets.push((*net, target.scope)),
+            }
+        }
+        grants.sort();
+        grants.dedup();
+        let mut denied = Vec::new();
+        let mut deny_nets = Vec::new();
+        for target in &bundle.live_deny {
+            match &target.host {
+                Host::Domain(pattern) => denied.push(pattern.clone()),
+                Host::Net(net) => deny_nets.push(*net),
+            }
+        }
+        DnsPolicy {
+            mode: bundle.mode,
+            grants,
+            denied,
+            allow_nets,
+            deny_nets,
+        }
+    }
+
+    /// The mode this policy was built for; the resolver reports it in its status line.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The allowed patterns in force, so `status` can show what the resolver will answer.
+    pub fn grants(&self) -> &[Grant] {
+        &self.grants
+    }
+
+    /// Whether to forward a question for `qname` of type `qtype`, and which grants it uses.
+    ///
+    /// `*.example.com` covers names strictly beneath `example.com`, never the apex; a plain
+    /// name covers itself only. `qname` is already lower case (it is a [`DomainName`]), which
+    /// makes the comparison case-insensitive with respect to the wire.
+    pub fn decide_query(&self, qname: &DomainName, qtype: RecordType) -> QueryDecision {
+        if self.mode == Mode::Block {
+            return QueryDecision::Refuse(RefuseReason::BlockMode);
+        }
+        if !is_servable_type(qtype) {
+            return QueryDecision::Refuse(RefuseReason::QueryType(qtype));
+        }
+        if let Some(deny) = self.denied.iter().find(|p| p.matches(qname)) {
+            return QueryDecision::Refuse(RefuseReason::Denied(deny.clone()));
+        }
+        let matched: Vec<Grant> = self
+            .grants
+            .iter()
+            .filter(|g| g.pattern.matches(qname))
+            .cloned()
+            .collect();
+        if matched.is_empty() && self.mode == Mode::DenyAll {
+            return QueryDecision::Refuse(RefuseReason::NotAllowlisted);
+        }
+        QueryDecision::Forward(matched)
+    }
+
+    /// Whether a live deny covers `addr`: the deny sets drop it before any DNS set is looked
+    /// at, so learning it would only clutter the sets.
+    fn denies_addr(&self, addr: IpAddr) -> bool {
+        self.deny_nets.iter().any(|n| n.contains(&addr))
+    }
+
+    /// Whether a rebinding-sensitive address may stay in an answer: an allowlisted network
+    /// contains it (whatever its ports) and no live deny does.
+    fn allowlists(&self, addr: IpAddr) -> bool {
+        !self.denies_addr(addr) && self.allow_nets.iter().any(|(n, _)| n.contains(&addr))
+    }
+
+    /// The scopes under which a rebinding-sensitive address may be learned: only the ports both
+    /// the matching domain grant and an allowlisted network containing the address open, so a
+    /// name never widens what the user opened on a private address.
+    fn sensitive_scopes(
+        &self,
+        addr: IpAddr,
+        grants: &[Option<PortScope>],
+    ) -> Vec<Option<PortScope>> {
+        if self.denies_addr(addr) {
+            return Vec::new();
+        }
+        reduce_scopes(
+            self.allow_nets
+                .iter()
+                .filter(|(n, _)| n.contains(&addr))
+                .flat_map(|(_, net_scope)| {
+                    grants
+                        .iter()
+                        .filter_map(move |g| intersect_scopes(*g, *net_scope))
+                }),
+        )
+    }
+}
+
+/// Same rule as `Bundle::policy` (kept in step by a test): a domain target is switched off by a
+/// live deny of that name, or by a wildcard deny covering it.
+fn denied_domain(live_deny: &[Target], target: &Target) -> bool {
+    let Host::Domain(d) = &target.host else {
+        return false;
+    };
+    live_deny.iter().any(|t| match &t.host {
+        Host::Domain(deny) if deny.wildcard => {
+            deny.name.is_parent_of(&d.name) || (d.wildcard && deny.name == d.name)
+        }
+        Host::Domain(deny) => !d.wildcard && deny.name == d.name,
+        Host::Net(_) => false,
+    })
+}
+
+/// Data types only: meta and transfer types (0, OPT, 128-255 with AXFR, IXFR, ANY, TSIG) are
+/// refused, since no workload needs them and they serve amplification or zone probing.
+fn is_servable_type(qtype: RecordType) -> bool {
+    let code = u16::from(qtype);
+    code != 0 && qtype != RecordType::OPT && !(128..=255).contains(&code)
+}
+
+/// Whether `wide` opens at least everything `narrow` opens.
+fn scope_covers(wide: Option<PortScope>, narrow: Option<PortScope>) -> bool {
+    match (wide, narrow) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(w), Some(n)) => {
+            w.port == n.port && (w.protocol.is_none() || w.protocol == n.protocol)
+        }
+    }
+}
+
+/// What two scopes both open, if anything.
+fn intersect_scopes(a: Option<PortScope>, b: Option<PortScope>) -> Option<Option<PortScope>> {
+    match (a, b) {
+        (None, x) | (x, None) => Some(x),
+        (Some(a), Some(b)) if a.port != b.port => None,
+        (Some(a), Some(b)) => match (a.protocol, b.protocol) {
+            (None, p) | (p, None) => Some(Some(PortScope {
+                port: a.port,
+                protocol: p,
+            })),
+            (Some(p), Some(q)) if p == q => Some(Some(a)),
+            _ => None,
+        },
+    }
+}
+
+/// The distinct scopes, minus those another one already covers (`None` swallows all), so an
+/// address is learned once per set element that actually adds access.
+fn reduce_scopes(scopes: impl IntoIterator<Item = Option<PortScope>>) -> Vec<Option<PortScope>> {
+    let mut all: Vec<Option<PortScope>> = scopes.into_iter().collect();
+    all.sort();
+    all.dedup();
+    all.iter()
+        .filter(|s| !all.iter().any(|o| o != *s && scope_covers(*o, **s)))
+        .copied()
+        .collect()
+}
+
+/// The nft set a learned address goes into: the plain DNS sets for whole-host grants, the
+/// service sets (address . protocol . port) for port-scoped ones.
+pub fn set_for(addr: IpAddr, scope: Option<PortScope>) -> &'static str {
+    match (addr, scope) {
+        (IpAddr::V4(_), None) => sets::DNS_V4,
+        (IpAddr::V6(_), None) => sets::DNS_V6,
+        (IpAddr::V4(_), Some(_)) => sets::DNS_SVC_V4,
+        (IpAddr::V6(_), Some(_)) => sets::DNS_SVC_V6,
+    }
+}
+
+/// Addresses a public name must not silently point the workload at: the private ranges the
+/// firewall protects ([`is_private`]), plus unspecified, loopback, multicast and broadcast
+/// addresses (also in v4-mapped form), which are never a legitimate egress destination and
+/// would reach this host's own services. The DNS sets are consulted *before* the private-range
+/// rejects, so learning such an address would open it; hence these are only learned, and only
+/// kept in answers, when an allowlisted network covers them.
+pub fn is_rebinding_sensitive(addr: IpAddr) -> bool {
+    if is_private(&IpNet::from(addr)) {
+        return true;
+    }
+    match addr {
+        IpAddr::V4(a) => special_v4(a),
+        IpAddr::V6(a) => {
+            a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.to_ipv4_mapped().is_some_and(special_v4)
+        }
+    }
+}
+
+fn special_v4(a: Ipv4Addr) -> bool {
+    a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast()
+}
+
+/// A validated client query: everything the resolver needs to decide and to reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The message ID; an upstream answer must carry it (see [`with_id`] for forwarding under
+    /// a fresh ID).
+    pub id: u16,
+    /// The single question's name, normalised (lower case, no trailing dot).
+    pub qname: DomainName,
+    /// The single question's type.
+    pub qtype: RecordType,
+    /// Whether the client sent an OPT record; only then may a reply carry one (RFC 6891).
+    pub edns: bool,
+    /// Largest UDP reply the client accepts: its EDNS payload size, at least 512. A larger
+    /// answer must go back truncated ([`truncated_response`]) so the client retries over TCP.
+    pub udp_payload: u16,
+    /// RD flag, echoed in our replies.
+    pub recursion_desired: bool,
+}
+
+/// Why a client message is not a servable query, with the reply to send (if any).
+///
+/// Replies are pre-built because a refused message may not yield a [`Request`]; messages that
+/// are not queries at all get no reply, so the resolver can never be bounced off itself.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Malformed {
+    /// Shorter than a DNS header, or a response (QR set): dropped silently.
+    #[error("not a DNS query")]
+    NotAQuery,
+    /// The header is readable but the message is not: answered FORMERR (header only).
+    #[error("unparsable DNS message")]
+    Unparsable {
+        /// FORMERR header echoing the ID, so the client fails at once instead of retrying.
+        reply: Vec<u8>,
+    },
+    /// An opcode other than QUERY (NOTIFY, UPDATE, ...): answered NOTIMP.
+    #[error("DNS opcode {opcode} is not served")]
+    OpCode {
+        /// The opcode the client used, for the log.
+        opcode: u8,
+        /// NOTIMP reply.
+        reply: Vec<u8>,
+    },
+    /// Zero or several questions: answered REFUSED (exactly one is served).
+    #[error("{count} questions in one query (exactly one is served)")]
+    QuestionCount {
+        /// How many questions the message carried.
+        count: usize,
+        /// REFUSED reply (with the EDE when the client sent EDNS).
+        reply: Vec<u8>,
+    },
+    /// A class other than IN (CHAOS `version.bind` probes, ...): answered REFUSED.
+    #[error("DNS class {class} is not served")]
+    Class {
+        /// The class asked for, for the log.
+        class: DNSClass,
+        /// REFUSED reply (with the EDE when the client sent EDNS).
+        reply: Vec<u8>,
+    },
+    /// A name no allowlist entry can match (root, non-LDH bytes, over-long): REFUSED.
+    #[error("query name is not a valid host name")]
+    Name {
+        /// REFUSED reply (with the EDE when the client sent EDNS).
+        reply: Vec<u8>,
+    },
+}
+
+impl Malformed {
+    /// The bytes to send back to the client, or `None` when the message must be dropped.
+    pub fn reply(&self) -> Option<&[u8]> {
+        match self {
+            Malformed::NotAQuery => None,
+            Malformed::Unparsable { reply }
+            | Malformed::OpCode { reply, .. }
+            | Malformed::QuestionCount { reply, .. }
+            | Malformed::Class { reply, .. }
+            | Malformed::Name { reply } => Some(reply),
+        }
+    }
+}
+
+/// Validate a client query: a standard QUERY with exactly one question of class IN for a
+/// name [`DomainName`] accepts. Never panics on any input.
+pub fn inspect_request(bytes: &[u8]) -> Result<Request, Malformed> {
+    if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
+        return Err(Malformed::NotAQuery);
+    }
+    let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+    let opcode = (bytes[2] >> 3) & 0x0f;
+    let rd = bytes[2] & 0x01 != 0;
+    if opcode != 0 {
+        return Err(Malformed::OpCode {
+            opcode,
+            reply: header_only(id, opcode, rd, ResponseCode::NotImp),
+        });
+    }
+    let Ok(msg) = Message::from_vec(bytes) else {
+        return Err(Malformed::Unparsable {
+            reply: header_only(id, opcode, rd, ResponseCode::FormErr),
+        });
+    };
+    let edns = msg.edns.is_some();
+    let refuse = || {
+        error_reply(
+            id,
+            rd,
+            msg.queries.clone(),
+            ResponseCode::Refused,
+            edns,
+            true,
+        )
+    };
+    let [question] = msg.queries.as_slice() else {
+        return Err(Malformed::QuestionCount {
+            count: msg.queries.len(),
+            reply: refuse(),
+        });
+    };
+    if question.query_class() != DNSClass::IN {
+        return Err(Malformed::Class {
+            class: question.query_class(),
+            reply: refuse(),
+        });
+    }
+    let Some(qname) = domain_of(question.name()) else {
+        return Err(Malformed::Name { reply: refuse() });
+    };
+    let udp_payload = match &msg.edns {
+        Some(e) => e.max_payload().max(CLASSIC_UDP_PAYLOAD),
+        None => CLASSIC_UDP_PAYLOAD,
+    };
+    Ok(Request {
+        id,
+        qname,
+        qtype: question.query_type(),
+        edns,
+        udp_payload,
+        recursion_desired: rd,
+    })
+}
+
+/// The REFUSED answer to `req` (whose raw bytes are `raw`): the question echoed exactly as the
+/// client wrote it (so case-randomising clients accept it), plus an Extended DNS Error
+/// "Blocked" (RFC 8914) when the client sent EDNS; without EDNS no OPT record may be added.
+pub fn refused_response(req: &Request, raw: &[u8]) -> Vec<u8> {
+    reply_to(req, raw, ResponseCode::Refused, true, false)
+}
+
+/// The SERVFAIL answer to `req`, for when upstream gave no usable answer in time (or only
+/// answers that [`extract_answer`] rejected): clients fail fast instead of timing out.
+pub fn servfail_response(req: &Request, raw: &[u8]) -> Vec<u8> {
+    reply_to(req, raw, ResponseCode::ServFail, false, false)
+}
+
+/// An empty NOERROR answer with TC set, for an answer larger than `req.udp_payload`: the client
+/// retries over TCP, where the full answer fits.
+pub fn truncated_response(req: &Request, raw: &[u8]) -> Vec<u8> {
+    reply_to(req, raw, ResponseCode::NoError, false, true)
+}
+
+/// A copy of `msg` with its ID replaced, for forwarding a query upstream under a fresh random
+/// ID and giving the answer back the client's ID (the client's ID is chosen by the workload, so
+/// using it upstream would make spoofed answers easy to forge).
+pub fn with_id(msg: &[u8], id: u16) -> Vec<u8> {
+    let mut out = msg.to_vec();
+    if out.len() >= 2 {
+        out[..2].copy_from_slice(&id.to_be_bytes());
+    }
+    out
+}
+
+/// Upstream answer that cannot be used; the resolver drops it and keeps waiting for the real
+/// one (or answers [`servfail_response`] at its deadline).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Mismatch {
+    /// hickory-proto could not parse it: nothing in it can be trusted.
+    #[error("unparsable answer")]
+    Unparsable,
+    /// Another query's answer, or a spoofing attempt.
+    #[error("answer ID {found:#06x} does not match the query's {expected:#06x}")]
+    Id {
+        /// The request's ID.
+        expected: u16,
+        /// The answer's ID.
+        found: u16,
+    },
+    /// A query, or a response to another opcode: not an answer at all.
+    #[error("not a standard query response")]
+    NotAResponse,
+    /// Not exactly our one question (name, type, class IN): addresses in it belong to a
+    /// question we did not decide on.
+    #[error("answer is for another question")]
+    Question,
+    /// Records had to be removed but the edited answer could not be serialised; forwarding the
+    /// original would hand out what we meant to remove.
+    #[error("filtered answer could not be encoded")]
+    Unencodable,
+}
+
+/// One address to put into a DNS-learned set before the answer goes to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Insert {
+    /// The learned address (A or AAAA) of the answer.
+    pub addr: IpAddr,
+    /// `Some`: a port-scoped grant; the caller adds one `dns_svc_*` element per protocol of
+    /// [`PortScope::protocols`]. `None`: the whole host, in `dns_v4` / `dns_v6`.
+    pub scope: Option<PortScope>,
+    /// Element timeout: the record's TTL clamped to the configured bounds.
+    pub ttl: Duration,
+    /// The queried name this address was learned for (not a CNAME target), for the audit log
+    /// and for removing what a name brought when it is denied later.
+    pub domain: DomainName,
+}
+
+impl Insert {
+    /// The set this insert belongs in ([`set_for`]).
+    pub fn set(&self) -> &'static str {
+        set_for(self.addr, self.scope)
+    }
+}
+
+/// A usable upstream answer, processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Set elements to add (each address once per scope), before replying.
+    pub inserts: Vec<Insert>,
+    /// The bytes for the client: the upstream bytes unchanged, unless addresses were removed
+    /// or TTLs of learned records exceeded the maximum (then re-encoded, with the TTLs capped
+    /// so a client cache never outlives the set element). Check the size against
+    /// [`Request::udp_payload`] before sending over UDP.
+    pub response: Vec<u8>,
+    /// Addresses removed from the answer by the rebinding rule, each once.
+    pub removed: Vec<IpAddr>,
+}
+
+/// What to do with one upstream answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerDecision {
+    /// Insert, then send `response` to the client.
+    Answer(Answer),
+    /// The answer was truncated: ask the same question again over TCP; nothing is learned
+    /// from a partial answer.
+    RetryOverTcp,
+    /// The policy changed while the question was upstream and no longer allows it: answer
+    /// [`refused_response`].
+    Refused(RefuseReason),
+    /// Not an answer to this request: drop it.
+    Reject(Mismatch),
+}
+
+/// Process an upstream answer to `req` under `policy`; `ttl_bounds` is (min, max) seconds
+/// (`DnsConfig::min_ttl`, `max_ttl`; should min exceed max, max wins).
+///
+/// Only A/AAAA records in the answer section owned by the queried name or a name reached from
+/// it through CNAMEs (at most [`MAX_CNAME_CHAIN`], loops cut) are learned, and only from a
+/// NOERROR answer; records about other names are never learned. Rebinding-sensitive addresses
+/// ([`is_rebinding_sensitive`]) are learned only for the ports an allowlisted network also
+/// opens, and are removed from every section of the answer unless an allowlisted network
+/// contains them (in `down --all` mode they stay in the answer but are still not learned).
+/// Never panics on any input.
+pub fn extract_answer(
+    upstream: &[u8],
+    req: &Request,
+    policy: &DnsPolicy,
+    ttl_bounds: (u32, u32),
+) -> AnswerDecision {
+    let Ok(mut msg) = Message::from_vec(upstream) else {
+        return AnswerDecision::Reject(Mismatch::Unparsable);
+    };
+    if msg.metadata.id != req.id {
+        return AnswerDecision::Reject(Mismatch::Id {
+            expected: req.id,
+            found: msg.metadata.id,
+        });
+    }
+    if msg.metadata.message_type != MessageType::Response || msg.metadata.op_code != OpCode::Query {
+        return AnswerDecision::Reject(Mismatch::NotAResponse);
+    }
+    let [question] = msg.queries.as_slice() else {
+        return AnswerDecision::Reject(Mismatch::Question);
+    };
+    if question.query_class() != DNSClass::IN
+        || question.query_type() != req.qtype
+        || domain_of(question.name()).as_ref() != Some(&req.qname)
+    {
+        return AnswerDecision::Reject(Mismatch::Question);
+    }
+    if msg.metadata.truncation {
+        return AnswerDecision::RetryOverTcp;
+    }
+    let grants = match policy.decide_query(&req.qname, req.qtype) {
+        QueryDecision::Forward(grants) => grants,
+        QueryDecision::Refuse(reason) => return AnswerDecision::Refused(reason),
+    };
+    let scopes = reduce_scopes(grants.iter().map(|g| g.scope));
+    let chain = cname_chain(&msg.answers, question.name());
+
+    // Addresses of the chain, in answer order, each with the longest TTL it was given.
+    let mut learned: Vec<(IpAddr, u32)> = Vec::new();
+    for rec in &msg.answers {
+        if rec.dns_class != DNSClass::IN || !chain.contains(&rec.name) {
+            continue;
+        }
+        let Some(ip) = address_of(rec) else { continue };
+        match learned.iter_mut().find(|(a, _)| *a == ip) {
+            Some((_, ttl)) => *ttl = (*ttl).max(rec.ttl),
+            None => learned.push((ip, rec.ttl)),
+        }
+    }
+
+    let mut inserts = Vec::new();
+    if msg.metadata.response_code == ResponseCode::NoError {
+        for (addr, ttl) in learned {
+            if policy.denies_addr(addr) {
+                continue;
+            }
+            let ttl = Duration::from_secs(u64::from(clamp_ttl(ttl, ttl_bounds)));
+            let here = if is_rebinding_sensitive(addr) {
+                policy.sensitive_scopes(addr, &scopes)
+            } else {
+                scopes.clone()
+            };
+            inserts.extend(here.into_iter().map(|scope| Insert {
+                addr,
+                scope,
+                ttl,
+                domain: req.qname.clone(),
+            }));
+        }
+    }
+
+    let strip = |addr: IpAddr| {
+        policy.mode != Mode::BypassAll && is_rebinding_sensitive(addr) && !policy.allowlists(addr)
+    };
+    let mut removed: Vec<IpAddr> = Vec::new();
+    for rec in msg.all_sections() {
+        if let Some(ip) = address_of(rec) {
+            if strip(ip) && !removed.contains(&ip) {
+                removed.push(ip);
+            }
+        }
+    }
+    let max_ttl = clamp_ttl(u32::MAX, ttl_bounds);
+    let cap = !inserts.is_empty()
+        && msg
+            .answers
+            .iter()
+            .any(|r| chain.contains(&r.name) && is_chain_record(r) && r.ttl > max_ttl);
+
+    let response = if removed.is_empty() && !cap {
+        upstream.to_vec()
+    } else {
+        let keep = |r: &Record| address_of(r).is_none_or(|ip| !removed.contains(&ip));
+        msg.answers.retain(keep);
+        msg.authorities.retain(keep);
+        msg.additionals.retain(keep);
+        if cap {
+            for r in &mut msg.answers {
+                if chain.contains(&r.name) && is_chain_record(r) {
+                    r.ttl = r.ttl.min(max_ttl);
+                }
+            }
+        }
+        match msg.to_vec() {
+            Ok(bytes) => bytes,
+            // Only capping was wanted: the original answer is still safe to hand out.
+            Err(_) if removed.is_empty() => upstream.to_vec(),
+            Err(_) => return AnswerDecision::Reject(Mismatch::Unencodable),
+        }
+    };
+    AnswerDecision::Answer(Answer {
+        inserts,
+        response,
+        removed,
+    })
+}
+
+/// `ttl` within `(min, max)`; the upper bound wins if the bounds are inverted, because
+/// over-long openings are the costlier mistake.
+fn clamp_ttl(ttl: u32, (min, max): (u32, u32)) -> u32 {
+    ttl.max(min).min(max)
+}
+
+/// The queried name followed by the CNAME targets reached from it, in order: one CNAME per
+/// owner (the first one in the answer), stopping at a repeat or after [`MAX_CNAME_CHAIN`].
+fn cname_chain(answers: &[Record], qname: &Name) -> Vec<Name> {
+    let mut chain = vec![qname.clone()];
+    while chain.len() <= MAX_CNAME_CHAIN {
+        let owner = &chain[chain.len() - 1];
+        let next = answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(target) if r.dns_class == DNSClass::IN && &r.name == owner => {
+                Some(target.0.clone())
+            }
+            _ => None,
+        });
+        match next {
+            Some(target) if !chain.contains(&target) => chain.push(target),
+            _ => break,
+        }
+    }
+    chain
+}
+
+/// The address an A or AAAA record carries.
+fn address_of(rec: &Record) -> Option<IpAddr> {
+    match &rec.data {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+        _ => None,
+    }
+}
+
+/// Records whose TTL is capped in the answer: the chain's CNAMEs and addresses.
+fn is_chain_record(rec: &Record) -> bool {
+    matches!(rec.data, RData::A(_) | RData::AAAA(_) | RData::CNAME(_))
+}
+
+/// A wire name as a [`DomainName`], or `None` if a label holds anything but letters, digits,
+/// `-` and `_` (a `.` inside a label, spaces, binary) or the name is otherwise not one we can
+/// allowlist. Labels are read as bytes, so an escaped dot can never merge two labels.
+fn domain_of(name: &Name) -> Option<DomainName> {
+    let mut text = String::with_capacity(name.len());
+    for label in name.iter() {
+        if !label
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        {
+            return None;
+        }
+        if !text.is_empty() {
+            text.push('.');
+        }
+        text.push_str(std::str::from_utf8(label).ok()?);
+    }
+    text.parse().ok()
+}
+
+/// The RFC 8914 option: INFO-CODE (big endian), then UTF-8 EXTRA-TEXT. hickory-proto 0.26 has
+/// no typed EDE, so it travels as a raw option.
+fn ede_option(info_code: u16, text: &str) -> EdnsOption {
+    let mut data = info_code.to_be_bytes().to_vec();
+    data.extend_from_slice(text.as_bytes());
+    EdnsOption::Unknown(EDNS_EDE, data)
+}
+
+/// A reply to `req` echoing the question from `raw` when it is the question `req` describes
+/// (else rebuilt from `req`, lower case).
+fn reply_to(req: &Request, raw: &[u8], rcode: ResponseCode, ede: bool, truncated: bool) -> Vec<u8> {
+    let echoed = Message::from_vec(raw)
+        .ok()
+        .and_then(|m| match m.queries.as_slice() {
+            [q] if q.query_type() == req.qtype
+                && q.query_class() == DNSClass::IN
+                && domain_of(q.name()).as_ref() == Some(&req.qname) =>
+            {
+                Some(q.clone())
+            }
+            _ => None,
+        });
+    let question = echoed.or_else(|| {
+        let mut name = Name::from_ascii(req.qname.as_str()).ok()?;
+        name.set_fqdn(true);
+        Some(Query::query(name, req.qtype))
+    });
+    let mut msg = Message::error_msg(req.id, OpCode::Query, rcode);
+    msg.metadata.recursion_desired = req.recursion_desired;
+    msg.metadata.recursion_available = true;
+    msg.metadata.truncation = truncated;
+    msg.add_queries(question);
+    finish_reply(msg, req.edns, ede)
+}
+
+/// A reply echoing `queries` (used where no [`Request`] exists yet).
+fn error_reply(
+    id: u16,
+    rd: bool,
+    queries: Vec<Query>,
+    rcode: ResponseCode,
+    client_edns: bool,
+    ede: bool,
+) -> Vec<u8> {
+    let mut msg = Message::error_msg(id, OpCode::Query, rcode);
+    msg.metadata.recursion_desired = rd;
+    msg.metadata.recursion_available = true;
+    msg.add_queries(queries);
+    finish_reply(msg, client_edns, ede)
+}
+
+/// Add our OPT record (with the EDE when asked) if the client sent EDNS, and encode; should
+/// encoding fail, the bare header still tells the client the outcome.
+fn finish_reply(mut msg: Message, client_edns: bool, ede: bool) -> Vec<u8> {
+    if client_edns {
+        let mut edns = Edns::new();
+        edns.set_max_payload(OUR_UDP_PAYLOAD);
+        if ede {
+            edns.options_mut().insert(ede_option(EDE_BLOCKED, EDE_TEXT));
+        }
+        msg.set_edns(edns);
+    }
+    let m = msg.metadata;
+    msg.to_vec().unwrap_or_else(|_| {
+        let mut bytes = header_only(m.id, 0, m.recursion_desired, m.response_code);
+        if m.truncation {
+            bytes[2] |= 0x02;
+        }
+        bytes
+    })
+}
+
+/// A 12-byte reply header with no sections: for messages hickory cannot parse (or opcodes it
+/// cannot represent), where echoing anything would mean trusting unparsed bytes.
+fn header_only(id: u16, opcode: u8, rd: bool, rcode: ResponseCode) -> Vec<u8> {
+    let mut h = vec![0u8; 12];
+    h[..2].copy_from_slice(&id.to_be_bytes());
+    h[2] = 0x80 | ((opcode & 0x0f) << 3) | u8::from(rd);
+    h[3] = 0x80 | rcode.low();
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::Ipv6Addr;
+
+    use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::bundle::{ContainerName, DnsTier, Resolved, RuntimeFacts};
+    use crate::core::target::Protocol;
+
+    const BOUNDS: (u32, u32) = (60, 3600);
+
+    fn t(s: &str) -> Target {
+        Target::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn dn(s: &str) -> DomainName {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(format!("{s}.")).unwrap()
+    }
+
+    fn bundle(entries: &[&str], mode: Mode) -> Bundle {
+        Bundle {
+            format: crate::core::bundle::BUNDLE_FORMAT,
+            shield_version: "0.1.0".into(),
+            name: ContainerName::new("c1").unwrap(),
+            instance: "abc".into(),
+            created: 0,
+            profiles: vec![],
+            entries: entries.iter().map(|s| t(s)).collect(),
+            resolved: BTreeMap::new(),
+            mode,
+            live_allow: vec![],
+            live_deny: vec![],
+            loopback_ports: vec![],
+            audit_enabled: false,
+            dns_tier: DnsTier::Builtin,
+        }
+    }
+
+    fn policy(entries: &[&str]) -> DnsPolicy {
+        DnsPolicy::from_bundle(&bundle(entries, Mode::DenyAll))
+    }
+
+    fn forwards(p: &DnsPolicy, q: &str) -> bool {
+        matches!(
+            p.decide_query(&dn(q), RecordType::A),
+            QueryDecision::Forward(_)
+        )
+    }
+
+    fn a(owner: &str, ttl: u32, addr: &str) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::A(A(addr.parse().unwrap())))
+    }
+
+    fn aaaa(owner: &str, ttl: u32, addr: &str) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::AAAA(AAAA(addr.parse().unwrap())))
+    }
+
+    fn cname(owner: &str, ttl: u32, target: &str) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::CNAME(CNAME(name(target))))
+    }
+
+    fn query_bytes(id: u16, qname: &str, qtype: RecordType, edns: bool) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(
+            Name::from_ascii(format!("{qname}.")).unwrap(),
+            qtype,
+        ));
+        if edns {
+            let mut e = Edns::new();
+            e.set_max_payload(4096);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn request(qname: &str, qtype: RecordType) -> (Request, Vec<u8>) {
+        let raw = query_bytes(0x4242, qname, qtype, true);
+        (inspect_request(&raw).unwrap(), raw)
+    }
+
+    fn answer_msg(req: &Request, raw: &[u8], answers: Vec<Record>) -> Message {
+        let query = Message::from_vec(raw).unwrap();
+        let mut m = Message::response(req.id, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.metadata.recursion_available = true;
+        m.add_queries(query.queries.clone());
+        m.add_answers(answers);
+        m
+    }
+
+    fn answer_bytes(req: &Request, raw: &[u8], answers: Vec<Record>) -> Vec<u8> {
+        answer_msg(req, raw, answers).to_vec().unwrap()
+    }
+
+    fn answered(d: AnswerDecision) -> Answer {
+        match d {
+            AnswerDecision::Answer(a) => a,
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    fn run(p: &DnsPolicy, qname: &str, answers: Vec<Record>) -> Answer {
+        let (req, raw) = request(qname, RecordType::A);
+        answered(extract_answer(
+            &answer_bytes(&req, &raw, answers),
+            &req,
+            p,
+            BOUNDS,
+        ))
+    }
+
+    fn inserted(ans: &Answer) -> Vec<IpAddr> {
+        ans.inserts.iter().map(|i| i.addr).collect()
+    }
+
+    fn addrs_in(bytes: &[u8]) -> Vec<IpAddr> {
+        Message::from_vec(bytes)
+            .unwrap()
+            .all_sections()
+            .filter_map(address_of)
+            .collect()
+    }
+
+    fn ede_of(bytes: &[u8]) -> Option<(u16, String)> {
+        let msg = Message::from_vec(bytes).unwrap();
+        let edns = msg.edns?;
+        match edns.options().get(EDNS_EDE.into())? {
+            EdnsOption::Unknown(_, data) => Some((
+                u16::from_be_bytes([data[0], data[1]]),
+                String::from_utf8(data[2..].to_vec()).unwrap(),
+            )),
+            other => panic!("unexpected option {other:?}"),
+        }
+    }
+
+    // ---- decide_query ----
+
+    #[test]
+    fn wildcard_covers_subdomains_not_the_apex_and_exact_covers_itself_only() {
+        let p = policy(&["*.example.com", "api.example.org"]);
+        assert!(forwards(&p, "a.example.com"));
+        assert!(forwards(&p, "b.a.example.com"));
+        assert!(!forwards(&p, "example.com"));
+        assert!(!forwards(&p, "badexample.com"));
+        assert!(forwards(&p, "api.example.org"));
+        assert!(!forwards(&p, "x.api.example.org"));
+        assert!(!forwards(&p, "example.org"));
+        assert_eq!(
+            p.decide_query(&dn("other.net"), RecordType::A),
+            QueryDecision::Refuse(RefuseReason::NotAllowlisted)
+        );
+    }
+
+    #[test]
+    fn forward_lists_every_matching_grant_with_its_scope() {
+        let p = policy(&[
+            "*.example.com:443/tcp",
+            "api.example.com",
+            "api.example.com",
+        ]);
+        let QueryDecision::Forward(g) = p.decide_query(&dn("api.example.com"), RecordType::AAAA)
+        else {
+            panic!()
+        };
+        assert_eq!(g.len(), 2, "duplicates collapse: {g:?}");
+        assert!(g.iter().any(|g| g.scope.is_none()));
+        assert!(g.iter().any(|g| g.scope.is_some_and(|s| s.port == 443)));
+    }
+
+    #[test]
+    fn wire_names_are_case_insensitive() {
+        let p = policy(&["api.example.com"]);
+        let raw = query_bytes(7, "API.Example.COM", RecordType::A, false);
+        let req = inspect_request(&raw).unwrap();
+        assert_eq!(req.qname, dn("api.example.com"));
+        assert!(forwards(&p, req.qname.as_str()));
+    }
+
+    #[test]
+    fn denied_domains_follow_bundle_semantics_and_specific_denies_win() {
+        let mut b = bundle(
+            &[
+                "example.com",
+                "*.example.org",
+                "a.example.net",
+                "*.example.net",
+            ],
+            Mode::DenyAll,
+        );
+        b.live_deny(t("example.com:443"));
+        b.live_deny(t("*.example.org"));
+        b.live_deny(t("a.example.net"));
+        let p = DnsPolicy::from_bundle(&b);
+        assert!(!forwards(&p, "example.com"));
+        assert!(!forwards(&p, "x.example.org"));
+        assert_eq!(
+            p.decide_query(&dn("a.example.net"), RecordType::A),
+            QueryDecision::Refuse(RefuseReason::Denied(DomainPattern {
+                name: dn("a.example.net"),
+                wildcard: false
+            })),
+            "a specific deny beats the wildcard allow"
+        );
+        assert!(forwards(&p, "b.example.net"));
+        // Allowing again clears the deny.
+        b.live_allow(t("a.example.net"), None);
+        assert!(forwards(&DnsPolicy::from_bundle(&b), "a.example.net"));
+    }
+
+    #[test]
+    fn domain_filtering_agrees_with_bundle_policy() {
+        // Each exact domain gets its own cached address; Bundle::policy keeps the address iff
+        // it keeps the domain, which must be exactly when DnsPolicy keeps a grant for it.
+        let names = [
+            "a.example.com",
+            "b.example.com",
+            "example.com",
+            "c.example.org",
+        ];
+        let denies: [&[&str]; 5] = [
+            &[],
+            &["*.example.com"],
+            &["example.com"],
+            &["a.example.com", "*.example.org"],
+            &["*.com"],
+        ];
+        for deny in denies {
+            let mut b = bundle(&names, Mode::DenyAll);
+            for (i, n) in names.iter().enumerate() {
+                b.resolved.insert(
+                    dn(n),
+                    Resolved {
+                        addrs: vec![IpAddr::V4(Ipv4Addr::new(198, 18, 0, i as u8 + 1))],
+                        at: 0,
+                    },
+                );
+            }
+            for d in deny {
+                b.live_deny(t(d));
+            }
+            let allowed = b.policy(&RuntimeFacts::default()).allow;
+            let dns = DnsPolicy::from_bundle(&b);
+            for (i, n) in names.iter().enumerate() {
+                let addr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, i as u8 + 1));
+                let by_bundle = allowed.iter().any(|r| r.net.contains(&addr));
+                let by_dns = dns.grants().iter().any(|g| g.pattern.name == dn(n));
+                assert_eq!(by_bundle, by_dns, "{n} with denies {deny:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn modes_block_refuses_all_bypass_forwards_unlisted_without_grants() {
+        let mut b = bundle(&["example.com"], Mode::Block);
+        assert_eq!(
+            DnsPolicy::from_bundle(&b).decide_query(&dn("example.com"), RecordType::A),
+            QueryDecision::Refuse(RefuseReason::BlockMode)
+        );
+        b.mode = Mode::Bypass;
+        b.live_deny(t("evil.example"));
+        let p = DnsPolicy::from_bundle(&b);
+        assert_eq!(
+            p.decide_query(&dn("other.net"), RecordType::A),
+            QueryDecision::Forward(vec![])
+        );
+        assert!(!forwards(&p, "evil.example"), "denies hold in bypass too");
+        let ans = run(&p, "other.net", vec![a("other.net", 300, "198.51.100.1")]);
+        assert!(ans.inserts.is_empty(), "unlisted names teach nothing");
+    }
+
+    #[test]
+    fn meta_and_transfer_types_are_refused() {
+        let p = policy(&["example.com"]);
+        for qtype in [
+            RecordType::ANY,
+            RecordType::AXFR,
+            RecordType::IXFR,
+            RecordType::OPT,
+            RecordType::TSIG,
+            RecordType::ZERO,
+            RecordType::Unknown(254),
+        ] {
+            assert_eq!(
+                p.decide_query(&dn("example.com"), qtype),
+                QueryDecision::Refuse(RefuseReason::QueryType(qtype)),
+                "{qtype}"
+            );
+        }
+        for qtype in [
+            RecordType::A,
+            RecordType::AAAA,
+            RecordType::TXT,
+            RecordType::HTTPS,
+            RecordType::MX,
+        ] {
+            assert!(matches!(
+                p.decide_query(&dn("example.com"), qtype),
+                QueryDecision::Forward(_)
+            ));
+        }
+    }
+
+    // ---- inspect_request / replies ----
+
+    #[test]
+    fn request_fields_are_read() {
+        let raw = query_bytes(0x1234, "example.com", RecordType::AAAA, true);
+        let req = inspect_request(&raw).unwrap();
+        assert_eq!(
+            req,
+            Request {
+                id: 0x1234,
+                qname: dn("example.com"),
+                qtype: RecordType::AAAA,
+                edns: true,
+                udp_payload: 4096,
+                recursion_desired: true,
+            }
+        );
+        let plain = inspect_request(&query_bytes(1, "example.com", RecordType::A, false)).unwrap();
+        assert!(!plain.edns);
+        assert_eq!(plain.udp_payload, 512);
+    }
+
+    fn rcode_of(bytes: &[u8]) -> ResponseCode {
+        Message::from_vec(bytes).unwrap().metadata.response_code
+    }
+
+    #[test]
+    fn multiple_or_no_questions_are_refused() {
+        let mut m = Message::new(9, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(name("a.example.com"), RecordType::A));
+        m.add_query(Query::query(name("b.example.com"), RecordType::A));
+        let err = inspect_request(&m.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(err, Malformed::QuestionCount { count: 2, .. }));
+        let reply = err.reply().unwrap();
+        assert_eq!(rcode_of(reply), ResponseCode::Refused);
+        assert_eq!(Message::from_vec(reply).unwrap().metadata.id, 9);
+
+        let none = Message::new(10, MessageType::Query, OpCode::Query);
+        let err = inspect_request(&none.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(err, Malformed::QuestionCount { count: 0, .. }));
+    }
+
+    #[test]
+    fn non_in_class_is_refused() {
+        let mut m = Message::new(11, MessageType::Query, OpCode::Query);
+        let mut q = Query::query(name("version.bind"), RecordType::TXT);
+        q.set_query_class(DNSClass::CH);
+        m.add_query(q);
+        let err = inspect_request(&m.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(
+            err,
+            Malformed::Class {
+                class: DNSClass::CH,
+                ..
+            }
+        ));
+        assert_eq!(rcode_of(err.reply().unwrap()), ResponseCode::Refused);
+    }
+
+    #[test]
+    fn responses_short_and_garbage_messages_are_dropped_or_formerr() {
+        assert_eq!(inspect_request(&[]), Err(Malformed::NotAQuery));
+        assert_eq!(inspect_request(&[0; 11]), Err(Malformed::NotAQuery));
+        let (req, raw) = request("example.com", RecordType::A);
+        let resp = answer_bytes(&req, &raw, vec![]);
+        assert_eq!(inspect_request(&resp), Err(Malformed::NotAQuery));
+
+        let mut junk = raw.clone();
+        junk.truncate(15);
+        let err = inspect_request(&junk).unwrap_err();
+        let reply = err.reply().unwrap();
+        assert!(matches!(err, Malformed::Unparsable { .. }));
+        assert_eq!(reply.len(), 12);
+        let msg = Message::from_vec(reply).unwrap();
+        assert_eq!(msg.metadata.id, 0x4242);
+        assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(msg.metadata.message_type, MessageType::Response);
+    }
+
+    #[test]
+    fn other_opcodes_get_notimp() {
+        let mut m = Message::new(12, MessageType::Query, OpCode::Update);
+        m.add_query(Query::query(name("example.com"), RecordType::SOA));
+        let err = inspect_request(&m.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(err, Malformed::OpCode { opcode: 5, .. }));
+        let msg = Message::from_vec(err.reply().unwrap()).unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::NotImp);
+        assert_eq!(msg.metadata.op_code, OpCode::Update);
+    }
+
+    #[test]
+    fn names_we_cannot_allowlist_are_refused() {
+        let mut root = Message::new(13, MessageType::Query, OpCode::Query);
+        root.add_query(Query::query(Name::root(), RecordType::NS));
+        assert!(matches!(
+            inspect_request(&root.to_vec().unwrap()),
+            Err(Malformed::Name { .. })
+        ));
+        // A label containing a dot must not turn into two labels.
+        let dotted = Name::from_labels(vec![b"example.com".to_vec(), b"evil".to_vec()]).unwrap();
+        let mut m = Message::new(14, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(dotted, RecordType::A));
+        assert!(matches!(
+            inspect_request(&m.to_vec().unwrap()),
+            Err(Malformed::Name { .. })
+        ));
+    }
+
+    #[test]
+    fn refused_response_carries_ede_only_when_client_sent_edns() {
+        let raw = query_bytes(0x0102, "Blocked.Example", RecordType::A, true);
+        let req = inspect_request(&raw).unwrap();
+        let reply = refused_response(&req, &raw);
+        let msg = Message::from_vec(&reply).unwrap();
+        assert_eq!(msg.metadata.id, 0x0102);
+        assert_eq!(msg.metadata.response_code, ResponseCode::Refused);
+        assert_eq!(msg.metadata.message_type, MessageType::Response);
+        assert!(msg.metadata.recursion_desired);
+        assert!(msg.queries[0].name().eq_case(&name("Blocked.Example")));
+        assert_eq!(
+            ede_of(&reply),
+            Some((EDE_BLOCKED, "blocked by terok-shield".to_string()))
+        );
+
+        let raw = query_bytes(0x0103, "blocked.example", RecordType::A, false);
+        let req = inspect_request(&raw).unwrap();
+        let reply = refused_response(&req, &raw);
+        let msg = Message::from_vec(&reply).unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::Refused);
+        assert!(msg.edns.is_none(), "no OPT for a client without EDNS");
+        assert_eq!(msg.queries.len(), 1);
+    }
+
+    #[test]
+    fn replies_rebuild_the_question_when_raw_does_not_match() {
+        let (req, _) = request("example.com", RecordType::A);
+        for raw in [&b""[..], &query_bytes(1, "other.com", RecordType::A, false)] {
+            let msg = Message::from_vec(&servfail_response(&req, raw)).unwrap();
+            assert_eq!(msg.metadata.response_code, ResponseCode::ServFail);
+            assert_eq!(msg.queries[0].name(), &name("example.com"));
+            assert!(ede_of(&servfail_response(&req, raw)).is_none());
+        }
+        let tc = Message::from_vec(&truncated_response(&req, &[])).unwrap();
+        assert!(tc.metadata.truncation);
+        assert_eq!(tc.metadata.response_code, ResponseCode::NoError);
+        assert!(tc.answers.is_empty());
+    }
+
+    #[test]
+    fn with_id_rewrites_only_the_id() {
+        let raw = query_bytes(1, "example.com", RecordType::A, false);
+        let re = with_id(&raw, 0xbeef);
+        assert_eq!(&re[..2], &[0xbe, 0xef]);
+        assert_eq!(&re[2..], &raw[2..]);
+        assert_eq!(with_id(&[7], 1), vec![7]);
+    }
+
+    // ---- extract_answer ----
+
+    #[test]
+    fn cname_chain_into_another_zone_is_learned_for_the_queried_name() {
+        let p = policy(&["www.example.com"]);
+        let ans = run(
+            &p,
+            "www.example.com",
+            vec![
+                cname("www.example.com", 300, "edge.cdn.example.net"),
+                cname("edge.cdn.example.net", 300, "e1.cdn.example.net"),
+                a("e1.cdn.example.net", 300, "198.51.100.10"),
+                aaaa("e1.cdn.example.net", 300, "2001:db8::10"),
+            ],
+        );
+        assert_eq!(
+            inserted(&ans),
+            vec![ip("198.51.100.10"), ip("2001:db8::10")]
+        );
+        assert!(ans
+            .inserts
+            .iter()
+            .all(|i| i.domain == dn("www.example.com")));
+        assert_eq!(ans.inserts[0].set(), "dns_v4");
+        assert_eq!(ans.inserts[1].set(), "dns_v6");
+    }
+
+    #[test]
+    fn unrelated_records_are_ignored_but_forwarded() {
+        let p = policy(&["www.example.com"]);
+        let (req, raw) = request("www.example.com", RecordType::A);
+        let mut m = answer_msg(
+            &req,
+            &raw,
+            vec![
+                a("www.example.com", 300, "198.51.100.1"),
+                a("evil.example.org", 300, "203.0.113.66"),
+                cname("other.example.com", 300, "www.example.com"),
+            ],
+        );
+        m.add_additional(a("ns.example.com", 300, "203.0.113.53"));
+        let bytes = m.to_vec().unwrap();
+        let ans = answered(extract_answer(&bytes, &req, &p, BOUNDS));
+        assert_eq!(inserted(&ans), vec![ip("198.51.100.1")]);
+        assert_eq!(ans.response, bytes, "nothing removed: bytes unchanged");
+    }
+
+    #[test]
+    fn cname_loops_and_overlong_chains_are_cut() {
+        let p = policy(&["loop.example.com"]);
+        let ans = run(
+            &p,
+            "loop.example.com",
+            vec![
+                cname("loop.example.com", 300, "b.example.net"),
+                cname("b.example.net", 300, "loop.example.com"),
+                a("b.example.net", 300, "198.51.100.2"),
+            ],
+        );
+        assert_eq!(inserted(&ans), vec![ip("198.51.100.2")]);
+
+        let p = policy(&["n0.example.com"]);
+        let mut records: Vec<Record> = (0..20)
+            .map(|i| {
+                cname(
+                    &format!("n{i}.example.com"),
+                    300,
+                    &format!("n{}.example.com", i + 1),
+                )
+            })
+            .collect();
+        records.push(a(
+            &format!("n{MAX_CNAME_CHAIN}.example.com"),
+            300,
+            "198.51.100.16",
+        ));
+        records.push(a(
+            &format!("n{}.example.com", MAX_CNAME_CHAIN + 1),
+            300,
+            "198.51.100.17",
+        ));
+        let ans = run(&p, "n0.example.com", records);
+        assert_eq!(inserted(&ans), vec![ip("198.51.100.16")], "16 hops, not 17");
+    }
+
+    #[test]
+    fn mismatched_answers_are_rejected() {
+        let p = policy(&["example.com"]);
+        let (req, raw) = request("example.com", RecordType::A);
+        let good = answer_msg(&req, &raw, vec![a("example.com", 300, "198.51.100.1")]);
+
+        let mut wrong_id = good.clone();
+        wrong_id.metadata.id ^= 1;
+        let mut wrong_name = good.clone();
+        wrong_name.queries[0].set_name(name("example.org"));
+        let mut wrong_type = good.clone();
+        wrong_type.queries[0].set_query_type(RecordType::AAAA);
+        let mut wrong_class = good.clone();
+        wrong_class.queries[0].set_query_class(DNSClass::CH);
+        let mut two = good.clone();
+        two.add_query(Query::query(name("example.com"), RecordType::A));
+        let mut query = good.clone();
+        query.metadata.message_type = MessageType::Query;
+
+        let decide = |m: &Message| extract_answer(&m.to_vec().unwrap(), &req, &p, BOUNDS);
+        assert!(matches!(
+            decide(&wrong_id),
+            AnswerDecision::Reject(Mismatch::Id { .. })
+        ));
+        for m in [&wrong_name, &wrong_type, &wrong_class, &two] {
+            assert_eq!(decide(m), AnswerDecision::Reject(Mismatch::Question));
+        }
+        assert_eq!(
+            decide(&query),
+            AnswerDecision::Reject(Mismatch::NotAResponse)
+        );
+        assert_eq!(
+            extract_answer(b"\x42\x42junk", &req, &p, BOUNDS),
+            AnswerDecision::Reject(Mismatch::Unparsable)
+        );
+        // The question may come back in another case.
+        let mut upper = good.clone();
+        upper.queries[0].set_name(name("EXAMPLE.com"));
+        assert!(matches!(decide(&upper), AnswerDecision::Answer(_)));
+    }
+
+    #[test]
+    fn ttls_are_clamped_at_both_ends_and_capped_in_the_response() {
+        let p = policy(&["example.com"]);
+        let ans = run(
+            &p,
+            "example.com",
+            vec![
+                a("example.com", 5, "198.51.100.1"),
+                a("example.com", 600, "198.51.100.2"),
+                a("example.com", 86_400, "198.51.100.3"),
+            ],
+        );
+        let ttls: Vec<u64> = ans.inserts.iter().map(|i| i.ttl.as_secs()).collect();
+        assert_eq!(ttls, vec![60, 600, 3600]);
+        let msg = Message::from_vec(&ans.response).unwrap();
+        let sent: Vec<u32> = msg.answers.iter().map(|r| r.ttl).collect();
+        assert_eq!(sent, vec![5, 600, 3600], "only over-long TTLs are lowered");
+
+        // Inverted bounds: the maximum wins.
+        let (req, raw) = request("example.com", RecordType::A);
+        let bytes = answer_bytes(&req, &raw, vec![a("example.com", 5, "198.51.100.1")]);
+        let ans = answered(extract_answer(&bytes, &req, &p, (600, 100)));
+        assert_eq!(ans.inserts[0].ttl, Duration::from_secs(100));
+    }
+
+    #[test]
+    fn rebinding_addresses_are_removed_unless_allowlisted() {
+        let p = policy(&["*.example.com", "10.1.0.0/16"]);
+        let ans = run(
+            &p,
+            "app.example.com",
+            vec![
+                a("app.example.com", 300, "198.51.100.1"),
+                a("app.example.com", 300, "192.168.1.1"),
+                a("app.example.com", 300, "10.1.2.3"),
+                a("app.example.com", 300, "127.0.0.1"),
+                a("app.example.com", 300, "0.0.0.0"),
+                a("app.example.com", 300, "224.0.0.1"),
+                aaaa("app.example.com", 300, "fd00::1"),
+                aaaa("app.example.com", 300, "::ffff:169.254.169.254"),
+                aaaa("app.example.com", 300, "2001:db8::1"),
+            ],
+        );
+        assert_eq!(
+            inserted(&ans),
+            vec![ip("198.51.100.1"), ip("10.1.2.3"), ip("2001:db8::1")]
+        );
+        assert_eq!(
+            ans.removed,
+            vec![
+                ip("192.168.1.1"),
+                ip("127.0.0.1"),
+                ip("0.0.0.0"),
+                ip("224.0.0.1"),
+                ip("fd00::1"),
+                ip("::ffff:169.254.169.254"),
+            ]
+        );
+        assert_eq!(
+            addrs_in(&ans.response),
+            vec![ip("198.51.100.1"), ip("10.1.2.3"), ip("2001:db8::1")]
+        );
+    }
+
+    #[test]
+    fn private_addresses_in_other_sections_are_removed_too() {
+        let p = policy(&["example.com"]);
+        let (req, raw) = request("example.com", RecordType::A);
+        let mut m = answer_msg(&req, &raw, vec![a("example.com", 300, "198.51.100.1")]);
+        m.add_additional(a("internal.example.com", 300, "10.9.9.9"));
+        let ans = answered(extract_answer(&m.to_vec().unwrap(), &req, &p, BOUNDS));
+        assert_eq!(ans.removed, vec![ip("10.9.9.9")]);
+        assert_eq!(addrs_in(&ans.response), vec![ip("198.51.100.1")]);
+    }
+
+    #[test]
+    fn scoped_private_networks_narrow_what_a_name_opens() {
+        let p = policy(&["intranet.example.com", "10.0.0.0/8:443/tcp"]);
+        let ans = run(
+            &p,
+            "intranet.example.com",
+            vec![a("intranet.example.com", 300, "10.2.3.4")],
+        );
+        assert!(ans.removed.is_empty());
+        assert_eq!(ans.inserts.len(), 1);
+        assert_eq!(
+            ans.inserts[0].scope,
+            Some(PortScope {
+                port: 443,
+                protocol: Some(Protocol::Tcp)
+            })
+        );
+        assert_eq!(ans.inserts[0].set(), "dns_svc_v4");
+
+        // Disjoint ports: kept in the answer (the network is allowlisted), learned for nothing.
+        let p = policy(&["intranet.example.com:22", "10.0.0.0/8:443"]);
+        let ans = run(
+            &p,
+            "intranet.example.com",
+            vec![a("intranet.example.com", 300, "10.2.3.4")],
+        );
+        assert!(ans.inserts.is_empty());
+        assert!(ans.removed.is_empty());
+    }
+
+    #[test]
+    fn denied_networks_are_not_learned_and_private_ones_not_kept() {
+        let mut b = bundle(&["*.example.com", "10.0.0.0/8"], Mode::DenyAll);
+        b.live_deny(t("198.51.100.7"));
+        b.live_deny(t("10.6.6.6"));
+        let p = DnsPolicy::from_bundle(&b);
+        let ans = run(
+            &p,
+            "x.example.com",
+            vec![
+                a("x.example.com", 300, "198.51.100.7"),
+                a("x.example.com", 300, "10.6.6.6"),
+                a("x.example.com", 300, "10.6.6.7"),
+            ],
+        );
+        assert_eq!(inserted(&ans), vec![ip("10.6.6.7")]);
+        assert_eq!(ans.removed, vec![ip("10.6.6.6")]);
+        assert_eq!(
+            addrs_in(&ans.response),
+            vec![ip("198.51.100.7"), ip("10.6.6.7")]
+        );
+    }
+
+    #[test]
+    fn bypass_all_keeps_private_answers_but_never_learns_them() {
+        let p = DnsPolicy::from_bundle(&bundle(&["example.com"], Mode::BypassAll));
+        let ans = run(&p, "example.com", vec![a("example.com", 300, "10.0.0.1")]);
+        assert!(ans.inserts.is_empty());
+        assert!(ans.removed.is_empty());
+        assert_eq!(addrs_in(&ans.response), vec![ip("10.0.0.1")]);
+    }
+
+    #[test]
+    fn port_scoped_patterns_carry_their_scope_once_per_effective_scope() {
+        let p = policy(&[
+            "*.example.com:443/tcp",
+            "*.example.com:443",
+            "api.example.com:8443/udp",
+        ]);
+        let ans = run(
+            &p,
+            "api.example.com",
+            vec![aaaa("api.example.com", 300, "2001:db8::5")],
+        );
+        let scopes: Vec<Option<PortScope>> = ans.inserts.iter().map(|i| i.scope).collect();
+        assert_eq!(
+            scopes,
+            vec![
+                Some(PortScope {
+                    port: 443,
+                    protocol: None
+                }),
+                Some(PortScope {
+                    port: 8443,
+                    protocol: Some(Protocol::Udp)
+                }),
+            ],
+            "443/tcp is covered by 443"
+        );
+        assert!(ans.inserts.iter().all(|i| i.set() == "dns_svc_v6"));
+        // An unscoped grant swallows every scoped one.
+        let p = policy(&["api.example.com:443", "api.example.com"]);
+        let ans = run(
+            &p,
+            "api.example.com",
+            vec![a("api.example.com", 300, "198.51.100.5")],
+        );
+        assert_eq!(ans.inserts.len(), 1);
+        assert_eq!(ans.inserts[0].scope, None);
+    }
+
+    #[test]
+    fn set_for_maps_family_and_scope() {
+        let s = Some(PortScope {
+            port: 1,
+            protocol: None,
+        });
+        assert_eq!(set_for(ip("198.51.100.1"), None), sets::DNS_V4);
+        assert_eq!(set_for(ip("2001:db8::1"), None), sets::DNS_V6);
+        assert_eq!(set_for(ip("198.51.100.1"), s), sets::DNS_SVC_V4);
+        assert_eq!(set_for(ip("2001:db8::1"), s), sets::DNS_SVC_V6);
+    }
+
+    #[test]
+    fn truncated_answers_ask_for_tcp_and_teach_nothing() {
+        let p = policy(&["example.com"]);
+        let (req, raw) = request("example.com", RecordType::A);
+        let mut m = answer_msg(&req, &raw, vec![a("example.com", 300, "198.51.100.1")]);
+        m.metadata.truncation = true;
+        assert_eq!(
+            extract_answer(&m.to_vec().unwrap(), &req, &p, BOUNDS),
+            AnswerDecision::RetryOverTcp
+        );
+    }
+
+    #[test]
+    fn error_answers_are_forwarded_without_learning() {
+        let p = policy(&["example.com"]);
+        let (req, raw) = request("example.com", RecordType::A);
+        let mut m = answer_msg(&req, &raw, vec![a("example.com", 300, "198.51.100.1")]);
+        m.metadata.response_code = ResponseCode::NXDomain;
+        let bytes = m.to_vec().unwrap();
+        let ans = answered(extract_answer(&bytes, &req, &p, BOUNDS));
+        assert!(ans.inserts.is_empty());
+        assert_eq!(ans.response, bytes);
+    }
+
+    #[test]
+    fn a_policy_change_in_flight_refuses_the_answer() {
+        let (req, raw) = request("example.com", RecordType::A);
+        let bytes = answer_bytes(&req, &raw, vec![a("example.com", 300, "198.51.100.1")]);
+        let mut b = bundle(&["example.com"], Mode::DenyAll);
+        b.live_deny(t("example.com"));
+        assert_eq!(
+            extract_answer(&bytes, &req, &DnsPolicy::from_bundle(&b), BOUNDS),
+            AnswerDecision::Refused(RefuseReason::Denied(DomainPattern {
+                name: dn("example.com"),
+                wildcard: false
+            }))
+        );
+    }
+
+    #[test]
+    fn non_address_answers_pass_unchanged() {
+        let p = policy(&["example.com"]);
+        let (req, raw) = request("example.com", RecordType::TXT);
+        let txt = Record::from_rdata(
+            name("example.com"),
+            300,
+            RData::TXT(TXT::new(vec!["v=spf1 -all".into()])),
+        );
+        let bytes = answer_bytes(&req, &raw, vec![txt]);
+        let ans = answered(extract_answer(&bytes, &req, &p, BOUNDS));
+        assert!(ans.inserts.is_empty());
+        assert_eq!(ans.response, bytes);
+    }
+
+    // ---- properties ----
+
+    fn arb_addr() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            4 => any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            3 => any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            1 => any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (a & 0x00ff_ffff)))),
+            1 => any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from((0xfd << 120) | (a >> 8)))),
+        ]
+    }
+
+    fn record_for(owner: &str, ttl: u32, addr: IpAddr) -> Record {
+        let data = match addr {
+            IpAddr::V4(a) => RData::A(A(a)),
+            IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+        };
+        Record::from_rdata(name(owner), ttl, data)
+    }
+
+    proptest! {
+        #[test]
+        fn inspect_request_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = inspect_request(&bytes);
+        }
+
+        #[test]
+        fn extract_answer_never_panics(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            keep_id in any::<bool>(),
+        ) {
+            let p = policy(&["*.example.com", "10.0.0.0/8"]);
+            let (req, _) = request("a.example.com", RecordType::A);
+            if keep_id && bytes.len() >= 2 {
+                bytes[..2].copy_from_slice(&req.id.to_be_bytes());
+            }
+            let _ = extract_answer(&bytes, &req, &p, BOUNDS);
+        }
+
+        #[test]
+        fn mutated_answers_never_panic_nor_learn_unallowed_private(
+            records in proptest::collection::vec((arb_addr(), any::<u32>()), 0..12),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        ) {
+            let p = policy(&["*.example.com"]);
+            let (req, raw) = request("a.example.com", RecordType::A);
+            let recs = records.iter().map(|(a, t)| record_for("a.example.com", *t, *a)).collect();
+            let mut bytes = answer_bytes(&req, &raw, recs);
+            for (at, x) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            if let AnswerDecision::Answer(ans) = extract_answer(&bytes, &req, &p, BOUNDS) {
+                prop_assert!(ans.inserts.iter().all(|i| !is_rebinding_sensitive(i.addr)));
+                if let Ok(m) = Message::from_vec(&ans.response) {
+                    prop_assert!(m.all_sections().filter_map(address_of).all(|a| !is_rebinding_sensitive(a)));
+                }
+            }
+        }
+
+        #[test]
+        fn random_address_sets_round_trip_into_inserts(
+            records in proptest::collection::vec((arb_addr(), any::<u32>()), 0..24),
+            lo in 0u32..5000,
+            span in 0u32..100_000,
+            scoped in any::<bool>(),
+        ) {
+            let bounds = (lo, lo + span);
+            let entry = if scoped { "*.example.com:443/tcp" } else { "*.example.com" };
+            let p = policy(&[entry]);
+            let (req, raw) = request("a.b.example.com", RecordType::A);
+            let recs = records.iter().map(|(a, t)| record_for("a.b.example.com", *t, *a)).collect();
+            let ans = answered(extract_answer(&answer_bytes(&req, &raw, recs), &req, &p, bounds));
+
+            let mut public: Vec<IpAddr> = Vec::new();
+            let mut private: Vec<IpAddr> = Vec::new();
+            for (a, _) in &records {
+                let list = if is_rebinding_sensitive(*a) { &mut private } else { &mut public };
+                if !list.contains(a) {
+                    list.push(*a);
+                }
+            }
+            prop_assert_eq!(inserted(&ans), public.clone());
+            for ins in &ans.inserts {
+                let secs = ins.ttl.as_secs();
+                prop_assert!(secs >= u64::from(bounds.0) && secs <= u64::from(bounds.1));
+                let longest = records.iter().filter(|(a, _)| *a == ins.addr).map(|(_, t)| *t).max().unwrap();
+                prop_assert_eq!(secs, u64::from(longest.clamp(bounds.0, bounds.1)));
+                prop_assert_eq!(ins.scope.is_some(), scoped);
+                prop_assert_eq!(&ins.domain, &req.qname);
+            }
+            prop_assert_eq!(&ans.removed, &private);
+            let mut sent = addrs_in(&ans.response);
+            sent.dedup();
+            let mut expect: Vec<IpAddr> = records.iter().map(|(a, _)| *a).filter(|a| !is_rebinding_sensitive(*a)).collect();
+            expect.dedup();
+            prop_assert_eq!(sent, expect);
+        }
+    }
+}
