@@ -1,7 +1,8 @@
 //! Harness for the end-to-end tests: real `terok-shield run`, real rootless Podman as an
 //! unprivileged user, real slirp4netns, and a fake internet in a network namespace.
 //!
-//! Each test takes [`E2e::start`], which serialises the tests (one global lock), builds a
+//! Each test takes [`E2e::start`], which serialises the tests (one lock within the process,
+//! and [`MACHINE_LOCK`] across test binaries and checkouts on the machine), builds a
 //! fresh world (see [`world`]), installs the freshly built binary where the test user can run
 //! it, and writes the test user's `config.yml`. Dropping it removes the test's containers,
 //! restores every user file it changed, and tears the world down.
@@ -45,6 +46,40 @@ pub const LONG: Duration = Duration::from_secs(120);
 pub const CREATE_RUNTIME_JSON: &str = "terok-shield-createRuntime.json";
 
 static LOCK: Mutex<()> = Mutex::new(());
+
+/// Lock file shared by every e2e test binary (e2e_podman, e2e_live, and other checkouts):
+/// they all build the same world namespace, veth and routes, so only one may run at a time.
+pub const MACHINE_LOCK: &str = "/run/terok-shield-e2e.lock";
+/// How long a test waits for another e2e run on this machine to finish.
+const MACHINE_LOCK_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// Take the machine-wide e2e lock (held until the returned file is dropped).
+fn machine_lock() -> fs::File {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(MACHINE_LOCK)
+        .unwrap_or_else(|e| panic!("open {MACHINE_LOCK}: {e}"));
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return file,
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK || e == rustix::io::Errno::INTR => {}
+            Err(e) => panic!("lock {MACHINE_LOCK}: {e}"),
+        }
+        assert!(
+            started.elapsed() < MACHINE_LOCK_WAIT,
+            "another e2e run held {MACHINE_LOCK} for {MACHINE_LOCK_WAIT:?}; is one stuck?"
+        );
+        if !told {
+            eprintln!("e2e: waiting for another e2e run on this machine ({MACHINE_LOCK})");
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
 
 /// The test user's identity and home.
 #[derive(Debug, Clone)]
@@ -172,9 +207,10 @@ fn environment() -> &'static Result<TestUser, String> {
 }
 
 /// Copy the binary under test (and helper scripts) where the test user can run them.
+/// Done at every test start (under the machine lock): another test binary, or another
+/// checkout, may have installed its own build there since.
 fn install_binaries() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+    {
         let dir = Path::new(BIN_DIR);
         fs::create_dir_all(dir).expect("create e2e bin dir");
         for d in [dir.parent().unwrap(), dir] {
@@ -199,8 +235,7 @@ fn install_binaries() -> PathBuf {
              fi\n",
         );
         bin
-    })
-    .clone()
+    }
 }
 
 fn write_exec(path: &Path, text: &str) {
@@ -235,9 +270,10 @@ pub struct E2e {
     names: Vec<String>,
     saved: Vec<Saved>,
     remove_dirs: Vec<PathBuf>,
-    // Dropped after the containers and files: the world, then the lock.
+    // Dropped after the containers and files: the world, then the locks.
     pub world: World,
     _lock: MutexGuard<'static, ()>,
+    _machine_lock: fs::File,
 }
 
 impl E2e {
@@ -255,6 +291,7 @@ impl E2e {
             }
         };
         let lock = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let machine_lock = machine_lock();
         let bin = install_binaries();
         let world = World::up();
         let mut e2e = E2e {
@@ -265,6 +302,7 @@ impl E2e {
             remove_dirs: Vec::new(),
             world,
             _lock: lock,
+            _machine_lock: machine_lock,
         };
         for dir in [
             e2e.user.home.join(".config"),
@@ -463,6 +501,83 @@ impl E2e {
     pub fn read(&self, path: &Path) -> String {
         fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
+
+    /// `terok-shield run NAME --profiles P -- -d IMAGE sleep 600`: a detached shielded
+    /// container (bounded: it ends by itself after 10 minutes).
+    pub fn run_detached(&self, name: &str, profiles: &str) -> Out {
+        self.shield(&[
+            "run",
+            name,
+            "--profiles",
+            profiles,
+            "--",
+            "-d",
+            IMAGE,
+            "sleep",
+            "600",
+        ])
+    }
+
+    /// `podman exec NAME sh -c SCRIPT`.
+    pub fn exec(&self, name: &str, script: &str) -> Out {
+        self.podman(&["exec", name, "sh", "-c", script])
+    }
+
+    /// The `State:` line of `terok-shield status NAME`.
+    #[track_caller]
+    pub fn shield_state(&self, name: &str) -> String {
+        let out = self.shield(&["status", name]);
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| panic!("`status {name}` printed no State line: {out}"))
+    }
+
+    /// The state bundle (`state.json`) of `name`, parsed.
+    #[track_caller]
+    pub fn state_json(&self, name: &str) -> Value {
+        let path = self.bundle_dir(name).join("state.json");
+        let text = self.read(&path);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON ({e}): {text}", path.display()))
+    }
+
+    /// `terok-shield rules NAME --json`, parsed.
+    #[track_caller]
+    pub fn rules_json(&self, name: &str) -> Value {
+        let out = self.shield(&["rules", name, "--json"]).expect_ok();
+        serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("`rules --json` is not JSON ({e}): {out}"))
+    }
+}
+
+/// The elements of the named set in an `nft -j list table` document (as nft prints them:
+/// addresses as strings, networks as `{"prefix": ...}` objects, concatenations as `{"concat":
+/// ...}`), rendered as compact JSON text for single values, sorted.
+pub fn set_elements(table: &Value, set: &str) -> Vec<String> {
+    let items = table["nftables"].as_array().cloned().unwrap_or_default();
+    let found = items
+        .iter()
+        .find(|i| i["set"]["name"] == set)
+        .unwrap_or_else(|| panic!("no set {set} in the table: {table}"));
+    let mut out: Vec<String> = found["set"]["elem"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| match e {
+            Value::String(s) => s.clone(),
+            Value::Object(o) if o.contains_key("prefix") => format!(
+                "{}/{}",
+                o["prefix"]["addr"].as_str().unwrap_or("?"),
+                o["prefix"]["len"]
+            ),
+            other => other.to_string(),
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 impl Drop for E2e {

@@ -13,9 +13,14 @@
 //!
 //! Host routes: 198.51.100.0/24, 198.18.0.0/15, 2001:db8::/32 and fd5e:ed00::/48, nothing
 //! else. Everything is created and removed by name; a run that crashed is swept at start.
+//!
+//! Servers, all in one thread of the test process inside the world: a banner on TCP 80 and
+//! 443 of every host (then close), a stream on TCP [`STREAM_PORT`] of every host (a line
+//! every 100 ms for at most 30 s, for tests that cut live connections), and a DNS server on
+//! 198.51.100.53 answering the zone in [`DNS_ZONE`] and [`DNS_ZONE6`].
 
 use std::io::{ErrorKind, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -49,16 +54,47 @@ pub const SCOPED4: &str = "198.18.5.10";
 pub const ALLOWED6: &str = "2001:db8::10";
 pub const BLOCKED6: &str = "2001:db8::20";
 pub const ULA6: &str = "fd5e:ed00::7";
+/// Brought by both `pair.e2e.test` and `shared.e2e.test` (see [`DNS_ZONE`]).
+pub const SHARED4: &str = "198.51.100.70";
+/// Brought by `pair.e2e.test` only.
+pub const PAIR4: &str = "198.51.100.71";
+/// The AAAA record of `dual.e2e.test` (its A record is [`LIVE4`]).
+pub const LIVE6: &str = "2001:db8::50";
+/// Hosts in 198.19.0.0/16, for tests that allow many addresses there.
+pub const CONC4_A: &str = "198.19.10.1";
+pub const CONC4_B: &str = "198.19.11.148";
 
 pub const HOSTS: &[&str] = &[
     ALLOWED4, BLOCKED4, REUSE_A, REUSE_B, LIVE4, DNS4, NAMED4, SCOPED4, ALLOWED6, BLOCKED6, ULA6,
+    SHARED4, PAIR4, LIVE6, CONC4_A, CONC4_B,
 ];
 
 /// TCP ports served on every world host (dual-stack wildcard listeners).
 pub const TCP_PORTS: &[u16] = &[80, 443];
 
-/// The fake DNS zone served on 198.51.100.53:53 (A records only; anything else NXDOMAIN).
-pub const DNS_ZONE: &[(&str, Ipv4Addr)] = &[("svc.e2e.test", Ipv4Addr::new(198, 51, 100, 60))];
+/// The streaming port of every world host: the connection stays open and the world writes
+/// [`stream_line`] every [`STREAM_INTERVAL`], for at most [`STREAM_LIFETIME`].
+pub const STREAM_PORT: u16 = 7070;
+pub const STREAM_INTERVAL: Duration = Duration::from_millis(100);
+pub const STREAM_LIFETIME: Duration = Duration::from_secs(30);
+/// Streams open at once; further connections are closed at once (bounds the world's work).
+const MAX_STREAMS: usize = 64;
+
+/// The fake DNS zone served on 198.51.100.53:53: A records (a name listed twice has two);
+/// AAAA records come from [`DNS_ZONE6`]; other types of a known name get an empty NOERROR,
+/// unknown names NXDOMAIN.
+pub const DNS_ZONE: &[(&str, Ipv4Addr)] = &[
+    ("svc.e2e.test", Ipv4Addr::new(198, 51, 100, 60)),
+    ("pair.e2e.test", Ipv4Addr::new(198, 51, 100, 71)),
+    ("pair.e2e.test", Ipv4Addr::new(198, 51, 100, 70)),
+    ("shared.e2e.test", Ipv4Addr::new(198, 51, 100, 70)),
+    ("dual.e2e.test", Ipv4Addr::new(198, 51, 100, 50)),
+];
+/// AAAA records of the fake zone.
+pub const DNS_ZONE6: &[(&str, Ipv6Addr)] = &[(
+    "dual.e2e.test",
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50),
+)];
 
 /// A world server lives at most this long, whatever happens to the test.
 const SERVER_LIFETIME: Duration = Duration::from_secs(10 * 60);
@@ -66,6 +102,22 @@ const SERVER_LIFETIME: Duration = Duration::from_secs(10 * 60);
 /// The TCP banner: names the address and port that answered.
 pub fn banner(ip: IpAddr, port: u16) -> String {
     format!("terok-e2e-world {ip} {port}\n")
+}
+
+/// Line `seq` (from 0) of a stream from `ip`.
+pub fn stream_line(ip: IpAddr, seq: u64) -> String {
+    format!("terok-e2e-stream {ip} {STREAM_PORT} {seq}\n")
+}
+
+/// One streaming connection as the world saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRecord {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// Lines handed to the kernel in full.
+    pub lines: u64,
+    /// Why the world stopped writing (None while it is open).
+    pub ended: Option<String>,
 }
 
 /// One TCP connection the world accepted.
@@ -80,6 +132,7 @@ pub struct World {
     stop: Arc<AtomicBool>,
     hits: Arc<Mutex<Vec<Hit>>>,
     dns_queries: Arc<Mutex<Vec<String>>>,
+    streams: Arc<Mutex<Vec<StreamRecord>>>,
     done: Option<mpsc::Receiver<()>>,
 }
 
@@ -91,6 +144,7 @@ impl World {
             stop: Arc::new(AtomicBool::new(false)),
             hits: Arc::new(Mutex::new(Vec::new())),
             dns_queries: Arc::new(Mutex::new(Vec::new())),
+            streams: Arc::new(Mutex::new(Vec::new())),
             done: None,
         };
         if let Err(e) = build() {
@@ -101,6 +155,7 @@ impl World {
             world.stop.clone(),
             world.hits.clone(),
             world.dns_queries.clone(),
+            world.streams.clone(),
         ));
         world
     }
@@ -124,6 +179,11 @@ impl World {
     /// Names the fake DNS server was asked for.
     pub fn dns_queries(&self) -> Vec<String> {
         self.dns_queries.lock().unwrap().clone()
+    }
+
+    /// Every streaming connection so far (see [`STREAM_PORT`]).
+    pub fn streams(&self) -> Vec<StreamRecord> {
+        self.streams.lock().unwrap().clone()
     }
 }
 
@@ -237,6 +297,7 @@ fn start_servers(
     stop: Arc<AtomicBool>,
     hits: Arc<Mutex<Vec<Hit>>>,
     queries: Arc<Mutex<Vec<String>>>,
+    streams: Arc<Mutex<Vec<StreamRecord>>>,
 ) -> mpsc::Receiver<()> {
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
     let (done_tx, done_rx) = mpsc::sync_channel::<()>(1);
@@ -254,9 +315,9 @@ fn start_servers(
                 .map_err(|e| format!("setns into {WORLD_NS}: {e}"))
                 .and_then(|()| bind_all());
             match sockets {
-                Ok((tcp, dns)) => {
+                Ok((tcp, stream, dns)) => {
                     let _ = ready_tx.send(Ok(()));
-                    serve(tcp, dns, &stop, &hits, &queries);
+                    serve(tcp, stream, dns, &stop, &hits, &queries, &streams);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -272,7 +333,7 @@ fn start_servers(
     }
 }
 
-fn bind_all() -> Result<(Vec<TcpListener>, UdpSocket), String> {
+fn bind_all() -> Result<(Vec<TcpListener>, TcpListener, UdpSocket), String> {
     let mut tcp = Vec::new();
     for &port in TCP_PORTS {
         // `[::]` with the namespace default bindv6only=0 accepts IPv4 as well.
@@ -280,10 +341,58 @@ fn bind_all() -> Result<(Vec<TcpListener>, UdpSocket), String> {
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
         tcp.push(l);
     }
+    let stream = TcpListener::bind(("::", STREAM_PORT))
+        .map_err(|e| format!("tcp [::]:{STREAM_PORT}: {e}"))?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let dns = UdpSocket::bind((DNS4.parse::<IpAddr>().unwrap(), 53))
         .map_err(|e| format!("udp {DNS4}:53: {e}"))?;
     dns.set_nonblocking(true).map_err(|e| e.to_string())?;
-    Ok((tcp, dns))
+    Ok((tcp, stream, dns))
+}
+
+/// An open streaming connection: its socket, its record's index, when it started and how
+/// many lines were written.
+struct OpenStream {
+    socket: TcpStream,
+    index: usize,
+    ip: IpAddr,
+    started: Instant,
+    next: Instant,
+    seq: u64,
+}
+
+/// Write the due lines of every open stream; close streams past their lifetime or broken.
+fn pump_streams(open: &mut Vec<OpenStream>, records: &Mutex<Vec<StreamRecord>>) {
+    let now = Instant::now();
+    open.retain_mut(|s| {
+        let ended = if now.duration_since(s.started) >= STREAM_LIFETIME {
+            Some("lifetime over".to_string())
+        } else if now >= s.next {
+            s.next += STREAM_INTERVAL;
+            let line = stream_line(s.ip, s.seq);
+            match s.socket.write(line.as_bytes()) {
+                Ok(n) if n == line.len() => {
+                    s.seq += 1;
+                    records.lock().unwrap()[s.index].lines = s.seq;
+                    None
+                }
+                // A full send buffer (the peer's packets are dropped): skip this line.
+                Ok(_) => Some("short write".to_string()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+                Err(e) => Some(format!("write: {e}")),
+            }
+        } else {
+            None
+        };
+        match ended {
+            Some(why) => {
+                let _ = s.socket.shutdown(std::net::Shutdown::Both);
+                records.lock().unwrap()[s.index].ended = Some(why);
+                false
+            }
+            None => true,
+        }
+    });
 }
 
 fn canonical(a: SocketAddr) -> SocketAddr {
@@ -292,16 +401,52 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 
 fn serve(
     tcp: Vec<TcpListener>,
+    stream: TcpListener,
     dns: UdpSocket,
     stop: &AtomicBool,
     hits: &Mutex<Vec<Hit>>,
     queries: &Mutex<Vec<String>>,
+    streams: &Mutex<Vec<StreamRecord>>,
 ) {
     let started = Instant::now();
     let mut idle = Duration::from_micros(100);
     let mut buf = [0u8; 1500];
+    let mut open: Vec<OpenStream> = Vec::new();
     while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
         let mut busy = false;
+        if let Ok((socket, peer)) = stream.accept() {
+            busy = true;
+            if let Ok(local) = socket.local_addr() {
+                let local = canonical(local);
+                hits.lock().unwrap().push(Hit {
+                    local,
+                    peer: canonical(peer),
+                });
+                let _ = socket.set_nonblocking(true);
+                let _ = socket.set_nodelay(true);
+                let mut records = streams.lock().unwrap();
+                records.push(StreamRecord {
+                    local,
+                    peer: canonical(peer),
+                    lines: 0,
+                    ended: None,
+                });
+                if open.len() < MAX_STREAMS {
+                    let now = Instant::now();
+                    open.push(OpenStream {
+                        socket,
+                        index: records.len() - 1,
+                        ip: local.ip(),
+                        started: now,
+                        next: now,
+                        seq: 0,
+                    });
+                } else {
+                    records.last_mut().unwrap().ended = Some("too many streams".into());
+                }
+            }
+        }
+        pump_streams(&mut open, streams);
         for l in &tcp {
             match l.accept() {
                 Ok((mut stream, peer)) => {
@@ -370,24 +515,38 @@ pub fn dns_answer(query: &[u8]) -> Option<(String, Vec<u8>)> {
     let question_end = i + 4;
     query.get(..question_end)?;
     let name = labels.join(".");
-    let known = DNS_ZONE.iter().find(|(n, _)| *n == name);
-    let mut reply = Vec::with_capacity(question_end + 16);
+    let known =
+        DNS_ZONE.iter().any(|(n, _)| *n == name) || DNS_ZONE6.iter().any(|(n, _)| *n == name);
+    // (type, rdata) of each answer record.
+    let records: Vec<(u16, Vec<u8>)> = match qtype {
+        1 => DNS_ZONE
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, a)| (1, a.octets().to_vec()))
+            .collect(),
+        28 => DNS_ZONE6
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, a)| (28, a.octets().to_vec()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut reply = Vec::with_capacity(question_end + 16 * (records.len() + 1));
     reply.extend_from_slice(&query[0..2]); // id
     let rd = query[2] & 0x01;
     reply.push(0x84 | rd); // QR, AA, RD copied
-    reply.push(if known.is_some() { 0x00 } else { 0x03 }); // RCODE: NOERROR / NXDOMAIN
-    let answers: u16 = if known.is_some() && qtype == 1 { 1 } else { 0 };
+    reply.push(if known { 0x00 } else { 0x03 }); // RCODE: NOERROR / NXDOMAIN
     reply.extend_from_slice(&1u16.to_be_bytes()); // qdcount
-    reply.extend_from_slice(&answers.to_be_bytes());
+    reply.extend_from_slice(&(records.len() as u16).to_be_bytes());
     reply.extend_from_slice(&[0, 0, 0, 0]); // nscount, arcount
     reply.extend_from_slice(&query[12..question_end]);
-    if let (Some((_, addr)), 1) = (known, answers) {
+    for (rtype, rdata) in &records {
         reply.extend_from_slice(&[0xc0, 0x0c]); // pointer to the question name
-        reply.extend_from_slice(&1u16.to_be_bytes()); // A
+        reply.extend_from_slice(&rtype.to_be_bytes());
         reply.extend_from_slice(&1u16.to_be_bytes()); // IN
         reply.extend_from_slice(&300u32.to_be_bytes()); // TTL
-        reply.extend_from_slice(&4u16.to_be_bytes());
-        reply.extend_from_slice(&addr.octets());
+        reply.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        reply.extend_from_slice(rdata);
     }
     Some((name, reply))
 }
