@@ -51,6 +51,10 @@ as_user() {
         TEROK_SHIELD_CONFIG_DIR="$DEMO_DIR/config" TEROK_SHIELD_STATE_DIR="$DEMO_DIR/state" "$@"
 }
 
+# The end-to-end tests route the same fake prefix: take their machine-wide lock.
+exec 9>/run/terok-shield-e2e.lock
+flock -w 900 9 || die "another end-to-end run holds /run/terok-shield-e2e.lock"
+
 HTTPD_PIDS=()
 cleanup() {
     set +e

@@ -341,7 +341,6 @@ fn deny_of_a_profile_address_holds_across_modes_and_restart_until_allowed() {
 /// A port-scoped `allow` of a denied host must not re-open the host's other ports: either it
 /// is refused (nothing changes) or it opens exactly that port.
 #[test]
-#[ignore = "finding: Bundle::live_allow (src/core/bundle.rs) clears a host deny for a port-scoped allow, so the profile's all-ports entry comes back"]
 fn port_scoped_allow_of_a_denied_host_opens_no_other_port() {
     let mut h = e2e!();
     let name = live_container(&mut h, "scoped-deny");

@@ -84,6 +84,13 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
     let revokes;
     match (&change, target) {
         (Change::Allow(_), Some(t)) => {
+            if t.scope.is_some() && old.is_denied_host(&t) {
+                let host = Target {
+                    host: t.host.clone(),
+                    scope: None,
+                };
+                bail!("{host} is denied, and a deny covers every port; `terok-shield allow {name} {host}` lifts it");
+            }
             let resolved = match &t.host {
                 Host::Domain(d) if !d.wildcard => {
                     let addrs = resolve_now(&d.name, ctx)?;
@@ -130,15 +137,23 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         dns_servers: running.runtime.dns_servers.clone(),
         gateway: running.runtime.gateway,
     };
-    save_bundle(&running.dir, &new)?;
-    if let Err(e) = update(&running.nft, &old.policy(&facts), &new.policy(&facts)) {
-        // Put the old decisions back so the bundle matches what is (still) enforced.
-        let restored = save_bundle(&running.dir, &old);
-        let e = anyhow::Error::from(e);
-        return Err(match restored {
-            Ok(()) => e.context("nothing was changed"),
-            Err(r) => e.context(format!("and the previous state could not be restored: {r}")),
-        });
+    // Order so that a crash in between always leaves the firewall at most as open as the
+    // saved state says: widening saves first, narrowing enforces first.
+    if revokes {
+        update(&running.nft, &old.policy(&facts), &new.policy(&facts))
+            .context("nothing was changed")?;
+        save_bundle(&running.dir, &new)?;
+    } else {
+        save_bundle(&running.dir, &new)?;
+        if let Err(e) = update(&running.nft, &old.policy(&facts), &new.policy(&facts)) {
+            // Put the old decisions back so the bundle matches what is (still) enforced.
+            let restored = save_bundle(&running.dir, &old);
+            let e = anyhow::Error::from(e);
+            return Err(match restored {
+                Ok(()) => e.context("nothing was changed"),
+                Err(r) => e.context(format!("and the previous state could not be restored: {r}")),
+            });
+        }
     }
     if revokes {
         let pid = running.runtime.pid;

@@ -157,10 +157,18 @@ impl Bundle {
         Ok(())
     }
 
-    /// Record a live `allow`: clears any deny of the same host, remembers the target (and, for
+    /// Whether `target`'s host is under a live deny.
+    pub fn is_denied_host(&self, target: &Target) -> bool {
+        self.live_deny.iter().any(|t| t.host == target.host)
+    }
+
+    /// Record a live `allow`: clears any deny of the same host (if the allow has no port), remembers the target (and, for
     /// a domain, the addresses it resolved to now).
     pub fn live_allow(&mut self, target: Target, resolved: Option<Resolved>) {
-        self.live_deny.retain(|t| t.host != target.host);
+        // A deny covers every port: only an allow of the whole host lifts it.
+        if target.scope.is_none() {
+            self.live_deny.retain(|t| t.host != target.host);
+        }
         if let (Host::Domain(d), Some(r)) = (&target.host, resolved) {
             self.resolved.insert(d.name.clone(), r);
         }
@@ -249,7 +257,13 @@ impl Bundle {
                 policy.deny.push(net);
             }
         }
-        policy.dns_servers = facts.dns_servers.clone();
+        if self.dns_tier == DnsTier::Builtin {
+            // Only the shield's resolver (marked sockets) talks to DNS servers; the workload
+            // asks it on loopback.
+            policy.resolver_mark = Some(super::policy::RESOLVER_MARK);
+        } else {
+            policy.dns_servers = facts.dns_servers.clone();
+        }
         if let (Some(gateway), false) = (facts.gateway, self.loopback_ports.is_empty()) {
             policy.host_loopback = Some(HostLoopback {
                 gateway,
@@ -360,7 +374,10 @@ mod tests {
             b.policy(&facts).deny,
             vec!["198.51.100.7/32".parse::<IpNet>().unwrap()]
         );
-        // Allowing it again clears the deny.
+        // A port-scoped allow does not lift a deny (the deny covers every port)...
+        b.live_allow(t("198.51.100.7:443/tcp"), None);
+        assert_eq!(b.policy(&facts).deny.len(), 1);
+        // ...allowing the whole host again clears it.
         b.live_allow(t("198.51.100.7"), None);
         assert!(b.policy(&facts).deny.is_empty());
         // A denied domain removes exactly its own addresses; a shared address brought by another

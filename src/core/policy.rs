@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use super::target::PortScope;
 
+/// Packet mark of the shield's own resolver sockets (the `builtin` DNS tier): the ruleset
+/// lets DNS carrying it leave. The workload cannot set marks without CAP_NET_ADMIN.
+pub const RESOLVER_MARK: u32 = 0x7e70_5d00;
+
 /// The firewall's operating mode for one container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
