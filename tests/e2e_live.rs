@@ -102,7 +102,16 @@ fn allow_ip_cidr_and_port_open_exactly_what_they_name() {
         format!("Allowed {BLOCKED4} -> {BLOCKED4} for {name}\n"),
         "{out}"
     );
+    // A single address goes straight into the hash set over netlink; a network takes the
+    // nft path (interval sets are rewritten whole).
+    let last_path = |h: &E2e| {
+        h.events(&name, "allow")
+            .last()
+            .map(|e| e["detail"]["path"].clone())
+    };
+    assert_eq!(last_path(&h), Some(Value::from("netlink")));
     let out = h.shield(&["allow", &name, "198.51.100.48/30"]).expect_ok();
+    assert_eq!(last_path(&h), Some(Value::from("nft")));
     assert_eq!(
         out.stdout,
         format!("Allowed 198.51.100.48/30 -> 198.51.100.48/30 for {name}\n"),

@@ -12,16 +12,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use super::inspect::live;
+use super::inspect::{live, Live};
 use super::prepare::upstream_servers;
 use super::{print, Context};
 use crate::core::bundle::{Bundle, ContainerName, Resolved, RuntimeFacts};
 use crate::core::policy::Mode;
+use crate::core::policy::Policy;
+use crate::core::ruleset::{sets, Element, Ruleset};
 use crate::core::target::{display_net, Host, Target};
 use crate::effects::audit;
 use crate::effects::conntrack;
 use crate::effects::dns_client::{resolve_all, ResolverConfig};
-use crate::effects::firewall::update;
+use crate::effects::firewall::{apply, check, update};
+use crate::effects::netns::NsFiles;
+use crate::effects::nfnetlink::{NfSock, SetKey};
+use crate::effects::nft::Nft;
 use crate::effects::state::{lock_dir, save_bundle};
 
 /// What a live command changes.
@@ -137,6 +142,7 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         dns_servers: running.runtime.dns_servers.clone(),
         gateway: running.runtime.gateway,
     };
+    let mut path = "nft";
     // Order so that a crash in between always leaves the firewall at most as open as the
     // saved state says: widening saves first, narrowing enforces first.
     if revokes {
@@ -145,10 +151,21 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         save_bundle(&running.dir, &new)?;
     } else {
         save_bundle(&running.dir, &new)?;
-        if let Err(e) = update(&running.nft, &old.policy(&facts), &new.policy(&facts)) {
+        let (old_policy, new_policy) = (old.policy(&facts), new.policy(&facts));
+        let result = match addresses_added(&old_policy, &new_policy) {
+            // Addresses into hash sets: netlink messages from inside the container's
+            // namespaces instead of rewriting the sets with nft (milliseconds saved).
+            Some(additions) => fast_add(&running, &additions, &old_policy, &new_policy),
+            None => update(&running.nft, &old_policy, &new_policy)
+                .map(|_| "nft")
+                .map_err(anyhow::Error::from),
+        };
+        if let Ok(p) = result {
+            path = p;
+        }
+        if let Err(e) = result {
             // Put the old decisions back so the bundle matches what is (still) enforced.
             let restored = save_bundle(&running.dir, &old);
-            let e = anyhow::Error::from(e);
             return Err(match restored {
                 Ok(()) => e.context("nothing was changed"),
                 Err(r) => e.context(format!("and the previous state could not be restored: {r}")),
@@ -176,7 +193,7 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         &name,
         event,
         true,
-        json!({"target": text, "addresses": addresses, "mode": new.mode.status_name()}),
+        json!({"target": text, "addresses": addresses, "mode": new.mode.status_name(), "path": path}),
     );
     if json_out {
         let v = json!({"container": name.as_str(), "action": event, "target": text, "addresses": addresses, "mode": new.mode.status_name()});
@@ -189,6 +206,78 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         Change::Mode(m) => format!("{name} is now {}\n", describe(*m)),
     };
     Ok(print(&line)?)
+}
+
+/// If `new` differs from `old` only by more addresses in `allow_v4` / `allow_v6` (an allowed
+/// address, or a domain's addresses), those additions per set.
+fn addresses_added(old: &Policy, new: &Policy) -> Option<Vec<(&'static str, Vec<SetKey>)>> {
+    let (a, b) = (Ruleset::generate(old), Ruleset::generate(new));
+    if a.chains != b.chains {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (x, y) in a.sets.iter().zip(&b.sets) {
+        if x.elements == y.elements {
+            continue;
+        }
+        if !x.elements.iter().all(|e| y.elements.contains(e)) {
+            return None; // something was removed or merged: not a pure addition
+        }
+        let keys: Option<Vec<SetKey>> = y
+            .elements
+            .iter()
+            .filter(|e| !x.elements.contains(e))
+            .map(|e| match (x.name, e) {
+                (sets::ALLOW_V4, Element::Addr(IpAddr::V4(a))) => Some(SetKey::V4(*a)),
+                (sets::ALLOW_V6, Element::Addr(IpAddr::V6(a))) => Some(SetKey::V6(*a)),
+                _ => None,
+            })
+            .collect();
+        out.push((x.name, keys?));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Add elements from inside the container's namespaces, then verify the whole table.
+///
+/// Joining a user namespace needs a single-threaded process: the CLI has started no thread
+/// yet, which is checked; otherwise (or if anything fails) the regular path is used.
+fn fast_add(
+    running: &Live,
+    additions: &[(&'static str, Vec<SetKey>)],
+    old: &Policy,
+    new: &Policy,
+) -> anyhow::Result<&'static str> {
+    let single_threaded = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l == "Threads:\t1"));
+    let pid = running.runtime.pid;
+    let slow = || {
+        update(&running.nft, old, new)
+            .map(|_| "nft")
+            .map_err(anyhow::Error::from)
+    };
+    if !single_threaded {
+        return slow();
+    }
+    let ns = NsFiles::open(
+        Some(&PathBuf::from(format!("/proc/{pid}/ns/user"))),
+        Some(&PathBuf::from(format!("/proc/{pid}/ns/net"))),
+    )?;
+    ns.enter()
+        .context("cannot enter the container's namespaces")?;
+    // From here on this process lives in the container's namespaces: nft needs no joining.
+    let local = Nft::locate()?;
+    let added = NfSock::open().and_then(|mut sock| {
+        additions
+            .iter()
+            .try_for_each(|(set, keys)| sock.add_elements(set, keys, None))
+    });
+    if added.is_ok() && check(&local, new).is_ok() {
+        return Ok("netlink");
+    }
+    apply(&local, new)
+        .map(|_| "nft")
+        .context("the firewall could not be updated")
 }
 
 fn describe(mode: Mode) -> &'static str {
