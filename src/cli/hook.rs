@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::prepare::VERSION;
 use crate::core::audit::rfc3339_utc;
-use crate::core::bundle::{BundleError, RuntimeFacts};
+use crate::core::bundle::{BundleError, DnsTier, RuntimeFacts};
 use crate::core::oci::{parse_hook_input, HookInput, MAX_STATE_BYTES};
 use crate::effects::audit;
 use crate::effects::firewall::apply_fresh;
@@ -107,9 +107,13 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         }),
     }
     let start_time = procfs::start_time(pid)?;
-    let dns_servers = procfs::resolv_conf_source(&input.oci_bundle)
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .map(|t| crate::effects::dns_client::servers_from_resolv_conf(&t))
+    let resolv_conf = procfs::resolv_conf_source(&input.oci_bundle);
+    let resolv_text = resolv_conf
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let dns_servers = resolv_text
+        .as_deref()
+        .map(crate::effects::dns_client::servers_from_resolv_conf)
         .unwrap_or_default();
     let gateway = if bundle.loopback_ports.is_empty() {
         None
@@ -131,6 +135,29 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         .context("refusing to start the container")?
         .in_netns(netns);
     let report = apply_fresh(&nft, &policy).context("refusing to start the container")?;
+    let resolver = if bundle.dns_tier == DnsTier::Builtin {
+        let upstreams: Vec<std::net::IpAddr> = match bundle.upstream_dns {
+            Some(a) => vec![a],
+            None => dns_servers.clone(),
+        };
+        if upstreams.is_empty() {
+            bail!("refusing to start the container: the builtin DNS tier has no upstream (set upstream_dns in config.yml)");
+        }
+        let resolv_conf = resolv_conf.context(
+            "refusing to start the container: its /etc/resolv.conf mount was not found, so DNS cannot be pointed at the shield's resolver",
+        )?;
+        let started = start_resolver(dir, &input.name, pid, &upstreams)
+            .context("refusing to start the container: the DNS resolver did not start")?;
+        // Rewritten in place: the container sees this file through a bind mount of its inode.
+        std::fs::write(
+            &resolv_conf,
+            loopback_resolv_conf(resolv_text.as_deref().unwrap_or_default()),
+        )
+        .context("refusing to start the container: cannot point its resolv.conf at the resolver")?;
+        Some(started)
+    } else {
+        None
+    };
     write_runtime(
         dir,
         &RuntimeRecord {
@@ -140,6 +167,7 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
             dns_servers,
             gateway,
             applied_at: now_millis() as u64,
+            resolver,
         },
     )?;
     audit::record(
@@ -153,6 +181,91 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// resolv.conf text with every nameserver replaced by the shield's resolver on loopback.
+pub fn loopback_resolv_conf(original: &str) -> String {
+    let mut out = String::from(
+        "# terok-shield: DNS goes through the per-container resolver\nnameserver 127.0.0.1\n",
+    );
+    for line in original.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if first == "search" || first == "options" {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Start the resolver inside the container's network namespace and wait (bounded) until it
+/// has bound its sockets. It runs in its own session, detached from the hook.
+fn start_resolver(
+    dir: &Path,
+    name: &crate::core::bundle::ContainerName,
+    pid: u32,
+    upstreams: &[std::net::IpAddr],
+) -> anyhow::Result<(u32, u64)> {
+    use std::os::unix::process::CommandExt;
+    let ns = crate::effects::netns::NsFiles::open(
+        None,
+        Some(Path::new(&format!("/proc/{pid}/ns/net"))),
+    )?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("resolver.log"))
+        .context("cannot open resolver.log")?;
+    let mut cmd = std::process::Command::new(
+        std::env::current_exe().context("cannot find this program's path")?,
+    );
+    cmd.arg("internal-resolver").arg(dir).arg(name.as_str());
+    for u in upstreams {
+        cmd.arg(u.to_string());
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    // SAFETY: setns(2) on a descriptor opened before the fork, then setsid(2); both are
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            ns.enter()?;
+            rustix::process::setsid()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the resolver")?;
+    let mut out = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 6];
+        let _ =
+            tx.send(std::io::Read::read_exact(&mut out, &mut buf).is_ok() && &buf == b"ready\n");
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        Ok(true) => {
+            let rpid = child.id();
+            Ok((rpid, procfs::start_time(rpid)?))
+        }
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "it did not report ready within 5 s (see {})",
+                dir.join("resolver.log").display()
+            )
+        }
+    }
+}
+
+/// Stop a resolver if it is still the process that was started (PID reuse guarded).
+fn stop_resolver(pid: u32, start: u64) {
+    if procfs::is_same_process(pid, start) {
+        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+        }
+    }
+}
+
 fn poststop(input: &HookInput) -> anyhow::Result<()> {
     let dir: &Path = &input.state_dir;
     if !dir.is_dir() {
@@ -162,6 +275,13 @@ fn poststop(input: &HookInput) -> anyhow::Result<()> {
     let enabled = load_bundle(dir, &input.name)
         .map(|b| b.audit_enabled)
         .unwrap_or(true);
+    if let Some((pid, start)) = crate::effects::state::read_runtime(dir)
+        .ok()
+        .flatten()
+        .and_then(|r| r.resolver)
+    {
+        stop_resolver(pid, start);
+    }
     clear_runtime(dir)?;
     audit::record(
         dir,

@@ -69,6 +69,17 @@ fn state_of(
     let Some(runtime) = runtime else {
         return Ok(("inactive".into(), None, Some(bundle)));
     };
+    if bundle.dns_tier == crate::core::bundle::DnsTier::Builtin
+        && !runtime
+            .resolver
+            .is_some_and(|(pid, start)| is_same_process(pid, start))
+    {
+        return Ok((
+            "error".into(),
+            Some("the container's DNS resolver is not running: DNS fails closed; restart the container".into()),
+            Some(bundle),
+        ));
+    }
     let live = live(name, ctx)?;
     let facts = RuntimeFacts {
         dns_servers: runtime.dns_servers.clone(),

@@ -71,6 +71,13 @@ pub enum Command {
     Up(NameArgs),
     /// Block everything but loopback; cuts open connections.
     Block(NameArgs),
+    /// Internal: the per-container DNS resolver (builtin tier), started by the hook.
+    #[command(hide = true, name = "internal-resolver")]
+    InternalResolver {
+        bundle_dir: PathBuf,
+        name: String,
+        upstreams: Vec<std::net::IpAddr>,
+    },
     /// Internal: cut the flows a container's policy refuses (run inside its namespaces).
     #[command(hide = true, name = "internal-conntrack-revoke")]
     InternalConntrackRevoke { bundle_dir: PathBuf, name: String },
@@ -311,6 +318,43 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Hook(args) = &cli.command {
         return hook::run(args.stage);
     }
+    if let Command::InternalResolver {
+        bundle_dir,
+        name,
+        upstreams,
+    } = &cli.command
+    {
+        let name = crate::core::bundle::ContainerName::new(name)?;
+        let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
+        let settings = crate::effects::resolver::Settings {
+            upstreams: upstreams
+                .iter()
+                .map(|a| std::net::SocketAddr::new(*a, 53))
+                .collect(),
+            ttl_bounds: (bundle.ttl_bounds[0], bundle.ttl_bounds[1]),
+            bundle_dir: bundle_dir.clone(),
+            name,
+            listen: vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
+            port: 53,
+        };
+        crate::effects::resolver::serve(settings, || {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(b"ready\n")?;
+            out.flush()?;
+            // Close stdout so the hook's pipe ends; nothing else is printed.
+            let null = std::fs::File::open("/dev/null")?;
+            // SAFETY: dup2 onto fd 1 of an open descriptor we own.
+            if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })?;
+        return Ok(());
+    }
     if let Command::InternalConntrackRevoke { bundle_dir, name } = &cli.command {
         let name = crate::core::bundle::ContainerName::new(name)?;
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
@@ -347,7 +391,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up(a) => live::run(&a.name, live::Change::Mode(Mode::DenyAll), a.json, &ctx),
         Command::Block(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
-        Command::Hook(_) | Command::InternalConntrackRevoke { .. } => unreachable!("handled above"),
+        Command::Hook(_)
+        | Command::InternalConntrackRevoke { .. }
+        | Command::InternalResolver { .. } => unreachable!("handled above"),
     }
 }
 

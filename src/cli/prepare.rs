@@ -113,7 +113,16 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         live_deny: Vec::new(),
         loopback_ports: ctx.config.loopback_ports.clone(),
         audit_enabled: ctx.config.audit.enabled,
-        dns_tier: DnsTier::Static,
+        dns_tier: match ctx.config.dns.tier {
+            crate::core::config::DnsTier::Builtin => DnsTier::Builtin,
+            crate::core::config::DnsTier::Dnsmasq => bail!(
+                "dns.tier dnsmasq is not available in this version; use builtin or static (or auto) in {}",
+                ctx.paths.config_file.display()
+            ),
+            crate::core::config::DnsTier::Auto | crate::core::config::DnsTier::Static => DnsTier::Static,
+        },
+        upstream_dns: ctx.config.upstream_dns,
+        ttl_bounds: [ctx.config.dns.min_ttl, ctx.config.dns.max_ttl],
     };
     let wildcards: Vec<String> = bundle
         .entries

@@ -131,6 +131,18 @@ pub struct Bundle {
     pub loopback_ports: Vec<u16>,
     pub audit_enabled: bool,
     pub dns_tier: DnsTier,
+    /// Where the builtin resolver forwards (config `upstream_dns`); else the container's own
+    /// resolv.conf servers.
+    #[serde(default)]
+    pub upstream_dns: Option<IpAddr>,
+    /// Bounds (seconds) on the lifetime of DNS-learned set elements (config `dns.min_ttl`,
+    /// `dns.max_ttl`).
+    #[serde(default = "default_ttl_bounds")]
+    pub ttl_bounds: [u32; 2],
+}
+
+fn default_ttl_bounds() -> [u32; 2] {
+    [60, 3600]
 }
 
 /// Facts about the running container that the hook discovers (not stored in the bundle).
@@ -307,6 +319,8 @@ mod tests {
             loopback_ports: vec![8080],
             audit_enabled: true,
             dns_tier: DnsTier::Static,
+            upstream_dns: None,
+            ttl_bounds: [60, 3600],
         }
     }
 

@@ -890,6 +890,8 @@ mod tests {
             loopback_ports: vec![],
             audit_enabled: false,
             dns_tier: DnsTier::Builtin,
+            upstream_dns: None,
+            ttl_bounds: [60, 3600],
         }
     }
 

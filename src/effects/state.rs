@@ -75,6 +75,9 @@ pub struct RuntimeRecord {
     pub gateway: Option<std::net::IpAddr>,
     /// When the firewall was applied (unix milliseconds).
     pub applied_at: u64,
+    /// The builtin resolver serving this container: (pid, start time).
+    #[serde(default)]
+    pub resolver: Option<(u32, u64)>,
 }
 
 /// The directory holding every container's bundle.
@@ -324,6 +327,8 @@ mod tests {
             loopback_ports: vec![],
             audit_enabled: true,
             dns_tier: DnsTier::Static,
+            upstream_dns: None,
+            ttl_bounds: [60, 3600],
         }
     }
 
