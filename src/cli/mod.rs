@@ -364,7 +364,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dns_servers: runtime.dns_servers,
             gateway: runtime.gateway,
         };
-        crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts))?;
+        // Already inside the container's namespaces: nft needs no joining.
+        let learned = crate::effects::nft::Nft::locate()?
+            .list_table_json()?
+            .map(|live| crate::core::verify::learned_elements(&live))
+            .unwrap_or_default();
+        crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts), &learned)?;
         return Ok(());
     }
     let ctx = Context::from_process_env(cli.state_dir)?;

@@ -267,6 +267,50 @@ fn merge_all(map: BTreeMap<(String, u16), Vec<Range>>) -> BTreeMap<(String, u16)
         .collect()
 }
 
+/// A destination learned from DNS: an address, optionally only for (IP protocol, port).
+pub type Learned = (IpAddr, Option<(u8, u16)>);
+
+/// The elements of the DNS-learned sets in a live table listing: what the resolver added at
+/// run time, which `Policy` does not know and revocation must keep.
+pub fn learned_elements(live: &Value) -> Vec<Learned> {
+    let Some(objects) = live.get("nftables").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for set in objects.iter().filter_map(|o| o.get("set")) {
+        let name = set.get("name").and_then(Value::as_str).unwrap_or_default();
+        if !name.starts_with("dns_") || set.get("table").and_then(Value::as_str) != Some(TABLE) {
+            continue;
+        }
+        for e in set
+            .get("elem")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let v = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
+            if let Some(addr) = v.as_str().and_then(|a| a.parse().ok()) {
+                out.push((addr, None));
+            } else if let Some([a, p, port]) =
+                v.get("concat").and_then(Value::as_array).map(Vec::as_slice)
+            {
+                let proto = match p.as_str() {
+                    Some("tcp") => 6,
+                    Some("udp") => 17,
+                    _ => continue,
+                };
+                if let (Some(addr), Some(port)) = (
+                    a.as_str().and_then(|a| a.parse().ok()),
+                    port.as_u64().and_then(|p| u16::try_from(p).ok()),
+                ) {
+                    out.push((addr, Some((proto, port))));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// JSON equality as nft means it: addresses compared by value (`::ffff:a.b.c.d` spellings),
 /// anonymous-set members compared as an unordered collection (nft sorts them).
 pub fn json_equiv(a: &Value, b: &Value) -> bool {
@@ -425,6 +469,23 @@ mod tests {
             .unwrap()
             .push(json!({"chain": {"family": "inet", "table": TABLE, "name": "sneaky"}}));
         assert!(verify(&rs, &v).unwrap_err().to_string().contains("sneaky"));
+    }
+
+    #[test]
+    fn learned_elements_are_read_from_dns_sets_only() {
+        let live = json!({"nftables": [
+            {"set": {"table": TABLE, "name": "dns_v4", "elem": [{"elem": {"val": "198.51.100.9", "timeout": 60, "expires": 59}}]}},
+            {"set": {"table": TABLE, "name": "dns_svc_v6", "elem": [{"elem": {"val": {"concat": ["2001:db8::9", "tcp", 443]}, "timeout": 60}}]}},
+            {"set": {"table": TABLE, "name": "allow_v4", "elem": ["198.18.0.1"]}},
+        ]});
+        assert_eq!(
+            learned_elements(&live),
+            vec![
+                ("198.51.100.9".parse().unwrap(), None),
+                ("2001:db8::9".parse().unwrap(), Some((6, 443))),
+            ]
+        );
+        assert!(learned_elements(&json!({})).is_empty());
     }
 
     #[test]

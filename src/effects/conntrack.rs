@@ -226,11 +226,22 @@ pub fn revoke_in(
     Ok(())
 }
 
-/// In the container's namespaces: delete every flow `policy` does not permit.
-pub fn revoke_current_netns(policy: &crate::core::policy::Policy) -> std::io::Result<usize> {
+/// In the container's namespaces: delete every flow that neither `policy` nor a DNS-learned
+/// set element (`learned`, read from the live table) permits.
+pub fn revoke_current_netns(
+    policy: &crate::core::policy::Policy,
+    learned: &[crate::core::verify::Learned],
+) -> std::io::Result<usize> {
+    let by_dns = |f: &Flow| {
+        policy.mode != crate::core::policy::Mode::Block
+            && !policy.deny.iter().any(|n| n.contains(&f.dst))
+            && learned.iter().any(|(a, scope)| {
+                *a == f.dst && scope.is_none_or(|(p, port)| p == f.proto && Some(port) == f.dport)
+            })
+    };
     let doomed: Vec<Flow> = dump_current_netns()?
         .into_iter()
-        .filter(|f| !policy.permits(f.dst, f.proto, f.dport))
+        .filter(|f| !policy.permits(f.dst, f.proto, f.dport) && !by_dns(f))
         .collect();
     delete_flows(&doomed)
 }
@@ -335,7 +346,7 @@ mod tests {
             )
             .unwrap();
             let flows = dump_current_netns().unwrap();
-            (flows, revoke_current_netns(&policy).unwrap())
+            (flows, revoke_current_netns(&policy, &[]).unwrap())
         })
         .join()
         .unwrap();
