@@ -41,36 +41,6 @@ fn run_script(h: &E2e, name: &str, profiles: &str, script: &str) -> e2e::cmd::Ou
     ])
 }
 
-/// A detached shielded container that sleeps (bounded: it ends by itself after 10 minutes).
-fn run_detached(h: &E2e, name: &str, profiles: &str) -> e2e::cmd::Out {
-    h.shield(&[
-        "run",
-        name,
-        "--profiles",
-        profiles,
-        "--",
-        "-d",
-        IMAGE,
-        "sleep",
-        "600",
-    ])
-}
-
-/// `podman exec NAME sh -c SCRIPT`.
-fn exec(h: &E2e, name: &str, script: &str) -> e2e::cmd::Out {
-    h.podman(&["exec", name, "sh", "-c", script])
-}
-
-/// The `State:` line of `terok-shield status NAME`.
-fn shield_state(h: &E2e, name: &str) -> String {
-    let out = h.shield(&["status", name]);
-    out.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("State:"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| panic!("`status {name}` printed no State line: {out}"))
-}
-
 // ---------------------------------------------------------------------------------------
 // Reachability
 // ---------------------------------------------------------------------------------------
@@ -320,18 +290,18 @@ fn workload_cannot_change_the_firewall() {
             "prepare flags lack {cap}: {flags:?}"
         );
     }
-    run_detached(&h, &name, "e2e-basic").expect_ok();
-    assert_eq!(shield_state(&h, &name), "up");
+    h.run_detached(&name, "e2e-basic").expect_ok();
+    assert_eq!(h.shield_state(&name), "up");
 
-    let out = exec(
-        &h,
-        &name,
-        "grep -E '^Cap(Prm|Eff|Bnd):' /proc/self/status\n\
+    let out = h
+        .exec(
+            &name,
+            "grep -E '^Cap(Prm|Eff|Bnd):' /proc/self/status\n\
          ip link set lo down; echo IPLINK rc=$?\n\
          ip addr add 198.51.100.99/32 dev lo; echo IPADDR rc=$?\n\
          ip route add 198.51.100.0/24 dev tap0; echo IPROUTE rc=$?\n",
-    )
-    .expect_ok();
+        )
+        .expect_ok();
     for field in ["CapPrm", "CapEff", "CapBnd"] {
         let bits = cap_bits(&out.stdout, field);
         assert_eq!(bits & NET_ADMIN, 0, "{field} holds CAP_NET_ADMIN: {out}");
@@ -350,9 +320,11 @@ fn workload_cannot_change_the_firewall() {
         "network changes were not refused with EPERM: {out}"
     );
     // The firewall is intact afterwards.
-    assert_eq!(shield_state(&h, &name), "up");
+    assert_eq!(h.shield_state(&name), "up");
     let mark = h.world.mark();
-    let out = exec(&h, &name, &probe_script(&[(BLOCKED4, 80), (ALLOWED4, 80)])).expect_ok();
+    let out = h
+        .exec(&name, &probe_script(&[(BLOCKED4, 80), (ALLOWED4, 80)]))
+        .expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     p.refused_fast(BLOCKED4, 80);
     p.reached(ALLOWED4, 80);
@@ -509,7 +481,7 @@ fn restart_and_stop_start_reapply_the_firewall_after_setup_user() {
     );
     assert!(hooks.join(CREATE_RUNTIME_JSON).is_file());
 
-    let out = run_detached(&h, &name, "e2e-basic").expect_ok();
+    let out = h.run_detached(&name, "e2e-basic").expect_ok();
     assert!(
         !out.stderr.contains("setup --user"),
         "`run` still warns although hooks are installed: {out}"
@@ -522,11 +494,13 @@ fn restart_and_stop_start_reapply_the_firewall_after_setup_user() {
     );
 
     let check = |h: &E2e, when: &str, applies: usize| {
-        assert_eq!(shield_state(h, &name), "up", "shield not up {when}");
+        assert_eq!(h.shield_state(&name), "up", "shield not up {when}");
         let applied = h.events(&name, "apply");
         assert_eq!(applied.len(), applies, "apply events {when}: {applied:?}");
         let mark = h.world.mark();
-        let out = exec(h, &name, &probe_script(&[(BLOCKED4, 80), (ALLOWED4, 80)])).expect_ok();
+        let out = h
+            .exec(&name, &probe_script(&[(BLOCKED4, 80), (ALLOWED4, 80)]))
+            .expect_ok();
         let p = Probes::of(&out, &h.world, mark);
         p.refused_fast(BLOCKED4, 80);
         p.reached(ALLOWED4, 80);
@@ -538,7 +512,7 @@ fn restart_and_stop_start_reapply_the_firewall_after_setup_user() {
 
     h.podman(&["stop", "-t", "0", &name]).expect_ok();
     assert_eq!(
-        shield_state(&h, &name),
+        h.shield_state(&name),
         "inactive",
         "status after podman stop"
     );
@@ -706,13 +680,13 @@ fn status_rules_logs_and_prepare_json() {
             && flags.iter().any(|f| f == &Value::from(name.clone()))
     );
     assert_eq!(
-        shield_state(&h, &name),
+        h.shield_state(&name),
         "inactive",
         "a prepared, unstarted container"
     );
 
-    run_detached(&h, &name, "e2e-basic").expect_ok();
-    assert_eq!(shield_state(&h, &name), "up");
+    h.run_detached(&name, "e2e-basic").expect_ok();
+    assert_eq!(h.shield_state(&name), "up");
     let status: Value =
         serde_json::from_str(&h.shield(&["status", &name, "--json"]).expect_ok().stdout).unwrap();
     assert_eq!(status["state"], "up", "{status}");
@@ -756,7 +730,7 @@ fn status_rules_logs_and_prepare_json() {
 
     h.podman(&["stop", "-t", "0", &name]).expect_ok();
     assert_eq!(
-        shield_state(&h, &name),
+        h.shield_state(&name),
         "inactive",
         "status after podman stop"
     );
@@ -774,15 +748,15 @@ fn reused_name_starts_from_a_clean_bundle() {
     h.profile("e2e-reuse-b", "198.51.100.40\n");
     let name = h.name("reuse");
 
-    run_detached(&h, &name, "e2e-reuse-a").expect_ok();
+    h.run_detached(&name, "e2e-reuse-a").expect_ok();
     let allowed = h.shield(&["allow", &name, LIVE4]).expect_ok();
     let mark = h.world.mark();
-    let out = exec(
-        &h,
-        &name,
-        &probe_script(&[(REUSE_A, 80), (LIVE4, 80), (REUSE_B, 80)]),
-    )
-    .expect_ok();
+    let out = h
+        .exec(
+            &name,
+            &probe_script(&[(REUSE_A, 80), (LIVE4, 80), (REUSE_B, 80)]),
+        )
+        .expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     p.reached(REUSE_A, 80);
     p.reached(LIVE4, 80);
@@ -792,7 +766,7 @@ fn reused_name_starts_from_a_clean_bundle() {
     drop(allowed);
 
     h.podman(&["rm", "-f", "-t", "0", &name]).expect_ok();
-    run_detached(&h, &name, "e2e-reuse-b").expect_ok();
+    h.run_detached(&name, "e2e-reuse-b").expect_ok();
     let second: Value =
         serde_json::from_str(&h.read(&h.bundle_dir(&name).join("state.json"))).unwrap();
     assert_ne!(
@@ -807,12 +781,12 @@ fn reused_name_starts_from_a_clean_bundle() {
     );
 
     let mark = h.world.mark();
-    let out = exec(
-        &h,
-        &name,
-        &probe_script(&[(REUSE_A, 80), (LIVE4, 80), (REUSE_B, 80)]),
-    )
-    .expect_ok();
+    let out = h
+        .exec(
+            &name,
+            &probe_script(&[(REUSE_A, 80), (LIVE4, 80), (REUSE_B, 80)]),
+        )
+        .expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     p.refused_fast(REUSE_A, 80);
     p.refused_fast(LIVE4, 80);
