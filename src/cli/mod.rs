@@ -364,6 +364,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dns_servers: runtime.dns_servers,
             gateway: runtime.gateway,
         };
+        if bundle.dns_tier == crate::core::bundle::DnsTier::Builtin {
+            forget_unjustified(bundle_dir, &bundle)?;
+        }
         // Already inside the container's namespaces: nft needs no joining.
         let learned = crate::effects::nft::Nft::locate()?
             .list_table_json()?
@@ -400,6 +403,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::InternalConntrackRevoke { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),
     }
+}
+
+/// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name
+/// brought (the builtin resolver recorded who brought what). Elements that expired already
+/// are skipped.
+fn forget_unjustified(
+    bundle_dir: &Path,
+    bundle: &crate::core::bundle::Bundle,
+) -> anyhow::Result<()> {
+    use crate::effects::resolver::{keys_for, read_learned, LEARNED_FILE};
+    let records = read_learned(&bundle_dir.join(LEARNED_FILE));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);
+    let doomed = crate::core::learned::unjustified(&records, &policy, now);
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    let mut sock = crate::effects::nfnetlink::NfSock::open()?;
+    for r in doomed {
+        let Some(scope) = r.port_scope() else {
+            continue;
+        };
+        let set = crate::core::dns_policy::set_for(r.addr, scope);
+        for key in keys_for(r.addr, scope) {
+            match sock.delete_elements(set, &[key]) {
+                Err(e) if e.raw_os_error() == Some(2) => {} // expired meanwhile
+                other => other?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Write a command's output to stdout in one go, so `| head` ends quietly (see `main`).

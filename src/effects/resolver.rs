@@ -55,6 +55,7 @@ struct Shared {
     policy: Mutex<PolicyCache>,
     in_flight: AtomicUsize,
     urandom: Mutex<std::fs::File>,
+    learned_lock: Mutex<()>,
 }
 
 impl Shared {
@@ -93,6 +94,7 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
         settings,
         in_flight: AtomicUsize::new(0),
         urandom: Mutex::new(std::fs::File::open("/dev/urandom")?),
+        learned_lock: Mutex::new(()),
     });
     let mut handles = Vec::new();
     for addr in shared.settings.listen.clone() {
@@ -200,6 +202,9 @@ fn answer(shared: &Shared, raw: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
                     // Never hand out an address the firewall would refuse.
                     return Some(servfail_response(&req, raw));
                 }
+                if !a.inserts.is_empty() {
+                    record_learned(shared, &a.inserts);
+                }
                 if !over_tcp && a.response.len() > usize::from(req.udp_payload) {
                     return Some(truncated_response(&req, raw));
                 }
@@ -213,6 +218,75 @@ fn answer(shared: &Shared, raw: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
     Some(servfail_response(&req, raw))
 }
 
+/// Record which name brought which element (`learned.jsonl`), so a later `deny NAME` can
+/// remove exactly those. Compacted to live records when it grows past 1 MiB.
+fn record_learned(shared: &Shared, inserts: &[crate::core::dns_policy::Insert]) {
+    use crate::core::learned::LearnedRecord;
+    let path = shared.settings.bundle_dir.join(LEARNED_FILE);
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut lines = String::new();
+    for ins in inserts {
+        let rec = LearnedRecord {
+            domain: ins.domain.clone(),
+            addr: ins.addr,
+            scope: ins.scope.map(|s| s.to_string()),
+            until: now + ins.ttl.as_secs() + 1,
+        };
+        if let Ok(line) = serde_json::to_string(&rec) {
+            lines.push_str(&line);
+            lines.push('\n');
+        }
+    }
+    let _guard = shared
+        .learned_lock
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20) {
+        let kept: String = read_learned(&path)
+            .into_iter()
+            .filter(|r| r.until > now)
+            .filter_map(|r| serde_json::to_string(&r).ok())
+            .map(|l| l + "\n")
+            .collect();
+        let _ = crate::effects::state::write_atomic(&path, kept.as_bytes());
+    }
+    let _ = crate::effects::state::append_line(&path, &lines);
+}
+
+/// Attribution file of the builtin resolver.
+pub const LEARNED_FILE: &str = "learned.jsonl";
+
+/// Every well-formed record of a `learned.jsonl` (bounded read; bad lines skipped).
+pub fn read_learned(path: &std::path::Path) -> Vec<crate::core::learned::LearnedRecord> {
+    crate::effects::state::read_bounded(path)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The set keys of one element (one per protocol for a port scope).
+pub fn keys_for(addr: IpAddr, scope: Option<crate::core::target::PortScope>) -> Vec<SetKey> {
+    match (addr, scope) {
+        (IpAddr::V4(a), None) => vec![SetKey::V4(a)],
+        (IpAddr::V6(a), None) => vec![SetKey::V6(a)],
+        (addr, Some(scope)) => scope
+            .protocols()
+            .iter()
+            .map(|p: &Protocol| match addr {
+                IpAddr::V4(a) => SetKey::SvcV4(a, *p, scope.port),
+                IpAddr::V6(a) => SetKey::SvcV6(a, *p, scope.port),
+            })
+            .collect(),
+    }
+}
+
 /// Insert learned addresses into the DNS-learned sets (grouped per set and timeout).
 fn learn(inserts: &[crate::core::dns_policy::Insert]) -> io::Result<()> {
     if inserts.is_empty() {
@@ -220,19 +294,7 @@ fn learn(inserts: &[crate::core::dns_policy::Insert]) -> io::Result<()> {
     }
     let mut sock = NfSock::open()?;
     for ins in inserts {
-        let keys: Vec<SetKey> = match (ins.addr, ins.scope) {
-            (IpAddr::V4(a), None) => vec![SetKey::V4(a)],
-            (IpAddr::V6(a), None) => vec![SetKey::V6(a)],
-            (addr, Some(scope)) => scope
-                .protocols()
-                .iter()
-                .map(|p: &Protocol| match addr {
-                    IpAddr::V4(a) => SetKey::SvcV4(a, *p, scope.port),
-                    IpAddr::V6(a) => SetKey::SvcV6(a, *p, scope.port),
-                })
-                .collect(),
-        };
-        sock.add_elements(ins.set(), &keys, Some(ins.ttl))?;
+        sock.add_elements(ins.set(), &keys_for(ins.addr, ins.scope), Some(ins.ttl))?;
     }
     Ok(())
 }

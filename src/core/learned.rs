@@ -1,0 +1,138 @@
+//! Which DNS-learned addresses a new policy no longer justifies.
+//!
+//! The builtin resolver records every address it adds to the DNS-learned sets together with
+//! the name that brought it (`learned.jsonl` in the bundle). When a domain is denied, exactly
+//! the addresses that name brought are removed: not those another still-allowed name also
+//! brought. Pure, so the rule is tested without a resolver.
+
+use std::net::IpAddr;
+
+use hickory_proto::rr::RecordType;
+use serde::{Deserialize, Serialize};
+
+use super::dns_policy::{DnsPolicy, QueryDecision};
+use super::target::{DomainName, PortScope};
+
+/// One learned element, as the resolver records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedRecord {
+    pub domain: DomainName,
+    pub addr: IpAddr,
+    /// Port scope text (`443/tcp`), absent for whole-host elements.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Unix seconds after which the kernel has expired the element anyway.
+    pub until: u64,
+}
+
+impl LearnedRecord {
+    /// The scope, parsed (a record with an unparsable scope is ignored by callers).
+    pub fn port_scope(&self) -> Option<Option<PortScope>> {
+        match &self.scope {
+            None => Some(None),
+            Some(s) => super::target::Target::parse(&format!("198.51.100.1:{s}"))
+                .ok()
+                .map(|t| t.scope),
+        }
+    }
+}
+
+/// Records (still live at `now`) whose name `policy` no longer answers and whose element no
+/// other live, still-allowed record also justifies.
+pub fn unjustified(records: &[LearnedRecord], policy: &DnsPolicy, now: u64) -> Vec<LearnedRecord> {
+    let allowed = |d: &DomainName| {
+        matches!(
+            policy.decide_query(d, RecordType::A),
+            QueryDecision::Forward(_)
+        ) || matches!(
+            policy.decide_query(d, RecordType::AAAA),
+            QueryDecision::Forward(_)
+        )
+    };
+    let live: Vec<&LearnedRecord> = records.iter().filter(|r| r.until > now).collect();
+    let mut out: Vec<LearnedRecord> = Vec::new();
+    for r in &live {
+        if allowed(&r.domain) {
+            continue;
+        }
+        let still_justified = live
+            .iter()
+            .any(|o| o.addr == r.addr && o.scope == r.scope && allowed(&o.domain));
+        if !still_justified && !out.iter().any(|x| x.addr == r.addr && x.scope == r.scope) {
+            out.push((*r).clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::bundle::{Bundle, ContainerName, DnsTier, BUNDLE_FORMAT};
+    use crate::core::policy::Mode;
+    use crate::core::target::Target;
+
+    fn bundle(entries: &[&str], deny: &[&str]) -> Bundle {
+        Bundle {
+            format: BUNDLE_FORMAT,
+            shield_version: "t".into(),
+            name: ContainerName::new("c").unwrap(),
+            instance: "i".into(),
+            created: 0,
+            profiles: vec![],
+            entries: entries.iter().map(|e| Target::parse(e).unwrap()).collect(),
+            resolved: Default::default(),
+            mode: Mode::DenyAll,
+            live_allow: vec![],
+            live_deny: deny.iter().map(|e| Target::parse(e).unwrap()).collect(),
+            loopback_ports: vec![],
+            audit_enabled: true,
+            dns_tier: DnsTier::Builtin,
+            upstream_dns: None,
+            ttl_bounds: [60, 3600],
+        }
+    }
+
+    fn rec(domain: &str, addr: &str, until: u64) -> LearnedRecord {
+        LearnedRecord {
+            domain: domain.parse().unwrap(),
+            addr: addr.parse().unwrap(),
+            scope: None,
+            until,
+        }
+    }
+
+    #[test]
+    fn a_denied_name_loses_exactly_its_own_addresses() {
+        let records = vec![
+            rec("pair.example", "198.51.100.70", 100),
+            rec("pair.example", "198.51.100.71", 100),
+            rec("shared.example", "198.51.100.70", 100),
+            rec("old.example", "198.51.100.9", 5),
+        ];
+        let policy = DnsPolicy::from_bundle(&bundle(
+            &["pair.example", "shared.example", "old.example"],
+            &["pair.example"],
+        ));
+        let gone = unjustified(&records, &policy, 10);
+        assert_eq!(gone, vec![rec("pair.example", "198.51.100.71", 100)]);
+        let policy = DnsPolicy::from_bundle(&bundle(&["pair.example", "shared.example"], &[]));
+        assert!(unjustified(&records, &policy, 10).is_empty());
+        let policy = DnsPolicy::from_bundle(&bundle(&["*.example"], &["*.example"]));
+        assert_eq!(
+            unjustified(&records, &policy, 10).len(),
+            2,
+            "expired records are ignored"
+        );
+    }
+
+    #[test]
+    fn scopes_parse_back() {
+        let mut r = rec("a.example", "198.51.100.1", 1);
+        assert_eq!(r.port_scope(), Some(None));
+        r.scope = Some("443/tcp".into());
+        assert_eq!(r.port_scope().unwrap().unwrap().port, 443);
+        r.scope = Some("junk".into());
+        assert_eq!(r.port_scope(), None);
+    }
+}
