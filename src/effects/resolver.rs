@@ -73,13 +73,6 @@ impl Shared {
         }
         cache.policy.clone()
     }
-
-    fn random_id(&self) -> u16 {
-        let mut b = [0u8; 2];
-        let mut f = self.urandom.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = f.read_exact(&mut b);
-        u16::from_ne_bytes(b)
-    }
 }
 
 /// Bind every socket, call `ready`, then serve until the process is killed.
@@ -99,12 +92,14 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
     let mut handles = Vec::new();
     for addr in shared.settings.listen.clone() {
         let at = SocketAddr::new(addr, shared.settings.port);
-        let udp = UdpSocket::bind(at)?;
+        let udp = Arc::new(UdpSocket::bind(at)?);
         let tcp = TcpListener::bind(at)?;
+        for _ in 0..WORKERS_PER_SOCKET {
+            let (s, u) = (shared.clone(), udp.clone());
+            handles.push(small_thread(move || udp_worker(s, u))?);
+        }
         let s = shared.clone();
-        handles.push(std::thread::spawn(move || udp_loop(s, udp)));
-        let s = shared.clone();
-        handles.push(std::thread::spawn(move || tcp_loop(s, tcp)));
+        handles.push(small_thread(move || tcp_loop(s, tcp))?);
     }
     ready()?;
     for h in handles {
@@ -113,21 +108,45 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
     Ok(())
 }
 
-fn udp_loop(shared: Arc<Shared>, sock: UdpSocket) {
+/// Per-thread resources reused across questions: the netlink socket and one connected,
+/// marked socket per upstream server (opening them per question doubled the latency).
+#[derive(Default)]
+struct Worker {
+    nf: Option<NfSock>,
+    upstream: std::collections::HashMap<SocketAddr, UdpSocket>,
+    /// xorshift state for upstream IDs, seeded from /dev/urandom on first use.
+    rng: u64,
+}
+
+impl Worker {
+    fn next_id(&mut self, shared: &Shared) -> u16 {
+        if self.rng == 0 {
+            let mut b = [0u8; 8];
+            let mut f = shared.urandom.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = f.read_exact(&mut b);
+            self.rng = u64::from_ne_bytes(b) | 1;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 32) as u16
+    }
+}
+
+/// Threads answering UDP questions on each listening socket; each blocks in recv_from on
+/// the shared socket (the kernel wakes one), so a question needs no hand-over between threads.
+const WORKERS_PER_SOCKET: usize = 3;
+
+fn udp_worker(shared: Arc<Shared>, sock: Arc<UdpSocket>) {
+    let mut worker = Worker::default();
     let mut buf = vec![0u8; 4096];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
             continue;
         };
-        let query = buf[..n].to_vec();
-        let Ok(reply_sock) = sock.try_clone() else {
-            continue;
-        };
-        spawn_bounded(&shared, move |s| {
-            if let Some(reply) = answer(s, &query, false) {
-                let _ = reply_sock.send_to(&reply, from);
-            }
-        });
+        if let Some(reply) = answer(&shared, &mut worker, &buf[..n], false) {
+            let _ = sock.send_to(&reply, from);
+        }
     }
 }
 
@@ -142,19 +161,25 @@ fn tcp_loop(shared: Arc<Shared>, listener: TcpListener) {
 fn serve_tcp(shared: &Shared, mut conn: TcpStream) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut worker = Worker::default();
     // Several questions may come on one connection; bounded by the read timeout.
     for _ in 0..100 {
         let mut len = [0u8; 2];
         conn.read_exact(&mut len)?;
         let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
         conn.read_exact(&mut msg)?;
-        if let Some(reply) = answer(shared, &msg, true) {
+        if let Some(reply) = answer(shared, &mut worker, &msg, true) {
             let mut out = (reply.len() as u16).to_be_bytes().to_vec();
             out.extend_from_slice(&reply);
             conn.write_all(&out)?;
         }
     }
     Ok(())
+}
+
+/// A thread with a small stack: the resolver's memory budget is a few MiB per container.
+fn small_thread(f: impl FnOnce() + Send + 'static) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().stack_size(128 * 1024).spawn(f)
 }
 
 fn spawn_bounded(shared: &Arc<Shared>, work: impl FnOnce(&Shared) + Send + 'static) {
@@ -175,7 +200,7 @@ fn spawn_bounded(shared: &Arc<Shared>, work: impl FnOnce(&Shared) + Send + 'stat
 }
 
 /// The reply to one client message (None: drop it).
-fn answer(shared: &Shared, raw: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
+fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
     let req = match inspect_request(raw) {
         Ok(r) => r,
         Err(m) => return m.reply().map(<[u8]>::to_vec),
@@ -184,11 +209,11 @@ fn answer(shared: &Shared, raw: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
     if let QueryDecision::Refuse(_) = policy.decide_query(&req.qname, req.qtype) {
         return Some(refused_response(&req, raw));
     }
-    let upstream_id = shared.random_id();
+    let upstream_id = worker.next_id(shared);
     let question = with_id(raw, upstream_id);
     let mut tcp = over_tcp;
     for _ in 0..2 {
-        let Some(bytes) = ask_upstream(shared, &question, upstream_id, tcp) else {
+        let Some(bytes) = ask_upstream(shared, worker, &question, upstream_id, tcp) else {
             return Some(servfail_response(&req, raw));
         };
         match extract_answer(
@@ -198,7 +223,7 @@ fn answer(shared: &Shared, raw: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
             shared.settings.ttl_bounds,
         ) {
             AnswerDecision::Answer(a) => {
-                if learn(&a.inserts).is_err() {
+                if learn(worker, &a.inserts).is_err() {
                     // Never hand out an address the firewall would refuse.
                     return Some(servfail_response(&req, raw));
                 }
@@ -288,13 +313,20 @@ pub fn keys_for(addr: IpAddr, scope: Option<crate::core::target::PortScope>) -> 
 }
 
 /// Insert learned addresses into the DNS-learned sets (grouped per set and timeout).
-fn learn(inserts: &[crate::core::dns_policy::Insert]) -> io::Result<()> {
+fn learn(worker: &mut Worker, inserts: &[crate::core::dns_policy::Insert]) -> io::Result<()> {
     if inserts.is_empty() {
         return Ok(());
     }
-    let mut sock = NfSock::open()?;
+    if worker.nf.is_none() {
+        worker.nf = Some(NfSock::open()?);
+    }
+    let sock = worker.nf.as_mut().expect("opened above");
     for ins in inserts {
-        sock.add_elements(ins.set(), &keys_for(ins.addr, ins.scope), Some(ins.ttl))?;
+        if let Err(e) = sock.add_elements(ins.set(), &keys_for(ins.addr, ins.scope), Some(ins.ttl))
+        {
+            worker.nf = None; // start afresh next time
+            return Err(e);
+        }
     }
     Ok(())
 }
@@ -320,7 +352,13 @@ fn mark(fd: &impl AsRawFd) -> io::Result<()> {
 }
 
 /// Ask the upstreams in turn; the answer must come from the server asked, with our ID.
-fn ask_upstream(shared: &Shared, question: &[u8], id: u16, tcp: bool) -> Option<Vec<u8>> {
+fn ask_upstream(
+    shared: &Shared,
+    worker: &mut Worker,
+    question: &[u8],
+    id: u16,
+    tcp: bool,
+) -> Option<Vec<u8>> {
     let deadline = Instant::now() + UPSTREAM_TIMEOUT;
     let per_server = UPSTREAM_TIMEOUT / shared.settings.upstreams.len().max(1) as u32;
     for server in &shared.settings.upstreams {
@@ -333,7 +371,7 @@ fn ask_upstream(shared: &Shared, question: &[u8], id: u16, tcp: bool) -> Option<
         let got = if tcp {
             ask_tcp(*server, question, left)
         } else {
-            ask_udp(*server, question, id, left)
+            ask_udp(worker, *server, question, id, left)
         };
         if let Ok(bytes) = got {
             return Some(bytes);
@@ -342,28 +380,45 @@ fn ask_upstream(shared: &Shared, question: &[u8], id: u16, tcp: bool) -> Option<
     None
 }
 
-fn ask_udp(server: SocketAddr, question: &[u8], id: u16, wait: Duration) -> io::Result<Vec<u8>> {
-    let local: SocketAddr = match server {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let sock = UdpSocket::bind(local)?;
-    mark(&sock)?;
-    sock.connect(server)?; // only this server's datagrams are received
-    sock.send(question)?;
-    let deadline = Instant::now() + wait;
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        sock.set_read_timeout(Some(left))?;
-        let n = sock.recv(&mut buf)?;
-        if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
-            return Ok(buf[..n].to_vec());
-        }
+fn ask_udp(
+    worker: &mut Worker,
+    server: SocketAddr,
+    question: &[u8],
+    id: u16,
+    wait: Duration,
+) -> io::Result<Vec<u8>> {
+    if let std::collections::hash_map::Entry::Vacant(slot) = worker.upstream.entry(server) {
+        let local: SocketAddr = match server {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let sock = UdpSocket::bind(local)?;
+        mark(&sock)?;
+        sock.connect(server)?; // only this server's datagrams are received
+        slot.insert(sock);
     }
+    let sock = &worker.upstream[&server];
+    let result = (|| {
+        sock.send(question)?;
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            sock.set_read_timeout(Some(left))?;
+            let n = sock.recv(&mut buf)?;
+            // Late answers to earlier (timed-out) questions carry other IDs: skip them.
+            if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+                return Ok(buf[..n].to_vec());
+            }
+        }
+    })();
+    if result.is_err() {
+        worker.upstream.remove(&server);
+    }
+    result
 }
 
 fn ask_tcp(server: SocketAddr, question: &[u8], wait: Duration) -> io::Result<Vec<u8>> {
