@@ -22,6 +22,7 @@ command -v dnsmasq >/dev/null || { echo "dnsmasq missing: apt-get install dnsmas
 
 PIDS=()
 cleanup() {
+    set +e
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     pkill -f "internal-resolver $WORK/" 2>/dev/null || true
     ip netns del "$NS" 2>/dev/null || true
