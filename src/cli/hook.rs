@@ -8,7 +8,6 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use serde_json::json;
@@ -35,13 +34,6 @@ pub enum Stage {
     Poststop,
 }
 
-fn now_millis() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
-
 /// Run a hook stage; any error is reported everywhere it can be and returned.
 pub fn run(stage: Stage) -> anyhow::Result<()> {
     let mut raw = Vec::new();
@@ -65,7 +57,10 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
             Stage::CreateRuntime => "createRuntime",
             Stage::Poststop => "poststop",
         };
-        let line = format!("{} {stage_name}: {e:#}\n", rfc3339_utc(now_millis()));
+        let line = format!(
+            "{} {stage_name}: {e:#}\n",
+            rfc3339_utc(crate::effects::audit::unix_millis())
+        );
         if input.state_dir.is_dir() {
             let _ = append_line(&input.state_dir.join(HOOK_ERROR_FILE), &line);
             audit::record(
@@ -166,7 +161,7 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
             instance: bundle.instance.clone(),
             dns_servers,
             gateway,
-            applied_at: now_millis() as u64,
+            applied_at: crate::effects::audit::unix_millis() as u64,
             resolver,
         },
     )?;

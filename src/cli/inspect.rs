@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 use super::{print, Context};
-use crate::core::bundle::{Bundle, ContainerName, RuntimeFacts};
+use crate::core::bundle::{Bundle, ContainerName};
 use crate::effects::audit;
 use crate::effects::firewall::{check, FirewallError};
 use crate::effects::nft::Nft;
@@ -81,10 +81,7 @@ fn state_of(
         ));
     }
     let live = live(name, ctx)?;
-    let facts = RuntimeFacts {
-        dns_servers: runtime.dns_servers.clone(),
-        gateway: runtime.gateway,
-    };
+    let facts = runtime.facts();
     match check(&live.nft, &bundle.policy(&facts)) {
         Ok(()) => Ok((bundle.mode.status_name().into(), None, Some(bundle))),
         Err(FirewallError::Missing) => Ok((

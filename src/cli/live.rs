@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::json;
@@ -15,7 +15,7 @@ use serde_json::json;
 use super::inspect::{live, Live};
 use super::prepare::upstream_servers;
 use super::{print, Context};
-use crate::core::bundle::{Bundle, ContainerName, Resolved, RuntimeFacts};
+use crate::core::bundle::{Bundle, ContainerName, Resolved};
 use crate::core::policy::Mode;
 use crate::core::policy::Policy;
 use crate::core::ruleset::{sets, Element, Ruleset};
@@ -34,13 +34,6 @@ pub enum Change {
     Allow(String),
     Deny(String),
     Mode(Mode),
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Resolve a domain now (A and AAAA) for `allow`.
@@ -102,7 +95,7 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
                     addresses = addrs.iter().map(ToString::to_string).collect();
                     Some(Resolved {
                         addrs,
-                        at: now_secs(),
+                        at: crate::effects::audit::unix_secs(),
                     })
                 }
                 Host::Domain(_) => {
@@ -138,10 +131,7 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         _ => unreachable!("targets come with allow and deny"),
     }
 
-    let facts = RuntimeFacts {
-        dns_servers: running.runtime.dns_servers.clone(),
-        gateway: running.runtime.gateway,
-    };
+    let facts = running.runtime.facts();
     let mut path = "nft";
     // Order so that a crash in between always leaves the firewall at most as open as the
     // saved state says: widening saves first, narrowing enforces first.

@@ -360,10 +360,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
         let runtime = crate::effects::state::read_runtime(bundle_dir)?
             .context("the container has no runtime record")?;
-        let facts = crate::core::bundle::RuntimeFacts {
-            dns_servers: runtime.dns_servers,
-            gateway: runtime.gateway,
-        };
+        let facts = runtime.facts();
         if bundle.dns_tier == crate::core::bundle::DnsTier::Builtin {
             forget_unjustified(bundle_dir, &bundle)?;
         }
@@ -414,10 +411,7 @@ fn forget_unjustified(
 ) -> anyhow::Result<()> {
     use crate::effects::resolver::{keys_for, read_learned, LEARNED_FILE};
     let records = read_learned(&bundle_dir.join(LEARNED_FILE));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::effects::audit::unix_secs();
     let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);
     let doomed = crate::core::learned::unjustified(&records, &policy, now);
     if doomed.is_empty() {

@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::json;
@@ -49,13 +49,6 @@ pub fn user_containers_conf() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
         .unwrap_or_else(|| PathBuf::from("/nonexistent"));
     base.join("containers").join("containers.conf")
-}
-
-fn now_millis() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }
 
 /// A random id for one container creation.
@@ -104,7 +97,7 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         shield_version: VERSION.to_string(),
         name: name.clone(),
         instance: new_instance_id()?,
-        created: (now_millis() / 1000) as u64,
+        created: (crate::effects::audit::unix_millis() / 1000) as u64,
         profiles: selected.names.iter().map(|p| p.to_string()).collect(),
         entries: selected.entries,
         resolved: Default::default(),
@@ -219,7 +212,7 @@ pub fn resolve_into(
         timeout: Duration::from_secs(3),
         attempts: 2,
     };
-    let now = (now_millis() / 1000) as u64;
+    let now = (crate::effects::audit::unix_millis() / 1000) as u64;
     let mut failed = Vec::new();
     let mut count = 0;
     for r in resolve_all(&cfg, &names)? {
@@ -313,7 +306,7 @@ pub fn run_resolve(name: &str, force: bool, json_out: bool, ctx: &Context) -> an
     let store = StateStore::new(&ctx.paths.containers_dir);
     let _lock = store.lock(&name)?;
     let mut bundle = store.load(&name)?;
-    let now = (now_millis() / 1000) as u64;
+    let now = (crate::effects::audit::unix_millis() / 1000) as u64;
     let max_age = u64::from(ctx.config.dns.cache_max_age);
     let fresh = bundle.domains_to_resolve().iter().all(|d| {
         bundle
@@ -332,10 +325,7 @@ pub fn run_resolve(name: &str, force: bool, json_out: bool, ctx: &Context) -> an
         let runtime = crate::effects::state::read_runtime(&store.dir(&name))?
             .filter(|r| is_same_process(r.pid, r.start_time) && r.instance == bundle.instance);
         if let Some(rt) = runtime {
-            let facts = crate::core::bundle::RuntimeFacts {
-                dns_servers: rt.dns_servers.clone(),
-                gateway: rt.gateway,
-            };
+            let facts = rt.facts();
             let live = super::inspect::live(&name, ctx)?;
             if let Err(e) = crate::effects::firewall::update(
                 &live.nft,

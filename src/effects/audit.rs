@@ -12,6 +12,20 @@ use super::state::{append_line, read_bounded, AUDIT_FILE};
 use crate::core::audit::AuditRecord;
 use crate::core::bundle::ContainerName;
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the one clock reading
+/// shared by audit records, state files and the resolver.
+pub fn unix_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_secs() -> u64 {
+    (unix_millis() / 1000) as u64
+}
+
 /// Append one record to `dir/audit.jsonl` if auditing is enabled.
 pub fn record(
     dir: &Path,
@@ -24,10 +38,7 @@ pub fn record(
     if !enabled {
         return;
     }
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+    let millis = unix_millis();
     let line = AuditRecord::new(millis, name.as_str(), event, ok, detail).to_line();
     if let Err(e) = append_line(&dir.join(AUDIT_FILE), &line) {
         eprintln!("terok-shield: warning: audit log not written: {e}");

@@ -94,11 +94,7 @@ fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, 
     let load = t1.elapsed();
 
     let t2 = Instant::now();
-    let live = nft
-        .list_table_json()
-        .map_err(FirewallError::Read)?
-        .ok_or(FirewallError::Missing)?;
-    verify(&ruleset, &live)?;
+    read_back(nft, &ruleset)?;
     Ok(ApplyReport {
         transactions: total,
         elements: ruleset.element_count(),
@@ -134,12 +130,9 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
     }
     let load = t1.elapsed();
     let t2 = Instant::now();
-    let live = nft
-        .list_table_json()
-        .map_err(FirewallError::Read)?
-        .ok_or(FirewallError::Missing)?;
-    if verify(&target, &live).is_err() {
-        return apply(nft, new);
+    match read_back(nft, &target) {
+        Err(FirewallError::Verify(_)) => return apply(nft, new),
+        other => other?,
     }
     Ok(ApplyReport {
         transactions: total,
@@ -152,12 +145,16 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
 
 /// Verify what is live against `policy` without changing anything.
 pub fn check(nft: &Nft, policy: &Policy) -> Result<(), FirewallError> {
+    read_back(nft, &Ruleset::generate(policy))
+}
+
+/// Read our table back from the kernel and verify it against `expected`.
+fn read_back(nft: &Nft, expected: &Ruleset) -> Result<(), FirewallError> {
     let live = nft
         .list_table_json()
         .map_err(FirewallError::Read)?
         .ok_or(FirewallError::Missing)?;
-    verify(&Ruleset::generate(policy), &live)?;
-    Ok(())
+    Ok(verify(expected, &live)?)
 }
 
 #[cfg(test)]

@@ -248,10 +248,7 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
 fn record_learned(shared: &Shared, inserts: &[crate::core::dns_policy::Insert]) {
     use crate::core::learned::LearnedRecord;
     let path = shared.settings.bundle_dir.join(LEARNED_FILE);
-    let now = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::effects::audit::unix_secs();
     let mut lines = String::new();
     for ins in inserts {
         let rec = LearnedRecord {

@@ -80,6 +80,16 @@ pub struct RuntimeRecord {
     pub resolver: Option<(u32, u64)>,
 }
 
+impl RuntimeRecord {
+    /// The facts the policy is computed from, as the hook found them.
+    pub fn facts(&self) -> crate::core::bundle::RuntimeFacts {
+        crate::core::bundle::RuntimeFacts {
+            dns_servers: self.dns_servers.clone(),
+            gateway: self.gateway,
+        }
+    }
+}
+
 /// The directory holding every container's bundle.
 #[derive(Debug, Clone)]
 pub struct StateStore {
