@@ -516,3 +516,139 @@ fn apply_fresh_installs_once_and_refuses_to_merge() {
     bed.apply(&second);
     bed.expect_tcp_ok(PUB_B, 80);
 }
+
+/// Add DNS-learned elements by hand, as a resolver would (`dns_v4`/`dns_v6`, with timeouts).
+fn learn(bed: &Bed, set: &str, addrs: &[&str]) {
+    let elems: Vec<String> = addrs.iter().map(|a| format!("{a} timeout 60s")).collect();
+    bed.nft_cli(&[
+        "add",
+        "element",
+        "inet",
+        "terok_shield",
+        set,
+        &format!("{{ {} }}", elems.join(", ")),
+    ])
+    .unwrap_or_else(|e| panic!("cannot add to {set}: {e}"));
+}
+
+/// DNS rebinding: a name that resolves to a private address teaches the resolver that
+/// address, yet the ruleset checks private ranges before the learned sets, so only a literal
+/// allow opens it.
+#[test]
+fn dns_learned_private_addresses_stay_rejected_unless_allowlisted() {
+    let bed = bed!();
+    bed.apply(&policy(Mode::DenyAll, &[PRIV_192]));
+    learn(&bed, "dns_v4", &[PUB_B, PRIV_172, PRIV_192, CGNAT]);
+    learn(&bed, "dns_v6", &[PUB6_B, ULA]);
+    bed.expect_tcp_ok(PUB_B, 443);
+    bed.expect_tcp_ok(PUB6_B, 443);
+    bed.expect_tcp_ok(PRIV_192, 443);
+    for private in [PRIV_172, CGNAT, ULA] {
+        bed.expect_tcp_refused(private, 443);
+        bed.expect_udp_refused(private, 443);
+    }
+}
+
+/// Send one datagram from `src` (IP_FREEBIND, so `src` need not be local) to `listen` inside
+/// the container netns. Ok(received?) or Err(the kernel refused to send it).
+fn spoofed_datagram(bed: &Bed, src: SocketAddr, listen: SocketAddr) -> Result<bool, String> {
+    run_in(&bed.container_path(), Duration::from_secs(5), move || {
+        use rustix::net::{bind, sendto, socket, sockopt, AddressFamily, SendFlags, SocketType};
+        let listener = std::net::UdpSocket::bind(listen).expect("bind listener");
+        listener
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let family = if src.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = socket(family, SocketType::DGRAM, None).expect("socket");
+        if src.is_ipv4() {
+            sockopt::set_ip_freebind(&fd, true).expect("IP_FREEBIND");
+        } else {
+            sockopt::set_ipv6_freebind(&fd, true).expect("IPV6_FREEBIND");
+        }
+        bind(&fd, &src).expect("bind sender");
+        sendto(&fd, b"forged", SendFlags::empty(), &listen).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        Ok(listener.recv(&mut buf).is_ok())
+    })
+    .expect("netns thread")
+}
+
+/// A workload socket that claims the DNS upstream's address (IP_FREEBIND needs no
+/// privilege) must not deliver a forged reply to a resolver's upstream socket, on loopback
+/// or on the container's own address. Over IPv4 the kernel refuses to send such datagrams;
+/// over IPv6 it sends them, and the input chain drops them.
+#[test]
+fn forged_dns_replies_inside_the_container_never_arrive() {
+    let bed = bed!();
+    let sa = |s: &str| -> SocketAddr { s.parse().unwrap() };
+    // Without the shield, the IPv6 forgery arrives: the rule below is what stops it.
+    assert_eq!(
+        spoofed_datagram(&bed, sa("[2001:db8::53]:53"), sa("[::1]:40000")),
+        Ok(true)
+    );
+    bed.apply(&Policy::new(Mode::DenyAll));
+    // Controls: loopback sources are delivered, and so are forged non-DNS source ports.
+    assert_eq!(
+        spoofed_datagram(&bed, sa("127.0.0.1:53"), sa("127.0.0.1:40001")),
+        Ok(true)
+    );
+    assert_eq!(
+        spoofed_datagram(&bed, sa("[::1]:53"), sa("[::1]:40002")),
+        Ok(true)
+    );
+    assert_eq!(
+        spoofed_datagram(&bed, sa("[2001:db8::53]:5353"), sa("[::1]:40003")),
+        Ok(true)
+    );
+    for (src, dst) in [
+        ("198.51.100.53:53", "127.0.0.1:40004"),
+        ("198.51.100.53:53", "198.51.100.2:40005"),
+        ("[2001:db8::53]:53", "[::1]:40006"),
+        ("[2001:db8::53]:53", "[2001:db8:ffff::2]:40007"),
+    ] {
+        let r = spoofed_datagram(&bed, sa(src), sa(dst));
+        assert!(r != Ok(true), "{src} -> {dst}: a forged DNS reply arrived");
+    }
+}
+
+/// The dnsmasq tier: DNS may leave only from dnsmasq's query port, to any server; every other
+/// source port is refused at once.
+#[test]
+fn only_the_dnsmasq_query_port_may_send_dns() {
+    let bed = bed!();
+    let mut p = Policy::new(Mode::DenyAll);
+    p.resolver_port = Some(terok_shield::core::dnsmasq::QUERY_PORT);
+    bed.apply(&p);
+    bed.expect_udp_refused(DNS4, 53);
+    bed.expect_tcp_refused(DNS4, 53);
+    let from_query_port = |dst: &str| {
+        let dst: SocketAddr = SocketAddr::new(addr(dst), 53);
+        run_in(&bed.container_path(), Duration::from_secs(5), move || {
+            let bind: SocketAddr = if dst.is_ipv4() {
+                "0.0.0.0:53053".parse().unwrap()
+            } else {
+                "[::]:53053".parse().unwrap()
+            };
+            let s = std::net::UdpSocket::bind(bind).expect("bind query port");
+            s.connect(dst).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            s.send(b"query").map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 512];
+            s.recv(&mut buf)
+                .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+                .map_err(|e| e.to_string())
+        })
+        .expect("netns thread")
+    };
+    for dst in [DNS4, DNS6] {
+        let reply = from_query_port(dst).unwrap_or_else(|e| panic!("{dst}: {e}"));
+        assert!(reply.contains(dst), "{dst}: {reply}");
+    }
+    // The port opens DNS only, not other services of the same server.
+    bed.expect_udp_refused(DNS4, 443);
+}

@@ -130,13 +130,16 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         .context("refusing to start the container")?
         .in_netns(netns);
     let report = apply_fresh(&nft, &policy).context("refusing to start the container")?;
-    let resolver = if bundle.dns_tier == DnsTier::Builtin {
+    let resolver = if matches!(bundle.dns_tier, DnsTier::Builtin | DnsTier::Dnsmasq) {
         let upstreams: Vec<std::net::IpAddr> = match bundle.upstream_dns {
             Some(a) => vec![a],
             None => dns_servers.clone(),
         };
         if upstreams.is_empty() {
-            bail!("refusing to start the container: the builtin DNS tier has no upstream (set upstream_dns in config.yml)");
+            bail!(
+                "refusing to start the container: the {} DNS tier has no upstream (set upstream_dns in config.yml)",
+                bundle.dns_tier.name()
+            );
         }
         let resolv_conf = resolv_conf.context(
             "refusing to start the container: its /etc/resolv.conf mount was not found, so DNS cannot be pointed at the shield's resolver",

@@ -65,14 +65,19 @@ fn state_of(
     name: &ContainerName,
     ctx: &Context,
 ) -> anyhow::Result<(String, Option<String>, Option<Bundle>)> {
-    let (bundle, runtime, _) = lookup(name, ctx)?;
+    let (bundle, runtime, dir) = lookup(name, ctx)?;
     let Some(runtime) = runtime else {
         return Ok(("inactive".into(), None, Some(bundle)));
     };
-    if bundle.dns_tier == crate::core::bundle::DnsTier::Builtin
-        && !runtime
+    let runs_resolver = matches!(
+        bundle.dns_tier,
+        crate::core::bundle::DnsTier::Builtin | crate::core::bundle::DnsTier::Dnsmasq
+    );
+    if runs_resolver
+        && (!runtime
             .resolver
             .is_some_and(|(pid, start)| is_same_process(pid, start))
+            || dir.join(crate::effects::dnsmasq::FAILED_MARKER).exists())
     {
         return Ok((
             "error".into(),

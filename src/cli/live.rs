@@ -15,7 +15,7 @@ use serde_json::json;
 use super::inspect::{live, Live};
 use super::prepare::upstream_servers;
 use super::{print, Context};
-use crate::core::bundle::{Bundle, ContainerName, Resolved};
+use crate::core::bundle::{Bundle, ContainerName, DnsTier, Resolved};
 use crate::core::policy::Mode;
 use crate::core::policy::Policy;
 use crate::core::ruleset::{sets, Element, Ruleset};
@@ -90,6 +90,8 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
                 bail!("{host} is denied, and a deny covers every port; `terok-shield allow {name} {host}` lifts it");
             }
             let resolved = match &t.host {
+                // A resolver in the container answers wildcard names as they are asked.
+                Host::Domain(d) if d.wildcard && old.dns_tier != DnsTier::Static => None,
                 Host::Domain(d) if !d.wildcard => {
                     let addrs = resolve_now(&d.name, ctx)?;
                     addresses = addrs.iter().map(ToString::to_string).collect();
@@ -130,6 +132,13 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         }
         _ => unreachable!("targets come with allow and deny"),
     }
+    if new.dns_tier == DnsTier::Dnsmasq {
+        // Refuse what dnsmasq cannot enforce before anything changes.
+        crate::core::dnsmasq::servers_file(
+            &crate::core::dns_policy::DnsPolicy::from_bundle(&new),
+            &[std::net::Ipv4Addr::LOCALHOST.into()],
+        )?;
+    }
 
     let facts = running.runtime.facts();
     let mut path = "nft";
@@ -162,6 +171,9 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
             });
         }
     }
+    if new.dns_tier == DnsTier::Dnsmasq {
+        reload_dnsmasq(&running);
+    }
     if revokes {
         let pid = running.runtime.pid;
         conntrack::revoke_in(
@@ -190,6 +202,9 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
         return Ok(print(&format!("{}\n", serde_json::to_string(&v)?))?);
     }
     let line = match &change {
+        Change::Allow(_) if addresses.is_empty() => format!(
+            "{verb} {text} for {name}: its names are allowed as the container's resolver answers them\n"
+        ),
         Change::Allow(_) => format!("{verb} {text} -> {} for {name}\n", addresses.join(", ")),
         Change::Deny(_) if addresses.is_empty() => format!("{verb} {text} for {name}\n"),
         Change::Deny(_) => format!("{verb} {text} ({}) for {name}\n", addresses.join(", ")),
@@ -268,6 +283,18 @@ fn fast_add(
     apply(&local, new)
         .map(|_| "nft")
         .context("the firewall could not be updated")
+}
+
+/// Make the dnsmasq supervisor rewrite the servers file from the saved bundle; dnsmasq
+/// re-reads it. A dead supervisor is already reported by `status`.
+fn reload_dnsmasq(running: &Live) {
+    if let Some((pid, start)) = running.runtime.resolver {
+        if crate::effects::procfs::is_same_process(pid, start) {
+            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::HUP);
+            }
+        }
+    }
 }
 
 fn describe(mode: Mode) -> &'static str {

@@ -71,7 +71,8 @@ pub enum Command {
     Up(NameArgs),
     /// Block everything but loopback; cuts open connections.
     Block(NameArgs),
-    /// Internal: the per-container DNS resolver (builtin tier), started by the hook.
+    /// Internal: the per-container DNS resolver (builtin tier) or dnsmasq supervisor
+    /// (dnsmasq tier), started by the hook.
     #[command(hide = true, name = "internal-resolver")]
     InternalResolver {
         bundle_dir: PathBuf,
@@ -326,6 +327,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     {
         let name = crate::core::bundle::ContainerName::new(name)?;
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
+        if bundle.dns_tier == crate::core::bundle::DnsTier::Dnsmasq {
+            return crate::effects::dnsmasq::supervise(bundle_dir, &name, upstreams, report_ready);
+        }
         let settings = crate::effects::resolver::Settings {
             upstreams: upstreams
                 .iter()
@@ -340,19 +344,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ],
             port: 53,
         };
-        crate::effects::resolver::serve(settings, || {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            out.write_all(b"ready\n")?;
-            out.flush()?;
-            // Close stdout so the hook's pipe ends; nothing else is printed.
-            let null = std::fs::File::open("/dev/null")?;
-            // SAFETY: dup2 onto fd 1 of an open descriptor we own.
-            if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })?;
+        crate::effects::resolver::serve(settings, report_ready)?;
         return Ok(());
     }
     if let Command::InternalConntrackRevoke { bundle_dir, name } = &cli.command {
@@ -400,6 +392,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::InternalConntrackRevoke { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),
     }
+}
+
+/// Tell the hook (reading our stdout) that the resolver is serving, then close stdout so its
+/// pipe ends; nothing else is printed.
+fn report_ready() -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(b"ready\n")?;
+    out.flush()?;
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: dup2 onto fd 1 of an open descriptor we own.
+    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name

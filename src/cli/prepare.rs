@@ -107,23 +107,25 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         loopback_ports: ctx.config.loopback_ports.clone(),
         audit_enabled: ctx.config.audit.enabled,
         dns_tier: match ctx.config.dns.tier {
-            crate::core::config::DnsTier::Builtin => DnsTier::Builtin,
-            crate::core::config::DnsTier::Dnsmasq => bail!(
-                "dns.tier dnsmasq is not available in this version; use builtin or static (or auto) in {}",
-                ctx.paths.config_file.display()
-            ),
-            crate::core::config::DnsTier::Auto | crate::core::config::DnsTier::Static => DnsTier::Static,
+            crate::core::config::DnsTier::Auto | crate::core::config::DnsTier::Builtin => {
+                DnsTier::Builtin
+            }
+            crate::core::config::DnsTier::Dnsmasq => DnsTier::Dnsmasq,
+            crate::core::config::DnsTier::Static => DnsTier::Static,
         },
         upstream_dns: ctx.config.upstream_dns,
         ttl_bounds: [ctx.config.dns.min_ttl, ctx.config.dns.max_ttl],
     };
+    if bundle.dns_tier == DnsTier::Dnsmasq {
+        check_dnsmasq_tier(&bundle, ctx, &mut warnings)?;
+    }
     let wildcards: Vec<String> = bundle
         .entries
         .iter()
         .filter(|t| matches!(&t.host, crate::core::target::Host::Domain(d) if d.wildcard))
         .map(|t| t.to_string())
         .collect();
-    if !wildcards.is_empty() {
+    if !wildcards.is_empty() && bundle.dns_tier == DnsTier::Static {
         warnings.push(format!(
             "wildcard entries cannot be resolved before start and allow nothing in the static DNS tier: {}",
             wildcards.join(", ")
@@ -190,6 +192,45 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         bundle_dir: dir,
         resolved_addresses,
     })
+}
+
+/// Before anything is started: the dnsmasq tier needs a dnsmasq with nftset and a policy it
+/// can express (checked again by the hook, which fails closed).
+fn check_dnsmasq_tier(
+    bundle: &crate::core::bundle::Bundle,
+    ctx: &Context,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    crate::effects::dnsmasq::locate()?;
+    // The upstream is known only in the container; any address checks the policy itself.
+    let placeholder = [bundle
+        .upstream_dns
+        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into())];
+    crate::core::dnsmasq::servers_file(
+        &crate::core::dns_policy::DnsPolicy::from_bundle(bundle),
+        &placeholder,
+    )
+    .with_context(|| {
+        format!(
+            "dns.tier dnsmasq (set in {})",
+            ctx.paths.config_file.display()
+        )
+    })?;
+    let exact: Vec<String> = bundle
+        .entries
+        .iter()
+        .filter(|t| matches!(&t.host, crate::core::target::Host::Domain(d) if !d.wildcard))
+        .map(|t| t.to_string())
+        .collect();
+    if !exact.is_empty() {
+        let more = if exact.len() > 3 { ", ..." } else { "" };
+        warnings.push(format!(
+            "dns.tier dnsmasq also resolves the subdomains of exact names ({} entries: {}{more}); dns.tier builtin matches them exactly",
+            exact.len(),
+            exact[..exact.len().min(3)].join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Resolve the bundle's domains into its cache (static tier); unresolvable names warn.

@@ -269,12 +269,17 @@ impl Bundle {
                 policy.deny.push(net);
             }
         }
-        if self.dns_tier == DnsTier::Builtin {
+        match self.dns_tier {
             // Only the shield's resolver (marked sockets) talks to DNS servers; the workload
             // asks it on loopback.
-            policy.resolver_mark = Some(super::policy::RESOLVER_MARK);
-        } else {
-            policy.dns_servers = facts.dns_servers.clone();
+            DnsTier::Builtin => policy.resolver_mark = Some(super::policy::RESOLVER_MARK),
+            // dnsmasq cannot mark its sockets: its fixed query port identifies it, and it adds
+            // learned addresses without timeouts, so the sets give them the longest TTL.
+            DnsTier::Dnsmasq => {
+                policy.resolver_port = Some(super::dnsmasq::QUERY_PORT);
+                policy.learned_timeout = Some(self.ttl_bounds[1]);
+            }
+            DnsTier::Static => policy.dns_servers = facts.dns_servers.clone(),
         }
         if let (Some(gateway), false) = (facts.gateway, self.loopback_ports.is_empty()) {
             policy.host_loopback = Some(HostLoopback {

@@ -166,6 +166,11 @@ impl DnsPolicy {
         &self.grants
     }
 
+    /// Live denies of domains, for resolvers configured from this policy (dnsmasq).
+    pub fn denied(&self) -> &[DomainPattern] {
+        &self.denied
+    }
+
     /// Whether to forward a question for `qname` of type `qtype`, and which grants it uses.
     ///
     /// `*.example.com` covers names strictly beneath `example.com`, never the apex; a plain

@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod bundled;
 pub mod config;
 pub mod dns_policy;
+pub mod dnsmasq;
 pub mod learned;
 pub mod oci;
 pub mod podman_args;

@@ -76,6 +76,13 @@ pub struct Policy {
     /// Packet mark of the shield's own resolver sockets: traffic carrying it may leave for DNS
     /// upstreams. The workload cannot set marks without CAP_NET_ADMIN.
     pub resolver_mark: Option<u32>,
+    /// UDP source port that dnsmasq (dnsmasq tier) holds for its upstream queries: datagrams
+    /// from it may leave for DNS upstreams. Bound before the workload starts, so no workload
+    /// socket can have it.
+    pub resolver_port: Option<u16>,
+    /// Default lifetime (seconds) of DNS-learned set elements, for a resolver that adds
+    /// elements without their own timeout (dnsmasq).
+    pub learned_timeout: Option<u32>,
 }
 
 impl Policy {
@@ -104,7 +111,8 @@ impl Policy {
         });
         match self.mode {
             Mode::DenyAll => allowed || dns || host,
-            Mode::Bypass => allowed || !super::private::is_private(&net),
+            // The DNS servers and host services stay reachable even when private.
+            Mode::Bypass => allowed || dns || host || !super::private::is_private(&net),
             Mode::BypassAll => true,
             Mode::Block => false,
         }
@@ -119,6 +127,8 @@ impl Policy {
             dns_servers: Vec::new(),
             host_loopback: None,
             resolver_mark: None,
+            resolver_port: None,
+            learned_timeout: None,
         }
     }
 }

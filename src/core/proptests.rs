@@ -66,13 +66,15 @@ pub fn arb_policy() -> impl Strategy<Value = Policy> {
             p.dns_servers = dns;
             p.host_loopback = lb.map(|(gateway, ports)| HostLoopback { gateway, ports });
             p.resolver_mark = mark;
+            p.resolver_port = mark.map(|m| (m % 60_000) as u16 + 1024);
+            p.learned_timeout = mark.map(|m| m % 3600 + 1);
             p
         })
 }
 
 /// The characters a rendered ruleset may contain: nft punctuation, identifiers, addresses.
 fn safe_ruleset_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || " \t\n{}.,;:/@_-\"=".contains(c)
+    c.is_ascii_alphanumeric() || " \t\n{}.,;:/@_-\"=!".contains(c)
 }
 
 proptest! {
@@ -166,6 +168,8 @@ mod interpret {
             Key::Meta("oifname") => p.dst.is_loopback(),
             Key::Meta("iifname") => false,
             Key::Meta("mark") => false, // the workload's packets carry no mark
+            // dnsmasq holds its query port from before the workload starts.
+            Key::Payload("udp", "sport") => false,
             Key::Meta("l4proto") => match val {
                 Val::Sym(s) => *s == proto_name(p.proto),
                 Val::Anon(vs) => vs.contains(&Val::Sym(proto_name(p.proto))),
@@ -209,7 +213,13 @@ mod interpret {
                             continue 'rules;
                         }
                     }
+                    Stmt::MatchNot(k, v) => {
+                        if matches(k, v, rs, p) {
+                            continue 'rules;
+                        }
+                    }
                     Stmt::Accept => return Some(true),
+                    Stmt::Drop => return Some(false),
                     Stmt::RejectTcpReset | Stmt::RejectAdminProhibited => return Some(false),
                     Stmt::Jump(target) => {
                         if let Some(v) = run_chain(rs, target, p) {

@@ -75,6 +75,9 @@ const CT_STATE: Key = Key::Ct("state");
 const IP_DADDR: Key = Key::Payload("ip", "daddr");
 const IP6_DADDR: Key = Key::Payload("ip6", "daddr");
 const TH_DPORT: Key = Key::Payload("th", "dport");
+const UDP_SPORT: Key = Key::Payload("udp", "sport");
+const UDP_DPORT: Key = Key::Payload("udp", "dport");
+const IP6_SADDR: Key = Key::Payload("ip6", "saddr");
 const TCP_DPORT: Key = Key::Payload("tcp", "dport");
 const ICMPV6_TYPE: Key = Key::Payload("icmpv6", "type");
 const IP_SVC: Key = Key::Concat(&[IP_DADDR, L4PROTO, TH_DPORT]);
@@ -102,12 +105,18 @@ pub enum Val {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stmt {
     Match(Key, Val),
+    /// `key != value`.
+    MatchNot(Key, Val),
     Accept,
+    Drop,
     Jump(&'static str),
     RejectTcpReset,
     RejectAdminProhibited,
     Log(&'static str),
-    Limit { rate: u32, burst: u32 },
+    Limit {
+        rate: u32,
+        burst: u32,
+    },
 }
 
 /// A rule: statements evaluated left to right.
@@ -200,6 +209,9 @@ pub struct SetDef {
     pub name: &'static str,
     pub kind: SetKind,
     pub elements: Vec<Element>,
+    /// Default element timeout in seconds (learned sets filled by a resolver that cannot give
+    /// each element its own, i.e. dnsmasq); `None`: elements carry their own or none.
+    pub timeout: Option<u32>,
 }
 
 /// The complete ruleset for one container, ready to render or to verify against.
@@ -327,10 +339,11 @@ impl Ruleset {
         let [a4, a6, n4, n6, s4, s6] = allow_sets(&policy.allow);
         let (d4, d6): (Vec<IpNet>, Vec<IpNet>) =
             policy.deny.iter().partition(|n| n.addr().is_ipv4());
-        let set = |name, kind, elements| SetDef {
+        let set = |name, kind: SetKind, elements| SetDef {
             name,
             kind,
             elements,
+            timeout: policy.learned_timeout.filter(|_| kind.is_learned()),
         };
         let sets = vec![
             set(sets::ALLOW_V4, SetKind::Addr4, a4),
@@ -467,7 +480,7 @@ impl Ruleset {
                 .sets
                 .iter()
                 .zip(&target.sets)
-                .any(|(a, b)| a.name != b.name || a.kind != b.kind)
+                .any(|(a, b)| a.name != b.name || a.kind != b.kind || a.timeout != b.timeout)
         {
             return None;
         }
@@ -527,6 +540,9 @@ impl Ruleset {
             );
             if !set.kind.flags().is_empty() {
                 let _ = writeln!(out, "\t\tflags {};", set.kind.flags().join(", "));
+            }
+            if let Some(t) = set.timeout {
+                let _ = writeln!(out, "\t\ttimeout {t}s;");
             }
             if count > 0 {
                 out.push_str("\t\telements = { ");
@@ -603,6 +619,15 @@ fn output_rules(policy: &Policy) -> Vec<Rule> {
             Stmt::Accept,
         ]));
     }
+    if let Some(port) = policy.resolver_port {
+        // dnsmasq holds this UDP port for its upstream queries from before the workload
+        // starts, so no other socket of the container can send from it.
+        rules.push(rule([
+            m(UDP_SPORT, Val::Num(u64::from(port))),
+            m(UDP_DPORT, Val::Num(53)),
+            Stmt::Accept,
+        ]));
+    }
     if let Some(lb) = &policy.host_loopback {
         if !lb.ports.is_empty() {
             let mut ports: Vec<u16> = lb.ports.clone();
@@ -627,13 +652,9 @@ fn output_rules(policy: &Policy) -> Vec<Rule> {
         (IP_DADDR, sets::ALLOW_V4),
         (IP_DADDR, sets::ALLOW_NET_V4),
         (IP_SVC, sets::ALLOW_SVC_V4),
-        (IP_DADDR, sets::DNS_V4),
-        (IP_SVC, sets::DNS_SVC_V4),
         (IP6_DADDR, sets::ALLOW_V6),
         (IP6_DADDR, sets::ALLOW_NET_V6),
         (IP6_SVC, sets::ALLOW_SVC_V6),
-        (IP6_DADDR, sets::DNS_V6),
-        (IP6_SVC, sets::DNS_SVC_V6),
     ] {
         rules.push(rule([m(key, Val::SetRef(set)), Stmt::Jump("allowed")]));
     }
@@ -649,6 +670,16 @@ fn output_rules(policy: &Policy) -> Vec<Rule> {
         rules.push(rule([m(IP_DADDR, Val::Anon(v4)), Stmt::Jump("private")]));
         rules.push(rule([m(IP6_DADDR, Val::Anon(v6)), Stmt::Jump("private")]));
     }
+    // DNS-learned addresses come after the private ranges: a name that resolves to a private
+    // address (DNS rebinding) reaches it only if that address is allowlisted literally.
+    for (key, set) in [
+        (IP_DADDR, sets::DNS_V4),
+        (IP_SVC, sets::DNS_SVC_V4),
+        (IP6_DADDR, sets::DNS_V6),
+        (IP6_SVC, sets::DNS_SVC_V6),
+    ] {
+        rules.push(rule([m(key, Val::SetRef(set)), Stmt::Jump("allowed")]));
+    }
     rules.push(rule([Stmt::Jump(match policy.mode {
         Mode::DenyAll => "denied",
         _ => "bypass",
@@ -657,7 +688,19 @@ fn output_rules(policy: &Policy) -> Vec<Rule> {
 }
 
 fn input_rules(mode: Mode) -> Vec<Rule> {
-    let mut rules = vec![rule([m(IIFNAME, Val::Quoted("lo")), Stmt::Accept])];
+    // A UDP DNS reply that arrives over loopback from a non-loopback IPv6 source was forged
+    // inside the container: a workload socket bound with IPV6_FREEBIND (no privilege needed)
+    // to the upstream's address and port 53, aiming at a resolver's upstream socket. The
+    // kernel already refuses the IPv4 equivalent (see tests/firewall_packets.rs).
+    let mut rules = vec![
+        rule([
+            m(IIFNAME, Val::Quoted("lo")),
+            m(UDP_SPORT, Val::Num(53)),
+            Stmt::MatchNot(IP6_SADDR, Val::Addr(std::net::Ipv6Addr::LOCALHOST.into())),
+            Stmt::Drop,
+        ]),
+        rule([m(IIFNAME, Val::Quoted("lo")), Stmt::Accept]),
+    ];
     if mode != Mode::Block {
         rules.push(rule([
             m(CT_STATE, Val::CtStates(&["established", "related"])),
@@ -799,7 +842,13 @@ impl Stmt {
                 out.push(' ');
                 v.write_nft(out);
             }
+            Stmt::MatchNot(k, v) => {
+                k.write_nft(out);
+                out.push_str(" != ");
+                v.write_nft(out);
+            }
             Stmt::Accept => out.push_str("accept"),
+            Stmt::Drop => out.push_str("drop"),
             Stmt::Jump(c) => {
                 let _ = write!(out, "jump {c}");
             }
@@ -821,7 +870,11 @@ impl Stmt {
                 let op = if matches!(k, Key::Ct(_)) { "in" } else { "==" };
                 json!({"match": {"op": op, "left": k.to_json(), "right": v.to_json()}})
             }
+            Stmt::MatchNot(k, v) => {
+                json!({"match": {"op": "!=", "left": k.to_json(), "right": v.to_json()}})
+            }
             Stmt::Accept => json!({"accept": null}),
+            Stmt::Drop => json!({"drop": null}),
             Stmt::Jump(c) => json!({"jump": {"target": c}}),
             Stmt::RejectTcpReset => json!({"reject": {"type": "tcp reset"}}),
             Stmt::RejectAdminProhibited => {

@@ -161,6 +161,13 @@ fn check_set(set: &SetDef, live: &Value, problems: &mut Vec<String>) {
             set.name
         ));
     }
+    let got_timeout = live.get("timeout").and_then(Value::as_u64);
+    if got_timeout != set.timeout.map(u64::from) {
+        problems.push(format!(
+            "set {}: default timeout {got_timeout:?}, expected {:?}",
+            set.name, set.timeout
+        ));
+    }
     if set.kind.is_learned() {
         return; // filled and expired at run time by the resolver
     }
@@ -384,6 +391,9 @@ pub(crate) mod tests_support {
             let mut set = json!({"family": "inet", "table": TABLE, "name": s.name, "type": ty});
             if !s.kind.flags().is_empty() {
                 set["flags"] = json!(s.kind.flags());
+            }
+            if let Some(t) = s.timeout {
+                set["timeout"] = json!(t);
             }
             if !elems.is_empty() {
                 set["elem"] = json!(elems);

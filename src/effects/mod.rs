@@ -2,6 +2,7 @@
 pub mod audit;
 pub mod conntrack;
 pub mod dns_client;
+pub mod dnsmasq;
 pub mod firewall;
 pub mod hooks;
 pub mod netns;

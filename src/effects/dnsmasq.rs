@@ -1,0 +1,209 @@
+//! The dnsmasq tier's supervisor: runs inside the container's namespaces (started by the
+//! hook as `internal-resolver`, like the builtin resolver) and owns one dnsmasq.
+//!
+//! It writes the servers file from the bundle, starts dnsmasq, reports ready only once
+//! dnsmasq answers on 127.0.0.1:53, and then waits for signals:
+//! - SIGHUP (sent by `allow`/`deny`/`up`/`down`/`block`): rewrite the servers file from the
+//!   saved bundle and pass the SIGHUP on, so dnsmasq re-reads it;
+//! - SIGTERM (poststop): stop dnsmasq, then exit;
+//! - dnsmasq's death: bind its query port at once, so no workload socket can take the port
+//!   the ruleset trusts for DNS, write the failure marker that `status` reports, and stay
+//!   until SIGTERM. DNS then fails closed: nothing answers on loopback.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::core::bundle::ContainerName;
+use crate::core::dns_policy::DnsPolicy;
+use crate::core::dnsmasq::{arguments, servers_file, Launch, QUERY_PORT};
+use crate::effects::nft::find_program;
+use crate::effects::state::{load_bundle, write_atomic};
+
+/// The servers file dnsmasq re-reads on SIGHUP, in the bundle directory.
+pub const SERVERS_FILE: &str = "dnsmasq.servers";
+/// Present while the container's dnsmasq is dead: `status` reports `error`.
+pub const FAILED_MARKER: &str = "resolver.failed";
+
+/// How long dnsmasq may take to answer its first question.
+const READY_WITHIN: Duration = Duration::from_secs(4);
+
+/// Where dnsmasq is, for `prepare` (early, clear error) and the supervisor.
+pub fn locate() -> anyhow::Result<PathBuf> {
+    let path = find_program("dnsmasq", &["/usr/sbin/dnsmasq", "/usr/local/sbin/dnsmasq"])
+        .context("dnsmasq not found: install it (Debian: apt-get install dnsmasq-base) or use dns.tier builtin")?;
+    let out = Command::new(&path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", path.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.split_whitespace().any(|w| w == "nftset") {
+        bail!(
+            "{} was built without nftset support, which the dnsmasq DNS tier needs: install a dnsmasq built with it (2.87 or later) or use dns.tier builtin",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Write the servers file for the bundle as saved now.
+fn write_servers(dir: &Path, name: &ContainerName, upstreams: &[IpAddr]) -> anyhow::Result<()> {
+    let bundle = load_bundle(dir, name)?;
+    let text = servers_file(&DnsPolicy::from_bundle(&bundle), upstreams)?;
+    write_atomic(&dir.join(SERVERS_FILE), text.as_bytes())?;
+    Ok(())
+}
+
+/// Block the signals this process handles with `sigwait`, before any child exists.
+fn block_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: plain libc signal-set calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(set)
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is initialised; sigwait writes one int.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn spawn(program: &Path, dir: &Path) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let servers = dir.join(SERVERS_FILE);
+    let servers = servers.to_str().context("bundle path is not UTF-8")?;
+    let mut cmd = Command::new(program);
+    cmd.args(arguments(&Launch {
+        servers_file: servers,
+    }))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    // SAFETY: prctl(2) is async-signal-safe. dnsmasq must not outlive its supervisor.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor blocks these for sigwait; dnsmasq needs them delivered.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", program.display()))
+}
+
+/// A minimal DNS question (A record of a reserved name) to see whether dnsmasq answers.
+fn probe_query() -> Vec<u8> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut msg = Message::new(0x7e5d, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(
+        Name::from_ascii("readiness-probe.terok-shield.invalid.").expect("valid name"),
+        RecordType::A,
+    ));
+    msg.to_vec().expect("a fixed question encodes")
+}
+
+/// Wait until dnsmasq answers on loopback (any answer, REFUSED included), or it dies.
+fn wait_ready(child: &mut Child) -> anyhow::Result<()> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let query = probe_query();
+    let deadline = Instant::now() + READY_WITHIN;
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            bail!("dnsmasq exited during start-up ({status}); see resolver.log");
+        }
+        let _ = sock.send_to(&query, (Ipv4Addr::LOCALHOST, 53));
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 2 && buf[..2] == query[..2] {
+                return Ok(());
+            }
+        }
+    }
+    bail!("dnsmasq did not answer within {READY_WITHIN:?}; see resolver.log")
+}
+
+/// Hold the query port on every address family so no workload socket can send from it.
+fn hold_query_port() -> Vec<UdpSocket> {
+    [
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, QUERY_PORT)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, QUERY_PORT)),
+    ]
+    .into_iter()
+    .filter_map(|a| UdpSocket::bind(a).ok())
+    .collect()
+}
+
+/// Run the supervisor: start dnsmasq, call `ready` once it answers, then handle signals until
+/// SIGTERM.
+pub fn supervise(
+    dir: &Path,
+    name: &ContainerName,
+    upstreams: &[IpAddr],
+    ready: impl FnOnce() -> io::Result<()>,
+) -> anyhow::Result<()> {
+    let program = locate()?;
+    let _ = std::fs::remove_file(dir.join(FAILED_MARKER));
+    write_servers(dir, name, upstreams)?;
+    let signals = block_signals()?;
+    let mut child = spawn(&program, dir)?;
+    if let Err(e) = wait_ready(&mut child) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    ready()?;
+    let mut alive = true;
+    let mut _held = Vec::new();
+    loop {
+        match wait_signal(&signals) {
+            libc::SIGHUP if alive => match write_servers(dir, name, upstreams) {
+                Ok(()) => {
+                    // SAFETY: signalling our own child, which we have not reaped.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+                }
+                // Keep the last good servers file: it never allows more than was saved.
+                Err(e) => eprintln!("terok-shield: cannot rewrite the dnsmasq servers: {e:#}"),
+            },
+            libc::SIGCHLD if alive && child.try_wait().ok().flatten().is_some() => {
+                alive = false;
+                _held = hold_query_port();
+                let _ = write_atomic(&dir.join(FAILED_MARKER), b"dnsmasq exited\n");
+                eprintln!(
+                    "terok-shield: dnsmasq exited; DNS now fails closed (held the query port on {} sockets)",
+                    _held.len()
+                );
+            }
+            libc::SIGTERM | libc::SIGINT => {
+                if alive {
+                    // SAFETY: signalling our own child, which we have not reaped.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                    let _ = child.wait();
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
