@@ -18,11 +18,17 @@
 //! 443 of every host (then close), a stream on TCP [`STREAM_PORT`] of every host (a line
 //! every 100 ms for at most 30 s, for tests that cut live connections), and a DNS server on
 //! 198.51.100.53 answering the zone in [`DNS_ZONE`] and [`DNS_ZONE6`].
+//!
+//! The DNS server answers on UDP and TCP port 53 of every address in [`DNS_SERVERS`]. Its
+//! zone ([`Zone`]) also holds the records of tests/e2e_dns_records.rs (CNAME chains, a name
+//! truncated over UDP, an answer too big for UDP, private answers, per-record TTLs), and a
+//! test may change it while containers run ([`World::set_records`]). Every question is logged
+//! ([`World::dns_queries`] for the names, [`World::dns_log`] with transport and addresses).
 
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,6 +102,164 @@ pub const DNS_ZONE6: &[(&str, Ipv6Addr)] = &[(
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50),
 )];
 
+/// Hosts of tests/e2e_dns_records.rs (on the world's loopback, like [`HOSTS`]).
+/// `rotate.e2e.test` answers [`ROTATE_A4`] until a test rotates it to [`ROTATE_B4`].
+pub const ROTATE_A4: &str = "198.51.100.81";
+pub const ROTATE_B4: &str = "198.51.100.82";
+/// The end of the CNAME chain `alias.e2e.test` -> `hop.e2e.test` -> `final.e2e.test`.
+pub const CNAME4: &str = "198.51.100.83";
+/// An A record of `stray.e2e.test` sent along with the answer for `alias.e2e.test` (not on
+/// its CNAME chain).
+pub const STRAY4: &str = "198.51.100.84";
+/// The A record of `tc.e2e.test`, which the server only ever truncates over UDP.
+pub const TC4: &str = "198.51.100.85";
+/// The A record of `ttl.e2e.test` (TTL 300; tests clamp it with `dns.max_ttl`).
+pub const TTL4: &str = "198.51.100.86";
+/// The public A record of `rebind.e2e.test`.
+pub const REBIND_PUB4: &str = "198.51.100.87";
+/// The RFC 1918 A record of `rebind.e2e.test` (which also has the AAAA record [`ULA6`], a
+/// private address the world does serve). Not routed into the world and not a world host:
+/// tests never connect to it, they only check answers and sets.
+pub const REBIND_PRIV4: &str = "172.16.5.7";
+/// A DNS server that is not the configured upstream.
+pub const OTHER_DNS4: &str = "198.51.100.54";
+/// The fake DNS server on IPv6.
+pub const DNS6: &str = "2001:db8::53";
+
+/// The addresses the DNS server answers on (UDP and TCP port 53, same zone).
+pub const DNS_SERVERS: &[&str] = &[DNS4, OTHER_DNS4, DNS6];
+
+/// More world hosts, added next to [`HOSTS`] (kept apart so that list stays as it was).
+pub const RECORD_HOSTS: &[&str] = &[
+    ROTATE_A4,
+    ROTATE_B4,
+    CNAME4,
+    STRAY4,
+    TC4,
+    TTL4,
+    REBIND_PUB4,
+    OTHER_DNS4,
+    DNS6,
+];
+
+/// `big.e2e.test` has [`BIG_COUNT`] A records, [`big_addr`]`(0..BIG_COUNT)`: too many for a
+/// 512-byte UDP answer. The whole prefix [`BIG_NET4`] is local to the world's loopback, so
+/// every one of them serves the banners.
+pub const BIG_NET4: &str = "198.18.6.0/26";
+pub const BIG_COUNT: u8 = 40;
+
+/// Address `i` (from 0) of `big.e2e.test`.
+pub fn big_addr(i: u8) -> Ipv4Addr {
+    assert!(i < BIG_COUNT);
+    Ipv4Addr::new(198, 18, 6, 1 + i)
+}
+
+/// Classic DNS limit for an answer over UDP; longer answers go out truncated (TC=1).
+pub const UDP_LIMIT: usize = 512;
+
+/// Data of one record of the fake zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rdata {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    /// The target name.
+    Cname(String),
+}
+
+impl Rdata {
+    /// The record type code.
+    pub fn rtype(&self) -> u16 {
+        match self {
+            Rdata::A(_) => 1,
+            Rdata::Aaaa(_) => 28,
+            Rdata::Cname(_) => 5,
+        }
+    }
+}
+
+/// One record of the fake zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneRecord {
+    pub owner: String,
+    pub ttl: u32,
+    pub data: Rdata,
+}
+
+fn rr(owner: &str, ttl: u32, data: Rdata) -> ZoneRecord {
+    ZoneRecord {
+        owner: owner.to_string(),
+        ttl,
+        data,
+    }
+}
+
+/// The zone the fake DNS server answers from. It answers like a recursive resolver would:
+/// a question for a name that has a CNAME gets the CNAME and what the chain leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub records: Vec<ZoneRecord>,
+    /// `(qname, record)`: an extra answer record sent with every answer to `qname` of the
+    /// record's type, though it is not on the name's chain.
+    pub extras: Vec<(String, ZoneRecord)>,
+    /// Names always answered truncated (TC=1, no records) over UDP, whatever the size.
+    pub truncate_udp: Vec<String>,
+}
+
+impl Default for Zone {
+    /// [`DNS_ZONE`] and [`DNS_ZONE6`] (TTL 300), then the records of tests/e2e_dns_records.rs.
+    fn default() -> Zone {
+        let ip4 = |s: &str| Rdata::A(s.parse().unwrap());
+        let mut records: Vec<ZoneRecord> = DNS_ZONE
+            .iter()
+            .map(|(n, a)| rr(n, 300, Rdata::A(*a)))
+            .chain(DNS_ZONE6.iter().map(|(n, a)| rr(n, 300, Rdata::Aaaa(*a))))
+            .collect();
+        records.extend([
+            rr("rotate.e2e.test", 300, ip4(ROTATE_A4)),
+            rr("ttl.e2e.test", 300, ip4(TTL4)),
+            rr("alias.e2e.test", 300, Rdata::Cname("hop.e2e.test".into())),
+            rr("hop.e2e.test", 300, Rdata::Cname("final.e2e.test".into())),
+            rr("final.e2e.test", 300, ip4(CNAME4)),
+            rr("tc.e2e.test", 300, ip4(TC4)),
+            rr("rebind.e2e.test", 300, ip4(REBIND_PUB4)),
+            rr("rebind.e2e.test", 300, ip4(REBIND_PRIV4)),
+            rr("rebind.e2e.test", 300, Rdata::Aaaa(ULA6.parse().unwrap())),
+        ]);
+        records.extend((0..BIG_COUNT).map(|i| rr("big.e2e.test", 300, Rdata::A(big_addr(i)))));
+        Zone {
+            records,
+            extras: vec![(
+                "alias.e2e.test".into(),
+                rr("stray.e2e.test", 300, ip4(STRAY4)),
+            )],
+            truncate_udp: vec!["tc.e2e.test".into()],
+        }
+    }
+}
+
+/// One question the fake DNS server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsQuery {
+    /// The question's name, lower case, no trailing dot.
+    pub name: String,
+    pub qtype: u16,
+    pub tcp: bool,
+    /// The server address the question came to.
+    pub server: SocketAddr,
+    pub peer: SocketAddr,
+    /// The answer went out with TC=1 (and no records).
+    pub truncated: bool,
+}
+
+/// One answer of the fake DNS server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneAnswer {
+    pub name: String,
+    pub qtype: u16,
+    pub reply: Vec<u8>,
+    pub truncated: bool,
+}
+
 /// A world server lives at most this long, whatever happens to the test.
 const SERVER_LIFETIME: Duration = Duration::from_secs(10 * 60);
 
@@ -133,6 +297,8 @@ pub struct World {
     hits: Arc<Mutex<Vec<Hit>>>,
     dns_queries: Arc<Mutex<Vec<String>>>,
     streams: Arc<Mutex<Vec<StreamRecord>>>,
+    zone: Arc<Mutex<Zone>>,
+    dns_log: Arc<Mutex<Vec<DnsQuery>>>,
     done: Option<mpsc::Receiver<()>>,
 }
 
@@ -145,6 +311,8 @@ impl World {
             hits: Arc::new(Mutex::new(Vec::new())),
             dns_queries: Arc::new(Mutex::new(Vec::new())),
             streams: Arc::new(Mutex::new(Vec::new())),
+            zone: Arc::new(Mutex::new(Zone::default())),
+            dns_log: Arc::new(Mutex::new(Vec::new())),
             done: None,
         };
         if let Err(e) = build() {
@@ -154,13 +322,18 @@ impl World {
         world.done = Some(start_servers(
             world.stop.clone(),
             world.hits.clone(),
-            world.dns_queries.clone(),
+            Dns {
+                zone: world.zone.clone(),
+                queries: world.dns_queries.clone(),
+                log: world.dns_log.clone(),
+                tcp_handlers: Arc::new(AtomicUsize::new(0)),
+            },
             world.streams.clone(),
         ));
         world
     }
 
-    /// Every TCP connection accepted so far.
+    /// Every TCP connection accepted so far (DNS over TCP included).
     pub fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
     }
@@ -184,6 +357,20 @@ impl World {
     /// Every streaming connection so far (see [`STREAM_PORT`]).
     pub fn streams(&self) -> Vec<StreamRecord> {
         self.streams.lock().unwrap().clone()
+    }
+
+    /// Every question the DNS server answered, with transport and addresses.
+    pub fn dns_log(&self) -> Vec<DnsQuery> {
+        self.dns_log.lock().unwrap().clone()
+    }
+
+    /// Replace every record owned by `owner` with `records` (`(data, ttl)`), from the next
+    /// question on: a name "rotates" while the containers run.
+    pub fn set_records(&self, owner: &str, records: &[(Rdata, u32)]) {
+        let mut zone = self.zone.lock().unwrap();
+        zone.records.retain(|r| r.owner != owner);
+        zone.records
+            .extend(records.iter().map(|(d, ttl)| rr(owner, *ttl, d.clone())));
     }
 }
 
@@ -255,6 +442,26 @@ fn build() -> Result<(), String> {
             ])?;
         }
     }
+    for host in RECORD_HOSTS {
+        let ipaddr: IpAddr = host.parse().unwrap();
+        if ipaddr.is_ipv4() {
+            ip(&["-n", w, "addr", "add", &format!("{host}/32"), "dev", "lo"])?;
+        } else {
+            ip(&[
+                "-n",
+                w,
+                "addr",
+                "add",
+                &format!("{host}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])?;
+        }
+    }
+    // An address with a prefix on loopback makes the whole prefix local.
+    let big = format!("{}/{}", big_addr(0), BIG_NET4.split('/').nth(1).unwrap());
+    ip(&["-n", w, "addr", "add", &big, "dev", "lo"])?;
     for route in ROUTES4 {
         ip(&["route", "add", route, "via", WORLD_LINK4, "dev", HOST_VETH]).map_err(|e| {
             format!("{e} (does the host already route {route} somewhere? remove that route first)")
@@ -293,10 +500,81 @@ pub fn sweep() {
     quiet(&["netns", "del", WORLD_NS]);
 }
 
+/// The DNS server's shared state: its zone and its logs.
+#[derive(Clone)]
+struct Dns {
+    zone: Arc<Mutex<Zone>>,
+    queries: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<DnsQuery>>>,
+    /// TCP connections being served (each in its own short-lived thread).
+    tcp_handlers: Arc<AtomicUsize>,
+}
+
+/// TCP DNS connections served at once; more are closed at once.
+const MAX_DNS_TCP: usize = 16;
+/// A TCP DNS connection is closed after this long without a complete question.
+const DNS_TCP_IDLE: Duration = Duration::from_secs(3);
+
+impl Dns {
+    /// Answer one question that came to `server` from `peer`, and log it.
+    fn answer(
+        &self,
+        query: &[u8],
+        tcp: bool,
+        server: SocketAddr,
+        peer: SocketAddr,
+    ) -> Option<Vec<u8>> {
+        let answer = self.zone.lock().unwrap().answer(query, tcp)?;
+        self.queries.lock().unwrap().push(answer.name.clone());
+        self.log.lock().unwrap().push(DnsQuery {
+            name: answer.name,
+            qtype: answer.qtype,
+            tcp,
+            server: canonical(server),
+            peer: canonical(peer),
+            truncated: answer.truncated,
+        });
+        Some(answer.reply)
+    }
+
+    /// Serve one TCP connection: length-prefixed questions until EOF, an error or
+    /// [`DNS_TCP_IDLE`] without a question; at most 16 questions.
+    fn serve_tcp(&self, mut conn: TcpStream, server: SocketAddr, peer: SocketAddr) {
+        let _ = conn.set_nonblocking(false);
+        let _ = conn.set_read_timeout(Some(DNS_TCP_IDLE));
+        let _ = conn.set_write_timeout(Some(DNS_TCP_IDLE));
+        for _ in 0..16 {
+            let mut len = [0u8; 2];
+            if conn.read_exact(&mut len).is_err() {
+                break;
+            }
+            let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if conn.read_exact(&mut msg).is_err() {
+                break;
+            }
+            let Some(reply) = self.answer(&msg, true, server, peer) else {
+                break;
+            };
+            let mut out = (reply.len() as u16).to_be_bytes().to_vec();
+            out.extend_from_slice(&reply);
+            if conn.write_all(&out).is_err() {
+                break;
+            }
+        }
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The world's DNS sockets: UDP and TCP on port 53 of each of [`DNS_SERVERS`].
+struct DnsSockets {
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+}
+
 fn start_servers(
     stop: Arc<AtomicBool>,
     hits: Arc<Mutex<Vec<Hit>>>,
-    queries: Arc<Mutex<Vec<String>>>,
+    dns: Dns,
     streams: Arc<Mutex<Vec<StreamRecord>>>,
 ) -> mpsc::Receiver<()> {
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
@@ -315,9 +593,9 @@ fn start_servers(
                 .map_err(|e| format!("setns into {WORLD_NS}: {e}"))
                 .and_then(|()| bind_all());
             match sockets {
-                Ok((tcp, stream, dns)) => {
+                Ok((tcp, stream, sockets)) => {
                     let _ = ready_tx.send(Ok(()));
-                    serve(tcp, stream, dns, &stop, &hits, &queries, &streams);
+                    serve(tcp, stream, sockets, &stop, &hits, &dns, &streams);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -333,7 +611,7 @@ fn start_servers(
     }
 }
 
-fn bind_all() -> Result<(Vec<TcpListener>, TcpListener, UdpSocket), String> {
+fn bind_all() -> Result<(Vec<TcpListener>, TcpListener, DnsSockets), String> {
     let mut tcp = Vec::new();
     for &port in TCP_PORTS {
         // `[::]` with the namespace default bindv6only=0 accepts IPv4 as well.
@@ -344,9 +622,19 @@ fn bind_all() -> Result<(Vec<TcpListener>, TcpListener, UdpSocket), String> {
     let stream = TcpListener::bind(("::", STREAM_PORT))
         .map_err(|e| format!("tcp [::]:{STREAM_PORT}: {e}"))?;
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let dns = UdpSocket::bind((DNS4.parse::<IpAddr>().unwrap(), 53))
-        .map_err(|e| format!("udp {DNS4}:53: {e}"))?;
-    dns.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut dns = DnsSockets {
+        udp: Vec::new(),
+        tcp: Vec::new(),
+    };
+    for server in DNS_SERVERS {
+        let at = SocketAddr::new(server.parse().unwrap(), 53);
+        let udp = UdpSocket::bind(at).map_err(|e| format!("udp {at}: {e}"))?;
+        udp.set_nonblocking(true).map_err(|e| e.to_string())?;
+        dns.udp.push(udp);
+        let listener = TcpListener::bind(at).map_err(|e| format!("tcp {at}: {e}"))?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        dns.tcp.push(listener);
+    }
     Ok((tcp, stream, dns))
 }
 
@@ -402,10 +690,10 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 fn serve(
     tcp: Vec<TcpListener>,
     stream: TcpListener,
-    dns: UdpSocket,
+    dns_sockets: DnsSockets,
     stop: &AtomicBool,
     hits: &Mutex<Vec<Hit>>,
-    queries: &Mutex<Vec<String>>,
+    dns: &Dns,
     streams: &Mutex<Vec<StreamRecord>>,
 ) {
     let started = Instant::now();
@@ -470,11 +758,43 @@ fn serve(
                 Err(_) => {}
             }
         }
-        if let Ok((n, peer)) = dns.recv_from(&mut buf) {
+        for udp in &dns_sockets.udp {
+            if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                busy = true;
+                let Ok(server) = udp.local_addr() else {
+                    continue;
+                };
+                if let Some(reply) = dns.answer(&buf[..n], false, server, peer) {
+                    let _ = udp.send_to(&reply, peer);
+                }
+            }
+        }
+        for listener in &dns_sockets.tcp {
+            let Ok((conn, peer)) = listener.accept() else {
+                continue;
+            };
             busy = true;
-            if let Some((name, reply)) = dns_answer(&buf[..n]) {
-                queries.lock().unwrap().push(name);
-                let _ = dns.send_to(&reply, peer);
+            let Ok(server) = conn.local_addr() else {
+                continue;
+            };
+            // A TCP connection like any other: recorded in the hits.
+            hits.lock().unwrap().push(Hit {
+                local: canonical(server),
+                peer: canonical(peer),
+            });
+            if dns.tcp_handlers.fetch_add(1, Ordering::SeqCst) >= MAX_DNS_TCP {
+                dns.tcp_handlers.fetch_sub(1, Ordering::SeqCst);
+                continue; // dropped: closed at once
+            }
+            let d = dns.clone();
+            let spawned = std::thread::Builder::new()
+                .name("e2e-world-dns-tcp".into())
+                .spawn(move || {
+                    d.serve_tcp(conn, server, peer);
+                    d.tcp_handlers.fetch_sub(1, Ordering::SeqCst);
+                });
+            if spawned.is_err() {
+                dns.tcp_handlers.fetch_sub(1, Ordering::SeqCst);
             }
         }
         if busy {
@@ -486,67 +806,135 @@ fn serve(
     }
 }
 
-/// A minimal authoritative answer to one DNS query: A records from [`DNS_ZONE`], an empty
-/// NOERROR for other types of a known name, NXDOMAIN for unknown names.
+/// A minimal authoritative answer to one DNS query over UDP from the default [`Zone`]: A
+/// records from [`DNS_ZONE`], AAAA records from [`DNS_ZONE6`], an empty NOERROR for other
+/// types of a known name, NXDOMAIN for unknown names (and the records of
+/// tests/e2e_dns_records.rs, see [`Zone::answer`]).
 pub fn dns_answer(query: &[u8]) -> Option<(String, Vec<u8>)> {
-    if query.len() < 12 || query[2] & 0x80 != 0 {
-        return None; // too short, or a response
+    Zone::default()
+        .answer(query, false)
+        .map(|a| (a.name, a.reply))
+}
+
+/// A name in wire format, uncompressed.
+fn wire_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
     }
-    let qdcount = u16::from_be_bytes([query[4], query[5]]);
-    if qdcount != 1 {
-        return None;
-    }
-    // Walk the question name.
-    let mut i = 12;
-    let mut labels = Vec::new();
-    loop {
-        let len = *query.get(i)? as usize;
-        i += 1;
-        if len == 0 {
-            break;
+    out.push(0);
+    out
+}
+
+impl Zone {
+    /// The answer to one query (None: not a query we answer; dropped).
+    ///
+    /// Like a recursive resolver: the CNAME chain from the question's name (at most 8 links)
+    /// comes first, then the records of the question's type owned by the chain's last name,
+    /// then the [`Zone::extras`] of the question. NXDOMAIN when the zone has no record of the
+    /// question's name, else NOERROR. Over UDP, an answer longer than [`UDP_LIMIT`] or of a
+    /// name in [`Zone::truncate_udp`] goes out with TC=1 and no records.
+    pub fn answer(&self, query: &[u8], tcp: bool) -> Option<ZoneAnswer> {
+        if query.len() < 12 || query[2] & 0x80 != 0 {
+            return None; // too short, or a response
         }
-        if len > 63 {
+        let qdcount = u16::from_be_bytes([query[4], query[5]]);
+        if qdcount != 1 {
             return None;
         }
-        labels.push(String::from_utf8_lossy(query.get(i..i + len)?).to_ascii_lowercase());
-        i += len;
+        // Walk the question name.
+        let mut i = 12;
+        let mut labels = Vec::new();
+        loop {
+            let len = *query.get(i)? as usize;
+            i += 1;
+            if len == 0 {
+                break;
+            }
+            if len > 63 {
+                return None;
+            }
+            labels.push(String::from_utf8_lossy(query.get(i..i + len)?).to_ascii_lowercase());
+            i += len;
+        }
+        let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
+        let question_end = i + 4;
+        query.get(..question_end)?;
+        let name = labels.join(".");
+        let known = self.records.iter().any(|r| r.owner == name);
+        // The answer records, in order.
+        let mut answers: Vec<&ZoneRecord> = Vec::new();
+        let mut owner = name.clone();
+        for _ in 0..8 {
+            if qtype == 5 {
+                break;
+            }
+            let Some(link) = self
+                .records
+                .iter()
+                .find(|r| r.owner == owner && matches!(r.data, Rdata::Cname(_)))
+            else {
+                break;
+            };
+            answers.push(link);
+            let Rdata::Cname(target) = &link.data else {
+                unreachable!()
+            };
+            owner = target.clone();
+        }
+        answers.extend(
+            self.records
+                .iter()
+                .filter(|r| r.owner == owner && r.data.rtype() == qtype),
+        );
+        answers.extend(
+            self.extras
+                .iter()
+                .filter(|(q, r)| *q == name && r.data.rtype() == qtype)
+                .map(|(_, r)| r),
+        );
+
+        let rd = query[2] & 0x01;
+        let rcode = if known { 0x00 } else { 0x03 }; // NOERROR / NXDOMAIN
+        let header = |tc: u8, ancount: usize| {
+            let mut h = Vec::with_capacity(question_end);
+            h.extend_from_slice(&query[0..2]); // id
+            h.push(0x84 | tc | rd); // QR, AA, TC, RD copied
+            h.push(rcode);
+            h.extend_from_slice(&1u16.to_be_bytes()); // qdcount
+            h.extend_from_slice(&(ancount as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0, 0]); // nscount, arcount
+            h.extend_from_slice(&query[12..question_end]);
+            h
+        };
+        let mut reply = header(0, answers.len());
+        for r in &answers {
+            if r.owner == name {
+                reply.extend_from_slice(&[0xc0, 0x0c]); // pointer to the question name
+            } else {
+                reply.extend_from_slice(&wire_name(&r.owner));
+            }
+            let rdata = match &r.data {
+                Rdata::A(a) => a.octets().to_vec(),
+                Rdata::Aaaa(a) => a.octets().to_vec(),
+                Rdata::Cname(target) => wire_name(target),
+            };
+            reply.extend_from_slice(&r.data.rtype().to_be_bytes());
+            reply.extend_from_slice(&1u16.to_be_bytes()); // IN
+            reply.extend_from_slice(&r.ttl.to_be_bytes());
+            reply.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            reply.extend_from_slice(&rdata);
+        }
+        let truncated = !tcp && (reply.len() > UDP_LIMIT || self.truncate_udp.contains(&name));
+        if truncated {
+            reply = header(0x02, 0);
+        }
+        Some(ZoneAnswer {
+            name,
+            qtype,
+            reply,
+            truncated,
+        })
     }
-    let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
-    let question_end = i + 4;
-    query.get(..question_end)?;
-    let name = labels.join(".");
-    let known =
-        DNS_ZONE.iter().any(|(n, _)| *n == name) || DNS_ZONE6.iter().any(|(n, _)| *n == name);
-    // (type, rdata) of each answer record.
-    let records: Vec<(u16, Vec<u8>)> = match qtype {
-        1 => DNS_ZONE
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, a)| (1, a.octets().to_vec()))
-            .collect(),
-        28 => DNS_ZONE6
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, a)| (28, a.octets().to_vec()))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let mut reply = Vec::with_capacity(question_end + 16 * (records.len() + 1));
-    reply.extend_from_slice(&query[0..2]); // id
-    let rd = query[2] & 0x01;
-    reply.push(0x84 | rd); // QR, AA, RD copied
-    reply.push(if known { 0x00 } else { 0x03 }); // RCODE: NOERROR / NXDOMAIN
-    reply.extend_from_slice(&1u16.to_be_bytes()); // qdcount
-    reply.extend_from_slice(&(records.len() as u16).to_be_bytes());
-    reply.extend_from_slice(&[0, 0, 0, 0]); // nscount, arcount
-    reply.extend_from_slice(&query[12..question_end]);
-    for (rtype, rdata) in &records {
-        reply.extend_from_slice(&[0xc0, 0x0c]); // pointer to the question name
-        reply.extend_from_slice(&rtype.to_be_bytes());
-        reply.extend_from_slice(&1u16.to_be_bytes()); // IN
-        reply.extend_from_slice(&300u32.to_be_bytes()); // TTL
-        reply.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
-        reply.extend_from_slice(rdata);
-    }
-    Some((name, reply))
 }
