@@ -11,7 +11,7 @@
 mod e2e;
 
 use e2e::world::*;
-use e2e::{set_elements, E2e, IMAGE};
+use e2e::{set_elements, E2e};
 
 macro_rules! e2e {
     () => {
@@ -62,7 +62,10 @@ fn dnsmasq_tier_allows_listed_names_and_refuses_the_rest() {
     let mut h = e2e!();
     let conf = h.user.config_dir().join("config.yml");
     h.write_user_file(&conf, DNSMASQ_CONFIG);
-    h.profile("e2e-dnsmasq", "# dnsmasq DNS tier\nsvc.e2e.test\n");
+    h.profile(
+        "e2e-dnsmasq",
+        "# dnsmasq DNS tier\nsvc.e2e.test\npair.e2e.test:443\n",
+    );
     let name = h.name("dnsmasq");
     h.run_detached(&name, "e2e-dnsmasq").expect_ok();
     let status = h.shield(&["status", &name]).expect_ok();
@@ -72,7 +75,10 @@ fn dnsmasq_tier_allows_listed_names_and_refuses_the_rest() {
         "grep nameserver /etc/resolv.conf\n\
          echo \"ALLOWED: $(timeout 5 nslookup svc.e2e.test 2>&1 | grep -c {NAMED4})\"\n\
          o=$(timeout 5 nc {NAMED4} 80 </dev/null 2>&1); echo \"CONNECT: $o\"\n\
-         echo \"REFUSED: $(timeout 5 nslookup pair.e2e.test 2>&1 | grep -c 198.51.100.7)\"\n\
+         echo \"REFUSED: $(timeout 5 nslookup dual.e2e.test 2>&1 | grep -c 198.51.100.50)\"\n\
+         echo \"SCOPED: $(timeout 5 nslookup pair.e2e.test 2>&1 | grep -c 198.51.100.7)\"\n\
+         o=$(timeout 5 nc {PAIR4} 443 </dev/null 2>&1); echo \"SCOPED443: $o\"\n\
+         o=$(timeout 5 nc {PAIR4} 80 </dev/null 2>&1); echo \"SCOPED80: rc=$? $o\"\n\
          echo \"DIRECT: $(timeout 5 nslookup svc.e2e.test {DNS4} 2>&1 | grep -c {NAMED4})\"\n"
     );
     let out = h.exec(&name, &script);
@@ -81,12 +87,25 @@ fn dnsmasq_tier_allows_listed_names_and_refuses_the_rest() {
         "resolv.conf not pointed at dnsmasq: {out}"
     );
     assert_eq!(count_line(&out.stdout, "ALLOWED:"), Some(1), "{out}");
-    let banner = banner(NAMED4.parse().unwrap(), 80);
+    let named = banner(NAMED4.parse().unwrap(), 80);
     assert!(
-        out.stdout.contains(banner.trim()),
+        out.stdout.contains(named.trim()),
         "the learned address was not reachable: {out}"
     );
     assert_eq!(count_line(&out.stdout, "REFUSED:"), Some(0), "{out}");
+    // A port-scoped name resolves; its port opens for the address resolved before start, and
+    // nothing else of that host does.
+    assert_eq!(count_line(&out.stdout, "SCOPED:"), Some(2), "{out}");
+    assert!(
+        out.stdout
+            .contains(banner(PAIR4.parse().unwrap(), 443).trim()),
+        "the scoped port was not reachable: {out}"
+    );
+    assert!(
+        !out.stdout
+            .contains(banner(PAIR4.parse().unwrap(), 80).trim()),
+        "a port the scope does not name was reachable: {out}"
+    );
     assert_eq!(
         count_line(&out.stdout, "DIRECT:"),
         Some(0),
@@ -105,13 +124,24 @@ fn dnsmasq_tier_allows_listed_names_and_refuses_the_rest() {
             .any(|e| e.contains(NAMED4)),
         "{NAMED4} not in dns_v4: {rules}"
     );
+    let dns_v4 = set_elements(&rules, "dns_v4");
+    assert!(
+        !dns_v4.iter().any(|e| e.contains(PAIR4)),
+        "a port-scoped name's address was learned for every port: {dns_v4:?}"
+    );
+    assert!(
+        set_elements(&rules, "scoped_names_v4")
+            .iter()
+            .any(|e| e.contains(PAIR4)),
+        "{rules}"
+    );
     let queries = h.world.dns_queries();
     assert!(
         queries.iter().any(|q| q.contains("svc.e2e.test")),
         "upstream never saw the allowed name: {queries:?}"
     );
     assert!(
-        !queries.iter().any(|q| q.contains("pair.e2e.test")),
+        !queries.iter().any(|q| q.contains("dual.e2e.test")),
         "a refused name reached upstream: {queries:?}"
     );
     h.podman(&["rm", "-f", &name]).expect_ok();
@@ -206,5 +236,33 @@ fn a_dead_dnsmasq_fails_closed_and_status_says_error() {
         "the query port was free after dnsmasq died"
     );
     assert_eq!(h.shield_state(&name), "error");
+    h.podman(&["rm", "-f", &name]).expect_ok();
+}
+
+/// The bundled profiles (port-scoped NTP names included) start under dnsmasq: their names are
+/// forwarded upstream, other names are refused locally.
+#[test]
+fn bundled_profiles_start_under_the_dnsmasq_tier() {
+    let mut h = e2e!();
+    let conf = h.user.config_dir().join("config.yml");
+    h.write_user_file(&conf, DNSMASQ_CONFIG);
+    let name = h.name("dnsmasq-bundled");
+    h.run_detached(&name, "base,dev-standard").expect_ok();
+    assert_eq!(h.shield_state(&name), "up");
+    let out = h.exec(
+        &name,
+        "timeout 5 nslookup api.github.com; timeout 5 nslookup pool.ntp.org; timeout 5 nslookup not-listed.example; true",
+    );
+    let queries = h.world.dns_queries();
+    for listed in ["api.github.com", "pool.ntp.org"] {
+        assert!(
+            queries.iter().any(|q| q == listed),
+            "{listed} was not forwarded: {queries:?} {out}"
+        );
+    }
+    assert!(
+        !queries.iter().any(|q| q == "not-listed.example"),
+        "an unlisted name reached upstream: {queries:?}"
+    );
     h.podman(&["rm", "-f", &name]).expect_ok();
 }

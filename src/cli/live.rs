@@ -77,6 +77,15 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
     let _lock = lock_dir(&running.dir)?;
     // Re-read under the lock: another command may have changed the bundle meanwhile.
     let old: Bundle = crate::effects::state::load_bundle(&running.dir, &name)?;
+    if let (DnsTier::Dnsmasq, Change::Allow(_), Some(t)) = (old.dns_tier, &change, &target) {
+        if let Host::Domain(d) = &t.host {
+            crate::core::dnsmasq::check_live_allow(
+                &crate::core::dns_policy::DnsPolicy::from_bundle(&old),
+                d,
+                t.scope.is_some(),
+            )?;
+        }
+    }
     let mut new = old.clone();
     let mut addresses: Vec<String> = Vec::new();
     let revokes;
@@ -134,10 +143,8 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
     }
     if new.dns_tier == DnsTier::Dnsmasq {
         // Refuse what dnsmasq cannot enforce before anything changes.
-        crate::core::dnsmasq::servers_file(
-            &crate::core::dns_policy::DnsPolicy::from_bundle(&new),
-            &[std::net::Ipv4Addr::LOCALHOST.into()],
-        )?;
+        let policy = crate::core::dns_policy::DnsPolicy::from_bundle(&new);
+        crate::core::dnsmasq::servers_file(&policy, &[std::net::Ipv4Addr::LOCALHOST.into()])?;
     }
 
     let facts = running.runtime.facts();

@@ -106,7 +106,7 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         live_deny: Vec::new(),
         loopback_ports: ctx.config.loopback_ports.clone(),
         audit_enabled: ctx.config.audit.enabled,
-        dns_tier: match ctx.config.dns.tier {
+        dns_tier: match ctx.config.dns.tier.effective() {
             crate::core::config::DnsTier::Auto | crate::core::config::DnsTier::Builtin => {
                 DnsTier::Builtin
             }
@@ -222,6 +222,21 @@ fn check_dnsmasq_tier(
         .filter(|t| matches!(&t.host, crate::core::target::Host::Domain(d) if !d.wildcard))
         .map(|t| t.to_string())
         .collect();
+    let scoped_wildcards: Vec<String> = bundle
+        .entries
+        .iter()
+        .filter(|t| {
+            t.scope.is_some()
+                && matches!(&t.host, crate::core::target::Host::Domain(d) if d.wildcard)
+        })
+        .map(|t| t.to_string())
+        .collect();
+    if !scoped_wildcards.is_empty() {
+        warnings.push(format!(
+            "dns.tier dnsmasq resolves port-scoped names but cannot open their ports as it learns them; exact ones use the addresses resolved now, wildcards open nothing: {}",
+            scoped_wildcards.join(", ")
+        ));
+    }
     if !exact.is_empty() {
         let more = if exact.len() > 3 { ", ..." } else { "" };
         warnings.push(format!(

@@ -33,6 +33,7 @@ pub fn run(args: &StatusArgs, ctx: &Context) -> anyhow::Result<()> {
             "upstream_dns": c.upstream_dns.map(|a| a.to_string()),
             "dns": {
                 "tier": c.dns.tier.as_str(),
+                "effective_tier": c.dns.tier.effective().as_str(),
                 "min_ttl": c.dns.min_ttl,
                 "max_ttl": c.dns.max_ttl,
                 "cache_max_age": c.dns.cache_max_age,
@@ -102,8 +103,13 @@ pub fn run(args: &StatusArgs, ctx: &Context) -> anyhow::Result<()> {
         (
             "dns",
             format!(
-                "tier {}, ttl {}..{} s, cache max age {} s",
+                "tier {}{}, ttl {}..{} s, cache max age {} s",
                 c.dns.tier.as_str(),
+                if c.dns.tier == c.dns.tier.effective() {
+                    String::new()
+                } else {
+                    format!(" ({})", c.dns.tier.effective().as_str())
+                },
                 c.dns.min_ttl,
                 c.dns.max_ttl,
                 c.dns.cache_max_age

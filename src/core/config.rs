@@ -62,6 +62,14 @@ impl DnsTier {
             DnsTier::Static => "static",
         }
     }
+    /// The tier a container prepared now gets: `auto` is the builtin resolver, which needs
+    /// nothing from the host.
+    pub fn effective(self) -> DnsTier {
+        match self {
+            DnsTier::Auto => DnsTier::Builtin,
+            other => other,
+        }
+    }
 }
 
 /// The `audit:` section: whether per-container JSON-lines audit logs are written.

@@ -10,8 +10,10 @@
 //!
 //! Differences from the builtin tier, forced by dnsmasq's matching rules and documented for
 //! users: an exact name also admits its subdomains (`/example.com/` matches the whole
-//! subtree); port-scoped names cannot be expressed (nftset fills plain address sets); in
-//! bypass mode names outside the allowlist still do not resolve.
+//! subtree); port-scoped names resolve, but dnsmasq can only put plain addresses into sets, so
+//! their ports are opened by the addresses resolved before start (as in the static tier) and
+//! their answers go to sets no rule reads; in bypass mode names outside the allowlist still do
+//! not resolve.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -29,8 +31,8 @@ pub const QUERY_PORT: u16 = 53_053;
 /// Why a policy cannot be expressed for dnsmasq.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DnsmasqError {
-    #[error("{0} is port-scoped, which the dnsmasq DNS tier cannot enforce (it fills plain address sets); use dns.tier builtin, or allow the name without a port")]
-    PortScoped(String),
+    #[error("{0} cannot be allowed live in the dnsmasq DNS tier: dnsmasq learns port-scoped names (and names beneath them) only as configured at start; add it to a profile and restart the container, or use dns.tier builtin")]
+    NeedsRestart(String),
     #[error("deny {denied} cannot hold in the dnsmasq DNS tier while {allowed} is allowed (dnsmasq lets the exact name win over a wildcard); deny {allowed} instead, or use dns.tier builtin")]
     WildcardUnderExact { denied: String, allowed: String },
     #[error(
@@ -55,15 +57,6 @@ pub fn servers_file(policy: &DnsPolicy, upstreams: &[IpAddr]) -> Result<String, 
         return Err(DnsmasqError::NoUpstream);
     }
     let mut out = String::from("# written by terok-shield; rewritten on every allow/deny\n");
-    for grant in policy.grants() {
-        if grant.scope.is_some() {
-            return Err(DnsmasqError::PortScoped(format!(
-                "{}{}",
-                grant.pattern,
-                grant.scope.map(|s| s.to_string()).unwrap_or_default()
-            )));
-        }
-    }
     for denied in policy.denied() {
         if denied.wildcard {
             if let Some(exact) = policy
@@ -100,14 +93,57 @@ pub struct Launch<'a> {
     pub servers_file: &'a str,
 }
 
+/// Which learned sets dnsmasq fills for names under `base`: port-scoped names go to sets no
+/// rule reads (their ports are opened by addresses resolved before start), every other name
+/// to the address-wide learned sets.
+fn nftset_spec(base: &str, scoped: bool) -> String {
+    let (v4, v6) = if scoped {
+        (sets::SCOPED_NAMES_V4, sets::SCOPED_NAMES_V6)
+    } else {
+        (sets::DNS_V4, sets::DNS_V6)
+    };
+    format!("--nftset=/{base}/4#{FAMILY}#{TABLE}#{v4},6#{FAMILY}#{TABLE}#{v6}")
+}
+
+/// One `--nftset` per allowed base name (dnsmasq picks the longest match; an unscoped grant
+/// wins over a scoped one of the same name), plus a catch-all for names allowed live later.
+fn nftset_arguments(policy: &DnsPolicy) -> Vec<String> {
+    let mut bases: std::collections::BTreeMap<&str, bool> = Default::default();
+    for grant in policy.grants() {
+        let scoped = bases.entry(grant.pattern.name.as_str()).or_insert(true);
+        *scoped &= grant.scope.is_some();
+    }
+    std::iter::once(nftset_spec("#", false))
+        .chain(bases.into_iter().map(|(b, scoped)| nftset_spec(b, scoped)))
+        .collect()
+}
+
+/// Whether a name allowed live (after dnsmasq started with `policy`'s learning rules, which
+/// cannot change without a restart) would be learned as the allow says.
+pub fn check_live_allow(
+    policy: &DnsPolicy,
+    pattern: &super::target::DomainPattern,
+    scoped: bool,
+) -> Result<(), DnsmasqError> {
+    let shown = || pattern.to_string();
+    if scoped {
+        return Err(DnsmasqError::NeedsRestart(shown()));
+    }
+    // The longest allowed base covering the name decides where dnsmasq puts its answers.
+    let covering = policy
+        .grants()
+        .iter()
+        .filter(|g| g.pattern.name == pattern.name || g.pattern.name.is_parent_of(&pattern.name))
+        .max_by_key(|g| (g.pattern.name.as_str().len(), g.scope.is_none()));
+    match covering {
+        Some(g) if g.scope.is_some() => Err(DnsmasqError::NeedsRestart(shown())),
+        _ => Ok(()),
+    }
+}
+
 /// dnsmasq's command line: loopback listeners only, no other configuration read, no cache
 /// (every answer passes through nftset, so sets and answers never disagree), foreground.
-pub fn arguments(launch: &Launch<'_>) -> Vec<String> {
-    let nftset = format!(
-        "--nftset=/#/4#{FAMILY}#{TABLE}#{},6#{FAMILY}#{TABLE}#{}",
-        sets::DNS_V4,
-        sets::DNS_V6
-    );
+pub fn arguments(launch: &Launch<'_>, policy: &DnsPolicy) -> Vec<String> {
     [
         "--keep-in-foreground",
         "--conf-file=/dev/null",
@@ -129,8 +165,8 @@ pub fn arguments(launch: &Launch<'_>) -> Vec<String> {
     .chain([
         format!("--query-port={QUERY_PORT}"),
         format!("--servers-file={}", launch.servers_file),
-        nftset,
     ])
+    .chain(nftset_arguments(policy))
     .collect()
 }
 
@@ -191,9 +227,6 @@ mod tests {
 
     #[test]
     fn inexpressible_policies_are_refused_with_a_fix() {
-        let scoped = policy(&["example.com:443"], &[], Mode::DenyAll);
-        let e = servers_file(&scoped, UP).unwrap_err();
-        assert!(e.to_string().contains("builtin"), "{e}");
         let wild = policy(&["example.com"], &["*.example.com"], Mode::DenyAll);
         assert!(matches!(
             servers_file(&wild, UP),
@@ -217,10 +250,56 @@ mod tests {
     }
 
     #[test]
+    fn port_scoped_names_are_learned_into_sets_no_rule_reads() {
+        let p = policy(
+            &[
+                "pool.ntp.test:123/udp",
+                "a.pool.ntp.test",
+                "api.test",
+                "api.test:443",
+            ],
+            &[],
+            Mode::DenyAll,
+        );
+        let args = arguments(&Launch { servers_file: "/s" }, &p);
+        let nft: Vec<&String> = args.iter().filter(|a| a.starts_with("--nftset")).collect();
+        assert_eq!(
+            nft,
+            [
+                "--nftset=/#/4#inet#terok_shield#dns_v4,6#inet#terok_shield#dns_v6",
+                "--nftset=/a.pool.ntp.test/4#inet#terok_shield#dns_v4,6#inet#terok_shield#dns_v6",
+                "--nftset=/api.test/4#inet#terok_shield#dns_v4,6#inet#terok_shield#dns_v6",
+                "--nftset=/pool.ntp.test/4#inet#terok_shield#scoped_names_v4,6#inet#terok_shield#scoped_names_v6",
+            ]
+        );
+        // Scoped names are still answered.
+        assert!(servers_file(&p, UP)
+            .unwrap()
+            .contains("server=/pool.ntp.test/198.51.100.53\n"));
+    }
+
+    #[test]
+    fn live_allows_that_dnsmasq_would_learn_wrongly_need_a_restart() {
+        let p = policy(&["pool.ntp.test:123/udp", "api.test"], &[], Mode::DenyAll);
+        let d = |s: &str| match Target::parse(s).unwrap().host {
+            crate::core::target::Host::Domain(d) => d,
+            _ => unreachable!(),
+        };
+        assert!(check_live_allow(&p, &d("other.test"), false).is_ok());
+        assert!(check_live_allow(&p, &d("x.api.test"), false).is_ok());
+        assert!(check_live_allow(&p, &d("x.pool.ntp.test"), false).is_err());
+        assert!(check_live_allow(&p, &d("pool.ntp.test"), false).is_err());
+        assert!(check_live_allow(&p, &d("new.test"), true).is_err());
+    }
+
+    #[test]
     fn arguments_read_no_other_config_and_fill_the_learned_sets() {
-        let args = arguments(&Launch {
-            servers_file: "/s/dnsmasq.servers",
-        });
+        let args = arguments(
+            &Launch {
+                servers_file: "/s/dnsmasq.servers",
+            },
+            &policy(&[], &[], Mode::DenyAll),
+        );
         assert!(args.contains(&"--conf-file=/dev/null".to_string()));
         assert!(args.contains(&format!("--query-port={QUERY_PORT}")));
         assert!(args.contains(

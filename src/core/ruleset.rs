@@ -235,6 +235,9 @@ pub mod sets {
     pub const DNS_SVC_V6: &str = "dns_svc_v6";
     pub const DENY_V4: &str = "deny_v4";
     pub const DENY_V6: &str = "deny_v6";
+    /// dnsmasq tier only: answers for port-scoped names, which no rule reads.
+    pub const SCOPED_NAMES_V4: &str = "scoped_names_v4";
+    pub const SCOPED_NAMES_V6: &str = "scoped_names_v6";
 }
 
 /// Elements per nft transaction, in netlink-element units. A rootless user namespace refuses
@@ -345,7 +348,7 @@ impl Ruleset {
             elements,
             timeout: policy.learned_timeout.filter(|_| kind.is_learned()),
         };
-        let sets = vec![
+        let mut sets = vec![
             set(sets::ALLOW_V4, SetKind::Addr4, a4),
             set(sets::ALLOW_V6, SetKind::Addr6, a6),
             set(sets::ALLOW_NET_V4, SetKind::Net4, n4),
@@ -373,6 +376,13 @@ impl Ruleset {
                     .collect(),
             ),
         ];
+        if policy.resolver_port.is_some() {
+            // dnsmasq tier: where dnsmasq puts the answers of port-scoped names. No rule reads
+            // these sets (dnsmasq cannot add the port); they only keep such answers out of
+            // the address-wide learned sets.
+            sets.push(set(sets::SCOPED_NAMES_V4, SetKind::Learned4, vec![]));
+            sets.push(set(sets::SCOPED_NAMES_V6, SetKind::Learned6, vec![]));
+        }
 
         let mut chains = vec![
             Chain {

@@ -83,14 +83,17 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
-fn spawn(program: &Path, dir: &Path) -> anyhow::Result<Child> {
+fn spawn(program: &Path, dir: &Path, policy: &DnsPolicy) -> anyhow::Result<Child> {
     use std::os::unix::process::CommandExt;
     let servers = dir.join(SERVERS_FILE);
     let servers = servers.to_str().context("bundle path is not UTF-8")?;
     let mut cmd = Command::new(program);
-    cmd.args(arguments(&Launch {
-        servers_file: servers,
-    }))
+    cmd.args(arguments(
+        &Launch {
+            servers_file: servers,
+        },
+        policy,
+    ))
     .stdin(Stdio::null())
     .stdout(Stdio::null());
     // SAFETY: prctl(2) is async-signal-safe. dnsmasq must not outlive its supervisor.
@@ -167,7 +170,8 @@ pub fn supervise(
     let _ = std::fs::remove_file(dir.join(FAILED_MARKER));
     write_servers(dir, name, upstreams)?;
     let signals = block_signals()?;
-    let mut child = spawn(&program, dir)?;
+    let at_start = DnsPolicy::from_bundle(&load_bundle(dir, name)?);
+    let mut child = spawn(&program, dir, &at_start)?;
     if let Err(e) = wait_ready(&mut child) {
         let _ = child.kill();
         let _ = child.wait();
