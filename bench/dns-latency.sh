@@ -24,7 +24,13 @@ PIDS=()
 cleanup() {
     set +e
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    pkill -f "internal-resolver $WORK/" 2>/dev/null || true
+    # Leftovers of an interrupted earlier run: only processes inside our own throwaway netns,
+    # by PID (never by name: other resolvers on this machine are none of our business).
+    if ip netns list | grep -qw "$NS"; then
+        for p in $(ip netns pids "$NS" 2>/dev/null); do kill "$p" 2>/dev/null; done
+        sleep 0.2
+        for p in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+    fi
     ip netns del "$NS" 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -32,8 +38,11 @@ trap cleanup EXIT
 cleanup
 mkdir -p "$WORK/config/profiles"
 
-(cd "$REPO" && cargo build --release --quiet)
-BIN=$REPO/target/release/terok-shield
+# BIN=/path/to/terok-shield compares another build (e.g. a saved "before" binary).
+if [ -z "${BIN:-}" ]; then
+    (cd "$REPO" && cargo build --release --quiet)
+    BIN=$REPO/target/release/terok-shield
+fi
 printf '*.bench.test\n' >"$WORK/config/profiles/bench.txt"
 printf 'upstream_dns: 127.0.0.53\ndns:\n  tier: builtin\n  min_ttl: 60\n  max_ttl: 3600\n' >"$WORK/config/config.yml"
 export TEROK_SHIELD_CONFIG_DIR=$WORK/config TEROK_SHIELD_STATE_DIR=$WORK/state
@@ -71,7 +80,8 @@ PY
 ip netns exec "$NS" python3 "$WORK/upstream.py" &
 PIDS+=($!)
 ip netns exec "$NS" "$BIN" internal-resolver "$WORK/state/containers/dnslat" dnslat 127.0.0.53 >/dev/null 2>"$WORK/resolver.log" &
-PIDS+=($!)
+RESOLVER=$! # `ip netns exec` execs the command: this is the resolver itself
+PIDS+=($RESOLVER)
 ip netns exec "$NS" dnsmasq --keep-in-foreground --no-resolv --no-hosts --server=127.0.0.53 \
     --listen-address=127.0.0.2 --bind-interfaces --port=53 --cache-size=0 --user=root --pid-file= 2>/dev/null &
 PIDS+=($!)
@@ -114,7 +124,7 @@ print(f"|----------|--------|--------|-------------------------|")
 for who in ["upstream", "ours", "dnsmasq"]:
     print(f"| {who:8} | {pct(lat[who],0.5):6.3f} | {pct(lat[who],0.9):6.3f} | {pct(lat[who],0.5)-up50:+.3f} ms |")
 print(f"\nanswers whose address was in dns_v4 when the client got them: {in_set}/{N} ({100*in_set/N:.1f}%)")
-def blast(server, tag, per_thread=200, threads=8):
+def blast(server, tag, per_thread=1000, threads=8):
     def worker(t):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
         for i in range(per_thread):
@@ -124,11 +134,31 @@ def blast(server, tag, per_thread=200, threads=8):
     ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     [t.start() for t in ts]; [t.join() for t in ts]
     return per_thread * threads / (time.perf_counter() - start)
-print(f"\nthroughput, 8 concurrent clients x 200 unique names:")
+# Three rounds, servers alternating, median reported: one short burst is at the mercy of
+# whatever else the machine does.
+rounds = {"ours": [], "dnsmasq": [], "upstream": []}
+for r in range(3):
+    for who in (["ours", "dnsmasq", "upstream"] if r % 2 == 0 else ["upstream", "dnsmasq", "ours"]):
+        rounds[who].append(blast(servers[who], f"{who}{r}"))
+print(f"\nthroughput, 8 concurrent clients x 1000 unique names, median of 3 rounds (all rounds):")
 for who in ["ours", "dnsmasq", "upstream"]:
-    print(f"  {who:8} {blast(servers[who], who):8.0f} queries/s")
+    v = sorted(rounds[who])
+    print(f"  {who:8} {v[1]:8.0f} queries/s   ({', '.join(f'{x:.0f}' for x in rounds[who])})")
 PY
 echo "terok-shield DNS benchmark: $N queries per server, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# Memory of the resolver, from /proc/PID/smaps_rollup (kB): Rss = resident pages (file-backed
+# code/data of the binary and libc + anonymous heap/stacks); Pss shares each page among the
+# processes mapping it (the fair per-container cost: the binary's text is shared by every
+# container's resolver); Anonymous = private memory this resolver alone costs.
+mem() {
+    local f=/proc/$RESOLVER/smaps_rollup
+    [ -r "$f" ] || { echo "resolver memory ($1): ? (process gone)"; return; }
+    awk -v when="$1" -v thr="$(awk '/^Threads:/{print $2}' /proc/$RESOLVER/status)" '
+        /^Rss:/{r=$2} /^Pss:/{p=$2} /^Pss_Anon:/{pa=$2} /^Pss_File:/{pf=$2} /^Anonymous:/{a=$2}
+        END{printf "resolver memory (%s): Rss %d KiB (anon %d + file %d), Pss %d KiB (anon %d + file %d), %d threads\n",
+                   when, r, a, r-a, p, pa, pf, thr}' "$f"
+}
+echo
+mem "idle, before the run"
 ip netns exec "$NS" python3 "$WORK/client.py" "$N"
-rss=$(ps -o rss= -p "$(pgrep -f "internal-resolver $WORK/" | head -1)" 2>/dev/null || echo "?")
-echo "resolver RSS after the run: ${rss} KiB"
+mem "after the run"

@@ -8,18 +8,24 @@
 //! the DNS-learned sets *before* the answer goes back: the first connection never races the
 //! set update. One thread per question, bounded; upstream waits are bounded.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
+
+use rustix::buffer::spare_capacity;
+use rustix::event::{epoll, Timespec};
+use rustix::io::Errno;
+use rustix::net::RecvFlags;
 
 use crate::core::bundle::ContainerName;
 use crate::core::dns_policy::{
     extract_answer, inspect_request, refused_response, servfail_response, truncated_response,
-    with_id, AnswerDecision, DnsPolicy, QueryDecision,
+    with_id, Answer, AnswerDecision, DnsPolicy, QueryDecision, Request,
 };
 use crate::core::target::Protocol;
 use crate::effects::nfnetlink::{NfSock, SetKey};
@@ -46,24 +52,43 @@ pub struct Settings {
 
 /// The policy, reloaded whenever the bundle's state.json changes (live allow/deny).
 struct PolicyCache {
-    stamp: Option<SystemTime>,
+    stamp: Option<Stamp>,
     policy: Arc<DnsPolicy>,
+}
+
+/// What tells one state.json from the next: it is replaced by rename (a new inode) and the
+/// mtime alone is only as fine as the kernel's coarse clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+}
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    // One stat(2) per question, with no allocation (rustix builds the C path on the stack).
+    let st = rustix::fs::stat(path).ok()?;
+    Some(Stamp {
+        ino: st.st_ino,
+        size: st.st_size,
+        mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+    })
 }
 
 struct Shared {
     settings: Settings,
+    state_path: PathBuf,
     policy: Mutex<PolicyCache>,
     in_flight: AtomicUsize,
     urandom: Mutex<std::fs::File>,
-    learned_lock: Mutex<()>,
+    learned: Mutex<LearnedLog>,
 }
 
 impl Shared {
     fn policy(&self) -> Arc<DnsPolicy> {
-        let path = self.settings.bundle_dir.join(STATE_FILE);
-        let stamp = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let stamp = stamp(&self.state_path);
         let mut cache = self.policy.lock().unwrap_or_else(|p| p.into_inner());
-        if stamp != cache.stamp {
+        if stamp.is_none() || stamp != cache.stamp {
             // A bundle that cannot be read keeps the last good policy (fail closed: it can
             // only be narrower than what was allowed when it was read).
             if let Ok(b) = load_bundle(&self.settings.bundle_dir, &self.settings.name) {
@@ -77,45 +102,497 @@ impl Shared {
 
 /// Bind every socket, call `ready`, then serve until the process is killed.
 pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    // One malloc arena for every thread: per-thread arenas cost resident memory each and
+    // buy nothing here (a handful of small allocations per question).
+    // SAFETY: mallopt only tunes glibc's allocator; called before any thread is started.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    let state_path = settings.bundle_dir.join(STATE_FILE);
+    let stamp = stamp(&state_path);
     let bundle = load_bundle(&settings.bundle_dir, &settings.name)
         .map_err(|e| io::Error::other(e.to_string()))?;
     let shared = Arc::new(Shared {
         policy: Mutex::new(PolicyCache {
-            stamp: None,
+            stamp,
             policy: Arc::new(DnsPolicy::from_bundle(&bundle)),
         }),
+        state_path,
+        learned: Mutex::new(LearnedLog::new(settings.bundle_dir.join(LEARNED_FILE))),
         settings,
         in_flight: AtomicUsize::new(0),
         urandom: Mutex::new(std::fs::File::open("/dev/urandom")?),
-        learned_lock: Mutex::new(()),
     });
-    let mut handles = Vec::new();
+    drop(bundle);
+    let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    let mut clients = Vec::new();
+    let mut tcp = Vec::new();
     for addr in shared.settings.listen.clone() {
         let at = SocketAddr::new(addr, shared.settings.port);
-        let udp = Arc::new(UdpSocket::bind(at)?);
-        let tcp = TcpListener::bind(at)?;
-        for _ in 0..WORKERS_PER_SOCKET {
-            let (s, u) = (shared.clone(), udp.clone());
-            handles.push(small_thread(move || udp_worker(s, u))?);
-        }
-        let s = shared.clone();
-        handles.push(small_thread(move || tcp_loop(s, tcp))?);
+        let udp = UdpSocket::bind(at)?;
+        udp.set_nonblocking(true)?;
+        epoll::add(
+            &ep,
+            &udp,
+            token(Source::Client, clients.len()),
+            epoll::EventFlags::IN,
+        )?;
+        clients.push(Arc::new(udp));
+        let listener = TcpListener::bind(at)?;
+        listener.set_nonblocking(true)?;
+        epoll::add(
+            &ep,
+            &listener,
+            token(Source::Tcp, tcp.len()),
+            epoll::EventFlags::IN,
+        )?;
+        tcp.push(listener);
     }
+    let upstreams = shared.settings.upstreams.len();
+    let mut event_loop = EventLoop {
+        per_server: UPSTREAM_TIMEOUT / upstreams.max(1) as u32,
+        shared,
+        ep,
+        clients,
+        tcp,
+        upstream: (0..upstreams).map(|_| None).collect(),
+        pending: HashMap::new(),
+        earliest: None,
+        worker: Worker::default(),
+        buf: vec![0; 4096],
+        done: Vec::new(),
+    };
     ready()?;
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
+    shed_startup_memory();
+    event_loop.run()
 }
 
-/// Per-thread resources reused across questions: the netlink socket and one connected,
-/// marked socket per upstream server (opening them per question doubled the latency).
+/// Give back what start-up needed and serving does not: free heap (argument parsing, the
+/// bundle) and the page-table entries of program text (clap, YAML/JSON loading, ...).
+///
+/// Only executable file mappings are touched: their pages are never written, so
+/// `MADV_DONTNEED` merely unmaps them (they stay in the page cache, shared with every other
+/// process of the binary) and the few that serving needs fault back in on first use.
+fn shed_startup_memory() {
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    for line in maps.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let path = fields.nth(3).unwrap_or("");
+        if perms != "r-xp" || !path.starts_with('/') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        // SAFETY: a private, read-only, executable file mapping: dropping its pages loses
+        // nothing (they are re-read from the file on the next access).
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
+/// What an epoll event is about (the high bits of its token; the low bits are an index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A listening UDP socket: client questions.
+    Client,
+    /// A listening TCP socket: connections (each served by a thread).
+    Tcp,
+    /// A connected, marked socket to one upstream server: its answers.
+    Upstream,
+}
+
+fn token(source: Source, index: usize) -> epoll::EventData {
+    epoll::EventData::new_u64(((source as u64) << 32) | index as u64)
+}
+
+fn untoken(data: epoll::EventData) -> (Source, usize) {
+    let v = data.u64();
+    let source = match v >> 32 {
+        0 => Source::Client,
+        1 => Source::Tcp,
+        _ => Source::Upstream,
+    };
+    (source, (v & 0xffff_ffff) as usize)
+}
+
+/// UDP questions waiting for upstream at once; beyond this a question gets SERVFAIL at once
+/// (memory stays bounded under a flood).
+const MAX_PENDING: usize = 1024;
+/// Client datagrams taken from one socket per wake-up before looking at the others.
+const RECV_BURST: usize = 64;
+
+/// A UDP question forwarded upstream, keyed by the upstream ID it went out under.
+struct Pending {
+    req: Request,
+    /// The client's message (replies are built from it).
+    raw: Vec<u8>,
+    /// `raw` under the upstream ID.
+    question: Vec<u8>,
+    client: SocketAddr,
+    /// Which listening socket it came in on (the reply leaves from it).
+    listener: usize,
+    /// Index of the upstream server asked now; answers from any other are not taken.
+    server: usize,
+    /// When this server has had its time.
+    deadline: Instant,
+    /// When the client gets SERVFAIL whatever the servers do.
+    overall: Instant,
+}
+
+/// The UDP side of the resolver: one thread, non-blocking sockets, many questions in flight.
+///
+/// Each wake-up drains every ready socket, then inserts the addresses of all the answers it
+/// collected in one netlink batch per (set, timeout), and only then sends those answers: the
+/// set update still precedes every reply, and under load one nf_tables transaction covers
+/// many answers.
+struct EventLoop {
+    shared: Arc<Shared>,
+    ep: OwnedFd,
+    clients: Vec<Arc<UdpSocket>>,
+    tcp: Vec<TcpListener>,
+    /// Connected, marked socket per upstream server (opened on first use).
+    upstream: Vec<Option<UdpSocket>>,
+    per_server: Duration,
+    pending: HashMap<u16, Pending>,
+    /// No pending deadline is earlier than this.
+    earliest: Option<Instant>,
+    worker: Worker,
+    /// One client datagram.
+    buf: Vec<u8>,
+    /// Answers of this wake-up, waiting for their set updates.
+    done: Vec<(Pending, Answer)>,
+}
+
+impl EventLoop {
+    fn run(&mut self) -> io::Result<()> {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
+        loop {
+            let timeout = self.earliest.map(|at| {
+                // Rounded up to the next millisecond: waking early only spins.
+                let left =
+                    at.saturating_duration_since(Instant::now()) + Duration::from_micros(999);
+                let left = Duration::from_millis(left.as_millis() as u64);
+                Timespec {
+                    tv_sec: left.as_secs() as _,
+                    tv_nsec: left.subsec_nanos() as _,
+                }
+            });
+            events.clear();
+            match epoll::wait(&self.ep, spare_capacity(&mut events), timeout.as_ref()) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            // One look at state.json per wake-up: every question and answer handled below
+            // is judged by the policy as it is now.
+            let policy = self.shared.policy();
+            // Answers first (their clients have waited longest), then new questions.
+            for ev in &events {
+                if let (Source::Upstream, i) = untoken(ev.data) {
+                    self.take_answers(i, &policy);
+                }
+            }
+            self.finish();
+            for ev in &events {
+                match untoken(ev.data) {
+                    (Source::Client, i) => self.take_questions(i, &policy),
+                    (Source::Tcp, i) => self.accept(i),
+                    (Source::Upstream, _) => {}
+                }
+            }
+            self.expire();
+        }
+    }
+
+    fn reply(&self, listener: usize, to: SocketAddr, msg: &[u8]) {
+        // Non-blocking: a full send buffer drops the reply, and the client asks again.
+        let _ = self.clients[listener].send_to(msg, to);
+    }
+
+    fn take_questions(&mut self, listener: usize, policy: &DnsPolicy) {
+        for _ in 0..RECV_BURST {
+            let (n, from) = match self.clients[listener].recv_from(&mut self.buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => continue,
+            };
+            let raw = &self.buf[..n];
+            let req = match inspect_request(raw) {
+                Ok(r) => r,
+                Err(m) => {
+                    if let Some(reply) = m.reply() {
+                        self.reply(listener, from, reply);
+                    }
+                    continue;
+                }
+            };
+            if let QueryDecision::Refuse(_) = policy.decide_query(&req.qname, req.qtype) {
+                self.reply(listener, from, &refused_response(&req, raw));
+                continue;
+            }
+            if self.pending.len() >= MAX_PENDING {
+                self.reply(listener, from, &servfail_response(&req, raw));
+                continue;
+            }
+            let id = loop {
+                let id = self.worker.next_id(&self.shared);
+                if !self.pending.contains_key(&id) {
+                    break id;
+                }
+            };
+            let now = Instant::now();
+            let p = Pending {
+                question: with_id(raw, id),
+                raw: raw.to_vec(),
+                req,
+                client: from,
+                listener,
+                server: 0,
+                deadline: now,
+                overall: now + UPSTREAM_TIMEOUT,
+            };
+            self.forward(id, p, now);
+        }
+    }
+
+    /// Send `p` to its server, or the next one that takes it; SERVFAIL when none is left.
+    fn forward(&mut self, id: u16, mut p: Pending, now: Instant) {
+        while p.server < self.upstream.len() {
+            let left = p
+                .overall
+                .saturating_duration_since(now)
+                .min(self.per_server);
+            if left.is_zero() {
+                break;
+            }
+            if self.send_upstream(p.server, &p.question).is_ok() {
+                p.deadline = now + left;
+                self.earliest = Some(self.earliest.map_or(p.deadline, |e| e.min(p.deadline)));
+                self.pending.insert(id, p);
+                return;
+            }
+            p.server += 1;
+        }
+        self.reply(p.listener, p.client, &servfail_response(&p.req, &p.raw));
+    }
+
+    fn send_upstream(&mut self, server: usize, question: &[u8]) -> io::Result<()> {
+        if self.upstream[server].is_none() {
+            let addr = self.shared.settings.upstreams[server];
+            let local: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let sock = UdpSocket::bind(local)?;
+            mark(&sock)?;
+            sock.connect(addr)?; // only this server's datagrams are received
+            sock.set_nonblocking(true)?;
+            epoll::add(
+                &self.ep,
+                &sock,
+                token(Source::Upstream, server),
+                epoll::EventFlags::IN,
+            )?;
+            self.upstream[server] = Some(sock);
+        }
+        let sock = self.upstream[server].as_ref().expect("opened above");
+        sock.send(question).map(|_| ())
+    }
+
+    fn take_answers(&mut self, server: usize, policy: &DnsPolicy) {
+        loop {
+            let Some(sock) = self.upstream[server].as_ref() else {
+                return;
+            };
+            let reply = &mut self.worker.reply;
+            if reply.capacity() < MAX_UDP_MESSAGE {
+                *reply = Vec::with_capacity(MAX_UDP_MESSAGE);
+            }
+            reply.clear();
+            // Received into spare capacity: nothing zeroed, only touched pages resident.
+            match rustix::net::recv(sock, spare_capacity(reply), RecvFlags::DONTWAIT) {
+                Ok(_) => {}
+                Err(Errno::AGAIN) => return,
+                Err(Errno::INTR) => continue,
+                Err(_) => {
+                    // The server refuses (ICMP unreachable) or the socket broke: whoever
+                    // waits on it moves on to the next server now rather than at its deadline.
+                    self.upstream[server] = None; // closing removes it from epoll
+                    self.fail_over(server);
+                    return;
+                }
+            }
+            if reply.len() < 2 {
+                continue;
+            }
+            let id = u16::from_be_bytes([reply[0], reply[1]]);
+            // Late answers to earlier (timed-out) questions carry unknown IDs: skip them.
+            if self.pending.get(&id).is_none_or(|p| p.server != server) {
+                continue;
+            }
+            let p = self.pending.remove(&id).expect("checked above");
+            let answer = extract_answer(
+                &with_id(reply, p.req.id),
+                &p.req,
+                policy,
+                self.shared.settings.ttl_bounds,
+            );
+            match answer {
+                AnswerDecision::Answer(a) => self.done.push((p, a)),
+                AnswerDecision::RetryOverTcp => self.retry_over_tcp(p),
+                AnswerDecision::Refused(_) => {
+                    self.reply(p.listener, p.client, &refused_response(&p.req, &p.raw))
+                }
+                AnswerDecision::Reject(_) => {
+                    self.reply(p.listener, p.client, &servfail_response(&p.req, &p.raw))
+                }
+            }
+        }
+    }
+
+    /// Move every question waiting on `server` to the next server.
+    fn fail_over(&mut self, server: usize) {
+        let ids: Vec<u16> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.server == server)
+            .map(|(id, _)| *id)
+            .collect();
+        let now = Instant::now();
+        for id in ids {
+            let mut p = self.pending.remove(&id).expect("listed above");
+            p.server += 1;
+            self.forward(id, p, now);
+        }
+    }
+
+    /// A truncated upstream answer: ask again over TCP, on a thread of its own (rare, slow).
+    fn retry_over_tcp(&mut self, p: Pending) {
+        let sock = self.clients[p.listener].clone();
+        spawn_bounded(&self.shared, move |s| {
+            let mut worker = Worker::default();
+            if let Some(reply) = answer(s, &mut worker, &p.raw, false) {
+                let _ = sock.send_to(&reply, p.client);
+            }
+        });
+    }
+
+    fn accept(&mut self, listener: usize) {
+        loop {
+            match self.tcp[listener].accept() {
+                Ok((conn, _)) => {
+                    if conn.set_nonblocking(false).is_ok() {
+                        spawn_bounded(&self.shared, move |s| {
+                            let _ = serve_tcp(s, conn);
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return, // WouldBlock, or out of descriptors: try at the next event
+            }
+        }
+    }
+
+    /// Put the addresses of this wake-up's answers into their sets, record them, and only
+    /// then send the answers (SERVFAIL for an answer whose addresses could not be added).
+    fn finish(&mut self) {
+        if self.done.is_empty() {
+            return;
+        }
+        let mut failed = vec![false; self.done.len()];
+        // One add per (set, timeout); each remembers which answers it carries.
+        let mut groups: Vec<(&'static str, Duration, Vec<SetKey>, Vec<usize>)> = Vec::new();
+        for (i, (_, a)) in self.done.iter().enumerate() {
+            for ins in &a.inserts {
+                let (set, ttl) = (ins.set(), ins.ttl);
+                let at = match groups.iter().position(|g| g.0 == set && g.1 == ttl) {
+                    Some(at) => at,
+                    None => {
+                        groups.push((set, ttl, Vec::new(), Vec::new()));
+                        groups.len() - 1
+                    }
+                };
+                groups[at].2.extend(keys_for(ins.addr, ins.scope));
+                if groups[at].3.last() != Some(&i) {
+                    groups[at].3.push(i);
+                }
+            }
+        }
+        for (set, ttl, keys, carried) in &groups {
+            if add_learned(&mut self.worker, set, keys, *ttl).is_err() {
+                // Never hand out an address the firewall would refuse.
+                for i in carried {
+                    failed[*i] = true;
+                }
+            }
+        }
+        let learned = self
+            .done
+            .iter()
+            .zip(&failed)
+            .filter(|(_, f)| !**f)
+            .flat_map(|((_, a), _)| a.inserts.iter());
+        record_learned(&self.shared, &mut self.worker.lines, learned);
+        for ((p, a), failed) in std::mem::take(&mut self.done).into_iter().zip(failed) {
+            let msg = if failed {
+                servfail_response(&p.req, &p.raw)
+            } else if a.response.len() > usize::from(p.req.udp_payload) {
+                truncated_response(&p.req, &p.raw)
+            } else {
+                a.response
+            };
+            self.reply(p.listener, p.client, &msg);
+        }
+    }
+
+    /// Questions whose server has had its time go to the next one (or get SERVFAIL).
+    fn expire(&mut self) {
+        let now = Instant::now();
+        if self.earliest.is_none_or(|at| at > now) {
+            return;
+        }
+        let ids: Vec<u16> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let mut p = self.pending.remove(&id).expect("listed above");
+            p.server += 1;
+            self.forward(id, p, now);
+        }
+        self.earliest = self.pending.values().map(|p| p.deadline).min();
+    }
+}
+
+/// Resources reused across questions: the netlink socket (opening it per question doubled
+/// the latency) and the buffers (no large allocation, no zeroing per question).
 #[derive(Default)]
 struct Worker {
     nf: Option<NfSock>,
-    upstream: std::collections::HashMap<SocketAddr, UdpSocket>,
     /// xorshift state for upstream IDs, seeded from /dev/urandom on first use.
     rng: u64,
+    /// The upstream's answer (capacity 64 KiB, only as much touched as answers need).
+    reply: Vec<u8>,
+    /// learned.jsonl lines of the current answer.
+    lines: Vec<u8>,
 }
 
 impl Worker {
@@ -130,31 +607,6 @@ impl Worker {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         (self.rng >> 32) as u16
-    }
-}
-
-/// Threads answering UDP questions on each listening socket; each blocks in recv_from on
-/// the shared socket (the kernel wakes one), so a question needs no hand-over between threads.
-const WORKERS_PER_SOCKET: usize = 3;
-
-fn udp_worker(shared: Arc<Shared>, sock: Arc<UdpSocket>) {
-    let mut worker = Worker::default();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let Ok((n, from)) = sock.recv_from(&mut buf) else {
-            continue;
-        };
-        if let Some(reply) = answer(&shared, &mut worker, &buf[..n], false) {
-            let _ = sock.send_to(&reply, from);
-        }
-    }
-}
-
-fn tcp_loop(shared: Arc<Shared>, listener: TcpListener) {
-    for conn in listener.incoming().flatten() {
-        spawn_bounded(&shared, move |s| {
-            let _ = serve_tcp(s, conn);
-        });
     }
 }
 
@@ -177,17 +629,13 @@ fn serve_tcp(shared: &Shared, mut conn: TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// A thread with a small stack: the resolver's memory budget is a few MiB per container.
-fn small_thread(f: impl FnOnce() + Send + 'static) -> io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().stack_size(128 * 1024).spawn(f)
-}
-
 fn spawn_bounded(shared: &Arc<Shared>, work: impl FnOnce(&Shared) + Send + 'static) {
     if shared.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         return; // the client retries; a flood does not grow memory
     }
     let s = shared.clone();
+    // A small stack: the resolver's memory budget is a few MiB per container.
     let spawned = std::thread::Builder::new()
         .stack_size(256 * 1024)
         .spawn(move || {
@@ -199,7 +647,8 @@ fn spawn_bounded(shared: &Arc<Shared>, work: impl FnOnce(&Shared) + Send + 'stat
     }
 }
 
-/// The reply to one client message (None: drop it).
+/// The reply to one client message, asking upstream over TCP (None: drop it). The blocking
+/// path: TCP clients, and UDP questions whose UDP answer came back truncated.
 fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
     let req = match inspect_request(raw) {
         Ok(r) => r,
@@ -211,13 +660,12 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
     }
     let upstream_id = worker.next_id(shared);
     let question = with_id(raw, upstream_id);
-    let mut tcp = over_tcp;
     for _ in 0..2 {
-        let Some(bytes) = ask_upstream(shared, worker, &question, upstream_id, tcp) else {
+        if !ask_upstream(shared, worker, &question) {
             return Some(servfail_response(&req, raw));
-        };
+        }
         match extract_answer(
-            &with_id(&bytes, req.id),
+            &with_id(&worker.reply, req.id),
             &req,
             &policy,
             shared.settings.ttl_bounds,
@@ -228,14 +676,14 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
                     return Some(servfail_response(&req, raw));
                 }
                 if !a.inserts.is_empty() {
-                    record_learned(shared, &a.inserts);
+                    record_learned(shared, &mut worker.lines, &a.inserts);
                 }
                 if !over_tcp && a.response.len() > usize::from(req.udp_payload) {
                     return Some(truncated_response(&req, raw));
                 }
                 return Some(a.response);
             }
-            AnswerDecision::RetryOverTcp => tcp = true,
+            AnswerDecision::RetryOverTcp => {} // truncated even over TCP: once more
             AnswerDecision::Refused(_) => return Some(refused_response(&req, raw)),
             AnswerDecision::Reject(_) => return Some(servfail_response(&req, raw)),
         }
@@ -244,12 +692,16 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
 }
 
 /// Record which name brought which element (`learned.jsonl`), so a later `deny NAME` can
-/// remove exactly those. Compacted to live records when it grows past 1 MiB.
-fn record_learned(shared: &Shared, inserts: &[crate::core::dns_policy::Insert]) {
+/// remove exactly those. One `write` per answer on a file kept open (O_APPEND); compacted to
+/// live records when it has doubled since the last compaction (and is past 1 MiB).
+fn record_learned<'a>(
+    shared: &Shared,
+    lines: &mut Vec<u8>,
+    inserts: impl IntoIterator<Item = &'a crate::core::dns_policy::Insert>,
+) {
     use crate::core::learned::LearnedRecord;
-    let path = shared.settings.bundle_dir.join(LEARNED_FILE);
     let now = crate::effects::audit::unix_secs();
-    let mut lines = String::new();
+    lines.clear();
     for ins in inserts {
         let rec = LearnedRecord {
             domain: ins.domain.clone(),
@@ -257,25 +709,95 @@ fn record_learned(shared: &Shared, inserts: &[crate::core::dns_policy::Insert]) 
             scope: ins.scope.map(|s| s.to_string()),
             until: now + ins.ttl.as_secs() + 1,
         };
-        if let Ok(line) = serde_json::to_string(&rec) {
-            lines.push_str(&line);
-            lines.push('\n');
+        let mark = lines.len();
+        if serde_json::to_writer(&mut *lines, &rec).is_ok() {
+            lines.push(b'\n');
+        } else {
+            lines.truncate(mark);
         }
     }
-    let _guard = shared
-        .learned_lock
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20) {
-        let kept: String = read_learned(&path)
-            .into_iter()
-            .filter(|r| r.until > now)
-            .filter_map(|r| serde_json::to_string(&r).ok())
-            .map(|l| l + "\n")
-            .collect();
-        let _ = crate::effects::state::write_atomic(&path, kept.as_bytes());
+    if lines.is_empty() {
+        return;
     }
-    let _ = crate::effects::state::append_line(&path, &lines);
+    let mut log = shared.learned.lock().unwrap_or_else(|p| p.into_inner());
+    log.append(lines, now);
+}
+
+/// `learned.jsonl`, kept open for appending. Only the resolver writes it.
+struct LearnedLog {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    /// Bytes in the file (as far as this process knows).
+    len: u64,
+    /// Compact when the file grows past this.
+    compact_at: u64,
+}
+
+/// Below this, learned.jsonl is never compacted.
+const LEARNED_COMPACT_MIN: u64 = 1 << 20;
+
+impl LearnedLog {
+    fn new(path: PathBuf) -> LearnedLog {
+        LearnedLog {
+            path,
+            file: None,
+            len: 0,
+            compact_at: LEARNED_COMPACT_MIN,
+        }
+    }
+
+    fn open(&mut self) -> io::Result<&mut std::fs::File> {
+        if self.file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            self.len = file.metadata()?.len();
+            self.file = Some(file);
+        }
+        Ok(self.file.as_mut().expect("opened above"))
+    }
+
+    fn append(&mut self, lines: &[u8], now: u64) {
+        if self.len + lines.len() as u64 > self.compact_at {
+            self.compact(now);
+        }
+        let Ok(file) = self.open() else { return };
+        // One write: O_APPEND keeps the lines whole even next to another writer.
+        match file.write_all(lines) {
+            Ok(()) => self.len += lines.len() as u64,
+            Err(_) => self.file = None, // reopen next time
+        }
+    }
+
+    /// Rewrite the file with its live records. Amortised: the next compaction waits until
+    /// the file has doubled, so a file full of live records is not rewritten per answer.
+    fn compact(&mut self, now: u64) {
+        if let Ok(bytes) = crate::effects::state::read_bounded(&self.path) {
+            let mut kept = Vec::new();
+            for line in bytes.split(|b| *b == b'\n') {
+                if let Ok(r) = serde_json::from_slice::<crate::core::learned::LearnedRecord>(line) {
+                    if r.until > now && serde_json::to_writer(&mut kept, &r).is_ok() {
+                        kept.push(b'\n');
+                    }
+                }
+            }
+            drop(bytes);
+            if crate::effects::state::write_atomic(&self.path, &kept).is_ok() {
+                self.file = None; // the old inode is gone: reopen the new file
+                self.len = kept.len() as u64;
+            }
+        }
+        // Unreadable (e.g. larger than the state-file bound): keep appending, never drop
+        // records a `deny` may need.
+        self.compact_at = (self.len.max(LEARNED_COMPACT_MIN / 2)).saturating_mul(2);
+        // SAFETY: malloc_trim only returns free heap memory to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 /// Attribution file of the builtin resolver.
@@ -314,18 +836,22 @@ fn learn(worker: &mut Worker, inserts: &[crate::core::dns_policy::Insert]) -> io
     if inserts.is_empty() {
         return Ok(());
     }
+    for ins in inserts {
+        add_learned(worker, ins.set(), &keys_for(ins.addr, ins.scope), ins.ttl)?;
+    }
+    Ok(())
+}
+
+fn add_learned(worker: &mut Worker, set: &str, keys: &[SetKey], ttl: Duration) -> io::Result<()> {
     if worker.nf.is_none() {
         worker.nf = Some(NfSock::open()?);
     }
     let sock = worker.nf.as_mut().expect("opened above");
-    for ins in inserts {
-        if let Err(e) = sock.add_elements(ins.set(), &keys_for(ins.addr, ins.scope), Some(ins.ttl))
-        {
-            worker.nf = None; // start afresh next time
-            return Err(e);
-        }
+    let result = sock.add_elements(set, keys, Some(ttl));
+    if result.is_err() {
+        worker.nf = None; // start afresh next time
     }
-    Ok(())
+    result
 }
 
 /// Set SO_MARK so the ruleset lets this socket through to the upstream resolver.
@@ -349,13 +875,7 @@ fn mark(fd: &impl AsRawFd) -> io::Result<()> {
 }
 
 /// Ask the upstreams in turn; the answer must come from the server asked, with our ID.
-fn ask_upstream(
-    shared: &Shared,
-    worker: &mut Worker,
-    question: &[u8],
-    id: u16,
-    tcp: bool,
-) -> Option<Vec<u8>> {
+fn ask_upstream(shared: &Shared, worker: &mut Worker, question: &[u8]) -> bool {
     let deadline = Instant::now() + UPSTREAM_TIMEOUT;
     let per_server = UPSTREAM_TIMEOUT / shared.settings.upstreams.len().max(1) as u32;
     for server in &shared.settings.upstreams {
@@ -365,60 +885,22 @@ fn ask_upstream(
         if left.is_zero() {
             break;
         }
-        let got = if tcp {
-            ask_tcp(*server, question, left)
-        } else {
-            ask_udp(worker, *server, question, id, left)
-        };
-        if let Ok(bytes) = got {
-            return Some(bytes);
+        if ask_tcp(*server, question, left, &mut worker.reply).is_ok() {
+            return true;
         }
     }
-    None
+    false
 }
 
-fn ask_udp(
-    worker: &mut Worker,
+/// Largest DNS message over UDP.
+const MAX_UDP_MESSAGE: usize = 65535;
+
+fn ask_tcp(
     server: SocketAddr,
     question: &[u8],
-    id: u16,
     wait: Duration,
-) -> io::Result<Vec<u8>> {
-    if let std::collections::hash_map::Entry::Vacant(slot) = worker.upstream.entry(server) {
-        let local: SocketAddr = match server {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let sock = UdpSocket::bind(local)?;
-        mark(&sock)?;
-        sock.connect(server)?; // only this server's datagrams are received
-        slot.insert(sock);
-    }
-    let sock = &worker.upstream[&server];
-    let result = (|| {
-        sock.send(question)?;
-        let deadline = Instant::now() + wait;
-        let mut buf = vec![0u8; 65535];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            sock.set_read_timeout(Some(left))?;
-            let n = sock.recv(&mut buf)?;
-            // Late answers to earlier (timed-out) questions carry other IDs: skip them.
-            if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
-                return Ok(buf[..n].to_vec());
-            }
-        }
-    })();
-    if result.is_err() {
-        worker.upstream.remove(&server);
-    }
-    result
-}
-
-fn ask_tcp(server: SocketAddr, question: &[u8], wait: Duration) -> io::Result<Vec<u8>> {
+    reply: &mut Vec<u8>,
+) -> io::Result<()> {
     let sock = socket2_free_tcp(server, wait)?;
     let mut conn = sock;
     conn.set_read_timeout(Some(wait))?;
@@ -428,9 +910,10 @@ fn ask_tcp(server: SocketAddr, question: &[u8], wait: Duration) -> io::Result<Ve
     conn.write_all(&out)?;
     let mut len = [0u8; 2];
     conn.read_exact(&mut len)?;
-    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    conn.read_exact(&mut msg)?;
-    Ok(msg)
+    reply.clear();
+    reply.resize(usize::from(u16::from_be_bytes(len)), 0);
+    conn.read_exact(reply)?;
+    Ok(())
 }
 
 /// A marked TCP connection (the mark must be set before connect, so std's connect can't be
