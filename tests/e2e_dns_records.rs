@@ -953,13 +953,10 @@ fn direct_dns_over_ipv6_and_tcp_is_rejected() {
 // Names resolved at start (`prepare`)
 // ---------------------------------------------------------------------------------------
 
-/// In the builtin tier, `prepare` still resolves every exact name before start (as in the
-/// static tier) and the hook puts those addresses into the static allow sets: no TTL, and
-/// checked before the private-range rejects. So a name that resolves to a private address
-/// at start opens it for the container's whole life, though the resolver would strip the
-/// same answer (see `private_answers_are_removed_and_not_learned_unless_allowlisted`).
+/// Regression: the builtin tier once resolved every exact name before start (as the static
+/// tier does) and allowed the answers for good, private ones included, bypassing the
+/// resolver's rule. Now nothing is allowed ahead: the lookup teaches the public address only.
 #[test]
-#[ignore = "product bug: in the builtin tier, prepare's start-time resolution puts private answers into the static allow sets (DNS rebinding bypass)"]
 fn private_answers_at_start_are_not_allowed_either() {
     let mut h = e2e!();
     let name = detached(
@@ -973,7 +970,7 @@ fn private_answers_at_start_are_not_allowed_either() {
         .exec(
             &name,
             &format!(
-                "{WAIT_V6}{}",
+                "{WAIT_V6}timeout 5 nslookup rebind.e2e.test >/dev/null 2>&1\n{}",
                 probe_script(&[(REBIND_PUB4, 80), (ULA6, 80)])
             ),
         )
@@ -995,11 +992,9 @@ fn private_answers_at_start_are_not_allowed_either() {
     p.refused_fast(ULA6, 80);
 }
 
-/// In the builtin tier, an address that `prepare` resolved before start stays allowed for
-/// the container's whole life, whatever `dns.max_ttl` says ("so a rotated-away address
-/// does not stay open for days"): it sits in `allow_v4`, which has no timeouts.
+/// Regression: in the builtin tier an address resolved before start once stayed allowed for
+/// the container's whole life, whatever `dns.max_ttl` said, in `allow_v4` (no timeouts).
 #[test]
-#[ignore = "product bug: in the builtin tier, addresses resolved by prepare before start never expire (static allow sets ignore dns.max_ttl)"]
 fn addresses_resolved_at_start_expire_with_max_ttl_too() {
     let mut h = e2e!();
     let name = detached(&mut h, SHORT_TTL_CONFIG, "dnsr-ttl-start", "ttl.e2e.test\n");

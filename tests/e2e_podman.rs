@@ -793,24 +793,34 @@ fn reused_name_starts_from_a_clean_bundle() {
     p.reached(REUSE_B, 80);
 }
 
-/// A profile domain is resolved before start through `upstream_dns` (the fake DNS server in
-/// the world), and the address it resolves to is reachable; nothing else is.
+/// With the default DNS tier (builtin), a profile domain opens nothing ahead: the workload's
+/// lookup goes through the container's resolver to `upstream_dns` (the fake DNS server in
+/// the world), and only then is the address it resolves to reachable; nothing else is.
 #[test]
-fn domain_entry_is_resolved_through_upstream_dns() {
+fn domain_entry_opens_when_the_container_resolves_it() {
     let mut h = e2e!();
     h.profile("e2e-named", "svc.e2e.test\n");
     let name = h.name("named");
     let mark = h.world.mark();
-    let out = run_script(
-        &h,
-        &name,
-        "e2e-named",
-        &probe_script(&[(NAMED4, 80), (BLOCKED4, 80)]),
-    )
-    .expect_ok();
+    let script = format!(
+        "o=$(timeout 5 nc {NAMED4} 80 </dev/null 2>&1); echo \"BEFORE: $o\"\n\
+         timeout 5 nslookup svc.e2e.test >/dev/null 2>&1\n{}",
+        probe_script(&[(NAMED4, 80), (BLOCKED4, 80)])
+    );
+    let out = run_script(&h, &name, "e2e-named", &script).expect_ok();
+    let before = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("BEFORE:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !before.contains(banner(NAMED4.parse().unwrap(), 80).trim()),
+        "the domain's address was open before any lookup: {out}"
+    );
     assert!(
         h.world.dns_queries().iter().any(|q| q == "svc.e2e.test"),
-        "prepare did not ask the configured upstream_dns: {:?}",
+        "the container's resolver did not ask the configured upstream_dns: {:?}",
         h.world.dns_queries()
     );
     let p = Probes::of(&out, &h.world, mark);

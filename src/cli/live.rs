@@ -99,8 +99,11 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
                 bail!("{host} is denied, and a deny covers every port; `terok-shield allow {name} {host}` lifts it");
             }
             let resolved = match &t.host {
-                // A resolver in the container answers wildcard names as they are asked.
-                Host::Domain(d) if d.wildcard && old.dns_tier != DnsTier::Static => None,
+                // A resolver in the container answers these names as they are asked, with
+                // their TTLs; nothing to look up now.
+                Host::Domain(_) if old.dns_tier != DnsTier::Static && !old.resolves_ahead(&t) => {
+                    None
+                }
                 Host::Domain(d) if !d.wildcard => {
                     let addrs = resolve_now(&d.name, ctx)?;
                     addresses = addrs.iter().map(ToString::to_string).collect();
@@ -210,7 +213,7 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
     }
     let line = match &change {
         Change::Allow(_) if addresses.is_empty() => format!(
-            "{verb} {text} for {name}: its names are allowed as the container's resolver answers them\n"
+            "{verb} {text} for {name} (its addresses open as the container's resolver answers for it)\n"
         ),
         Change::Allow(_) => format!("{verb} {text} -> {} for {name}\n", addresses.join(", ")),
         Change::Deny(_) if addresses.is_empty() => format!("{verb} {text} for {name}\n"),

@@ -202,15 +202,30 @@ impl Bundle {
         }
     }
 
-    /// Domains whose addresses the static tier must look up.
+    /// Whether `target`'s addresses come from resolving it ahead of time (and are then allowed
+    /// until the next `resolve`), rather than from a resolver in the container as it answers
+    /// (with TTLs and the private-answer rule). Only the static tier, and the dnsmasq tier for
+    /// port-scoped names (dnsmasq cannot learn a port), resolve ahead.
+    pub fn resolves_ahead(&self, target: &Target) -> bool {
+        let exact = matches!(&target.host, Host::Domain(d) if !d.wildcard);
+        exact
+            && match self.dns_tier {
+                DnsTier::Static => true,
+                DnsTier::Dnsmasq => target.scope.is_some(),
+                DnsTier::Builtin => false,
+            }
+    }
+
+    /// Domains whose addresses must be looked up before start (see [`Bundle::resolves_ahead`]).
     pub fn domains_to_resolve(&self) -> Vec<DomainName> {
         let mut out: Vec<DomainName> = self
             .entries
             .iter()
             .chain(&self.live_allow)
+            .filter(|t| self.resolves_ahead(t))
             .filter_map(|t| match &t.host {
-                Host::Domain(d) if !d.wildcard => Some(d.name.clone()),
-                _ => None,
+                Host::Domain(d) => Some(d.name.clone()),
+                Host::Net(_) => None,
             })
             .collect();
         out.sort();
@@ -218,14 +233,25 @@ impl Bundle {
         out
     }
 
-    /// Addresses a target stands for: its network, or its domain's cached addresses.
-    fn nets_of(&self, target: &Target) -> Vec<IpNet> {
+    /// Addresses a target stands for: its network, or its domain's addresses resolved ahead.
+    /// A private address a name resolved to (DNS rebinding) counts only if a literal entry
+    /// allows it, the same rule the resolvers apply to their answers.
+    fn nets_of(&self, target: &Target, literal: &[IpNet]) -> Vec<IpNet> {
         match &target.host {
             Host::Net(n) => vec![*n],
-            Host::Domain(d) if !d.wildcard => self
+            Host::Domain(d) if self.resolves_ahead(target) => self
                 .resolved
                 .get(&d.name)
-                .map(|r| r.addrs.iter().map(|a| IpNet::from(*a)).collect())
+                .map(|r| {
+                    r.addrs
+                        .iter()
+                        .filter(|a| {
+                            !super::dns_policy::is_rebinding_sensitive(**a)
+                                || literal.iter().any(|n| n.contains(*a))
+                        })
+                        .map(|a| IpNet::from(*a))
+                        .collect()
+                })
                 .unwrap_or_default(),
             Host::Domain(_) => Vec::new(),
         }
@@ -253,11 +279,20 @@ impl Bundle {
     /// it, but an address that another allowed target also brings stays allowed.
     pub fn policy(&self, facts: &RuntimeFacts) -> Policy {
         let mut policy = Policy::new(self.mode);
+        let literal: Vec<IpNet> = self
+            .entries
+            .iter()
+            .chain(&self.live_allow)
+            .filter_map(|t| match t.host {
+                Host::Net(n) => Some(n),
+                Host::Domain(_) => None,
+            })
+            .collect();
         for target in self.entries.iter().chain(&self.live_allow) {
             if self.denied_domain(target) {
                 continue;
             }
-            for net in self.nets_of(target) {
+            for net in self.nets_of(target, &literal) {
                 policy.allow.push(AllowRule {
                     net,
                     scope: target.scope,
@@ -449,5 +484,72 @@ mod tests {
             assert!(ContainerName::new(bad).is_err(), "{bad}");
         }
         assert!(ContainerName::new("my-container_1.2").is_ok());
+    }
+
+    #[test]
+    fn only_names_resolved_ahead_bring_their_cached_addresses() {
+        let mut b = bundle();
+        b.live_allow.clear();
+        b.live_deny.clear();
+        b.entries = vec![
+            Target::parse("api.example.com").unwrap(),
+            Target::parse("ntp.example.com:123/udp").unwrap(),
+            Target::parse("172.16.9.9").unwrap(),
+        ];
+        for (name, addrs) in [
+            (
+                "api.example.com",
+                vec!["198.51.100.1", "172.16.9.9", "10.9.9.9"],
+            ),
+            ("ntp.example.com", vec!["198.51.100.2", "192.168.1.1"]),
+        ] {
+            b.resolved.insert(
+                name.parse::<DomainName>().unwrap(),
+                Resolved {
+                    addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+                    at: 0,
+                },
+            );
+        }
+        let allowed = |b: &Bundle| -> Vec<String> {
+            let mut v: Vec<String> = b
+                .policy(&RuntimeFacts::default())
+                .allow
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {}",
+                        r.net.addr(),
+                        r.scope.map(|s| s.to_string()).unwrap_or_default()
+                    )
+                    .trim()
+                    .to_string()
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        // Builtin: the resolver learns every name as it answers; the cache counts for nothing.
+        b.dns_tier = DnsTier::Builtin;
+        assert_eq!(allowed(&b), ["172.16.9.9"]);
+        assert!(b.domains_to_resolve().is_empty());
+        // Static: every exact name, minus private answers nothing literal allows.
+        b.dns_tier = DnsTier::Static;
+        assert_eq!(
+            allowed(&b),
+            [
+                "172.16.9.9",
+                "172.16.9.9",
+                "198.51.100.1",
+                "198.51.100.2 123/udp"
+            ]
+        );
+        // dnsmasq: only port-scoped names (dnsmasq learns the others, but cannot learn ports).
+        b.dns_tier = DnsTier::Dnsmasq;
+        assert_eq!(allowed(&b), ["172.16.9.9", "198.51.100.2 123/udp"]);
+        assert_eq!(
+            b.domains_to_resolve(),
+            ["ntp.example.com".parse::<DomainName>().unwrap()]
+        );
     }
 }

@@ -1091,6 +1091,8 @@ mod tests {
         ];
         for deny in denies {
             let mut b = bundle(&names, Mode::DenyAll);
+            // Addresses resolved ahead count only in the static tier.
+            b.dns_tier = crate::core::bundle::DnsTier::Static;
             for (i, n) in names.iter().enumerate() {
                 b.resolved.insert(
                     dn(n),
