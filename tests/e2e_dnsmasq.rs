@@ -172,7 +172,14 @@ fn dnsmasq_tier_wildcards_skip_the_apex_and_live_changes_reach_dnsmasq() {
     h.shield(&["allow", &name, "pair.e2e.test"]).expect_ok();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(ask(&h, "pair.e2e.test", "198.51.100.7"), 2);
-    // Live deny: refused again, and never forwarded after the deny.
+    let learned = |h: &E2e| set_elements(&h.rules_json(&name), "dns_v4");
+    assert!(
+        learned(&h).iter().any(|e| e.contains(PAIR4)),
+        "{:?}",
+        learned(&h)
+    );
+    // Live deny: refused again, never forwarded after the deny, and the addresses that name
+    // brought leave the learned set (dnsmasq's log told the supervisor who brought what).
     h.shield(&["deny", &name, "pair.e2e.test"]).expect_ok();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let before = h
@@ -189,6 +196,13 @@ fn dnsmasq_tier_wildcards_skip_the_apex_and_live_changes_reach_dnsmasq() {
         .filter(|q| *q == "pair.e2e.test")
         .count();
     assert_eq!(before, after, "a denied name reached upstream");
+    let left = learned(&h);
+    assert!(
+        !left
+            .iter()
+            .any(|e| e.contains(PAIR4) || e.contains(SHARED4)),
+        "deny left the name's learned addresses: {left:?}"
+    );
     // A port-scoped name cannot be enforced by dnsmasq: refused, nothing changed.
     let scoped = h.shield(&["allow", &name, "shared.e2e.test:443"]);
     assert!(!scoped.ok(), "{scoped}");

@@ -353,7 +353,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         let runtime = crate::effects::state::read_runtime(bundle_dir)?
             .context("the container has no runtime record")?;
         let facts = runtime.facts();
-        if bundle.dns_tier == crate::core::bundle::DnsTier::Builtin {
+        if bundle.dns_tier != crate::core::bundle::DnsTier::Static {
             forget_unjustified(bundle_dir, &bundle)?;
         }
         // Already inside the container's namespaces: nft needs no joining.
@@ -410,7 +410,7 @@ fn report_ready() -> std::io::Result<()> {
 }
 
 /// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name
-/// brought (the builtin resolver recorded who brought what). Elements that expired already
+/// brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what). Elements that expired already
 /// are skipped.
 fn forget_unjustified(
     bundle_dir: &Path,
@@ -420,7 +420,13 @@ fn forget_unjustified(
     let records = read_learned(&bundle_dir.join(LEARNED_FILE));
     let now = crate::effects::audit::unix_secs();
     let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);
-    let doomed = crate::core::learned::unjustified(&records, &policy, now);
+    let doomed = if bundle.dns_tier == crate::core::bundle::DnsTier::Dnsmasq {
+        crate::core::learned::unjustified_by(&records, now, |d| {
+            crate::core::dnsmasq::forwards(&policy, d)
+        })
+    } else {
+        crate::core::learned::unjustified(&records, &policy, now)
+    };
     if doomed.is_empty() {
         return Ok(());
     }

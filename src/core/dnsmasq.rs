@@ -159,6 +159,9 @@ pub fn arguments(launch: &Launch<'_>, policy: &DnsPolicy) -> Vec<String> {
         "--user=root",
         "--pid-file",
         "--log-facility=-",
+        // Numbered question and reply lines: the supervisor reads them to record which name
+        // brought which address (for `deny NAME`).
+        "--log-queries=extra",
     ]
     .iter()
     .map(ToString::to_string)
@@ -168,6 +171,92 @@ pub fn arguments(launch: &Launch<'_>, policy: &DnsPolicy) -> Vec<String> {
     ])
     .chain(nftset_arguments(policy))
     .collect()
+}
+
+/// Whether dnsmasq, configured by [`servers_file`] for `policy`, forwards `name`: the most
+/// specific matching line decides (longer domain first; at equal length a plain name beats a
+/// `*.` one, as dnsmasq documents), and a deny line forwards nothing.
+pub fn forwards(policy: &DnsPolicy, name: &super::target::DomainName) -> bool {
+    if policy.mode() == Mode::Block {
+        return false;
+    }
+    let covers = |p: &super::target::DomainPattern| {
+        if p.wildcard {
+            p.name.is_parent_of(name)
+        } else {
+            p.name == *name || p.name.is_parent_of(name)
+        }
+    };
+    let allowed = policy
+        .grants()
+        .iter()
+        .map(|g| (&g.pattern, true))
+        .chain(policy.denied().iter().map(|d| (d, false)));
+    allowed
+        .filter(|(p, _)| covers(p))
+        // Deny lines come after allow lines in the file; on a tie the deny wins.
+        .max_by_key(|(p, forward)| (p.name.as_str().len(), !p.wildcard, !forward))
+        .is_some_and(|(_, forward)| forward)
+}
+
+/// Whether dnsmasq, started with [`arguments`] for `at_start`, puts the answers for `name` into
+/// the address-wide learned sets (`dns_v4`/`dns_v6`) rather than `scoped_names_*`.
+pub fn learns_address_wide(at_start: &DnsPolicy, name: &super::target::DomainName) -> bool {
+    at_start
+        .grants()
+        .iter()
+        .filter(|g| g.pattern.name == *name || g.pattern.name.is_parent_of(name))
+        .max_by_key(|g| (g.pattern.name.as_str().len(), g.scope.is_none()))
+        .is_none_or(|g| g.scope.is_none())
+}
+
+/// One line of dnsmasq's `--log-queries=extra` output that matters for attribution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    /// `N client/port query[TYPE] NAME from client`: question number N asks NAME.
+    Query {
+        serial: u64,
+        name: super::target::DomainName,
+    },
+    /// `N client/port reply NAME is ADDRESS`: an address in the answer to question N.
+    Reply { serial: u64, addr: IpAddr },
+}
+
+/// Whether a log line is one of the numbered per-question lines (`N client/port ...`), which
+/// are parsed for attribution and not kept in resolver.log.
+pub fn is_per_question_line(line: &str) -> bool {
+    let rest = line.split_once("]: ").map_or(line, |(_, r)| r);
+    let mut words = rest.split_ascii_whitespace();
+    words.next().is_some_and(|w| w.parse::<u64>().is_ok())
+        && words.next().is_some_and(|w| w.contains('/'))
+}
+
+/// Parse one log line (`dnsmasq[PID]: ` prefix optional). Anything else is `None`.
+pub fn parse_log_line(line: &str) -> Option<LogEvent> {
+    let rest = match line.split_once("]: ") {
+        Some((prefix, rest)) if prefix.starts_with("dnsmasq[") => rest,
+        _ => line,
+    };
+    let mut words = rest.split_ascii_whitespace();
+    let serial: u64 = words.next()?.parse().ok()?;
+    let _client = words.next()?;
+    let verb = words.next()?;
+    if verb.starts_with("query[") {
+        let name = words.next()?.parse().ok()?;
+        return Some(LogEvent::Query { serial, name });
+    }
+    if verb == "reply" {
+        let _name = words.next()?;
+        if words.next()? != "is" {
+            return None;
+        }
+        let addr = words.next()?.parse().ok()?;
+        return words
+            .next()
+            .is_none()
+            .then_some(LogEvent::Reply { serial, addr });
+    }
+    None
 }
 
 #[cfg(test)]
@@ -306,5 +395,83 @@ mod tests {
             &"--nftset=/#/4#inet#terok_shield#dns_v4,6#inet#terok_shield#dns_v6".to_string()
         ));
         assert!(args.contains(&"--servers-file=/s/dnsmasq.servers".to_string()));
+    }
+
+    #[test]
+    fn log_lines_give_questions_and_the_addresses_of_their_answers() {
+        let q =
+            parse_log_line("dnsmasq[16262]: 1 127.0.0.1/47773 query[A] exact.test from 127.0.0.1");
+        assert_eq!(
+            q,
+            Some(LogEvent::Query {
+                serial: 1,
+                name: "exact.test".parse().unwrap()
+            })
+        );
+        let r =
+            parse_log_line("dnsmasq[16262]: 1 127.0.0.1/47773 reply final.test is 198.51.100.60");
+        assert_eq!(
+            r,
+            Some(LogEvent::Reply {
+                serial: 1,
+                addr: "198.51.100.60".parse().unwrap()
+            })
+        );
+        let v6 = parse_log_line("7 ::1/5 reply a.test is 2001:db8::5");
+        assert!(matches!(v6, Some(LogEvent::Reply { serial: 7, .. })));
+        for other in [
+            "dnsmasq[1]: 1 127.0.0.1/47773 reply a.test is <CNAME>",
+            "dnsmasq[1]: 1 127.0.0.1/47773 reply a.test is NODATA-IPv6",
+            "dnsmasq[1]: 3 127.0.0.1/46712 config error is REFUSED (EDE: not ready)",
+            "dnsmasq[1]: 1 127.0.0.1/47773 forwarded exact.test to 198.51.100.53",
+            "dnsmasq[1]: started, version 2.90 cache disabled",
+            "dnsmasq[1]: 1 127.0.0.1/4 query[A] bad..name from 127.0.0.1",
+            "",
+        ] {
+            assert_eq!(parse_log_line(other), None, "{other}");
+        }
+        assert!(is_per_question_line(
+            "dnsmasq[1]: 1 127.0.0.1/47773 forwarded exact.test to 198.51.100.53"
+        ));
+        assert!(!is_per_question_line(
+            "dnsmasq[1]: exiting on receipt of SIGTERM"
+        ));
+    }
+
+    #[test]
+    fn forwarding_follows_dnsmasq_matching() {
+        let n = |s: &str| s.parse().unwrap();
+        let p = policy(
+            &["example.com", "*.wild.test"],
+            &["a.example.com"],
+            Mode::DenyAll,
+        );
+        assert!(forwards(&p, &n("example.com")));
+        assert!(
+            forwards(&p, &n("b.example.com")),
+            "dnsmasq admits subdomains"
+        );
+        assert!(!forwards(&p, &n("a.example.com")));
+        assert!(!forwards(&p, &n("x.a.example.com")));
+        assert!(forwards(&p, &n("x.wild.test")));
+        assert!(!forwards(&p, &n("wild.test")));
+        assert!(!forwards(&p, &n("other.test")));
+        let blocked = policy(&["example.com"], &[], Mode::Block);
+        assert!(!forwards(&blocked, &n("example.com")));
+    }
+
+    #[test]
+    fn address_wide_learning_follows_the_start_time_nftsets() {
+        let n = |s: &str| s.parse().unwrap();
+        let p = policy(
+            &["ntp.test:123/udp", "a.ntp.test", "api.test"],
+            &[],
+            Mode::DenyAll,
+        );
+        assert!(!learns_address_wide(&p, &n("ntp.test")));
+        assert!(!learns_address_wide(&p, &n("x.ntp.test")));
+        assert!(learns_address_wide(&p, &n("a.ntp.test")));
+        assert!(learns_address_wide(&p, &n("api.test")));
+        assert!(learns_address_wide(&p, &n("live.test")), "the catch-all");
     }
 }

@@ -40,7 +40,7 @@ impl LearnedRecord {
 /// Records (still live at `now`) whose name `policy` no longer answers and whose element no
 /// other live, still-allowed record also justifies.
 pub fn unjustified(records: &[LearnedRecord], policy: &DnsPolicy, now: u64) -> Vec<LearnedRecord> {
-    let allowed = |d: &DomainName| {
+    unjustified_by(records, now, |d| {
         matches!(
             policy.decide_query(d, RecordType::A),
             QueryDecision::Forward(_)
@@ -48,7 +48,16 @@ pub fn unjustified(records: &[LearnedRecord], policy: &DnsPolicy, now: u64) -> V
             policy.decide_query(d, RecordType::AAAA),
             QueryDecision::Forward(_)
         )
-    };
+    })
+}
+
+/// [`unjustified`] for a resolver whose name matching differs from the builtin one (dnsmasq):
+/// `allowed` says whether a name is still answered.
+pub fn unjustified_by(
+    records: &[LearnedRecord],
+    now: u64,
+    allowed: impl Fn(&DomainName) -> bool,
+) -> Vec<LearnedRecord> {
     let live: Vec<&LearnedRecord> = records.iter().filter(|r| r.until > now).collect();
     let mut out: Vec<LearnedRecord> = Vec::new();
     for r in &live {

@@ -20,8 +20,14 @@ use anyhow::{bail, Context as _};
 
 use crate::core::bundle::ContainerName;
 use crate::core::dns_policy::DnsPolicy;
-use crate::core::dnsmasq::{arguments, servers_file, Launch, QUERY_PORT};
+use crate::core::dnsmasq::{
+    arguments, is_per_question_line, learns_address_wide, parse_log_line, servers_file, Launch,
+    LogEvent, QUERY_PORT,
+};
+use crate::core::learned::LearnedRecord;
+use crate::core::target::DomainName;
 use crate::effects::nft::find_program;
+use crate::effects::resolver::LEARNED_FILE;
 use crate::effects::state::{load_bundle, write_atomic};
 
 /// The servers file dnsmasq re-reads on SIGHUP, in the bundle directory.
@@ -95,7 +101,8 @@ fn spawn(program: &Path, dir: &Path, policy: &DnsPolicy) -> anyhow::Result<Child
         policy,
     ))
     .stdin(Stdio::null())
-    .stdout(Stdio::null());
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     // SAFETY: prctl(2) is async-signal-safe. dnsmasq must not outlive its supervisor.
     unsafe {
         cmd.pre_exec(|| {
@@ -111,6 +118,139 @@ fn spawn(program: &Path, dir: &Path, policy: &DnsPolicy) -> anyhow::Result<Child
     }
     cmd.spawn()
         .with_context(|| format!("cannot start {}", program.display()))
+}
+
+/// Questions remembered while their answers are awaited; older ones are dropped.
+const QUESTIONS_KEPT: usize = 4096;
+/// learned.jsonl is rewritten from the live records once it grows past this.
+const LEARNED_COMPACT_AT: u64 = 1 << 20;
+
+/// Turns dnsmasq's numbered log lines into learned.jsonl records (which name brought which
+/// address), the same file and format the builtin resolver writes, so `deny NAME` removes
+/// exactly that name's addresses in this tier too.
+struct Learner {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    at_start: DnsPolicy,
+    lifetime: u64,
+    questions: std::collections::HashMap<u64, DomainName>,
+    recorded: std::collections::HashMap<(DomainName, IpAddr), u64>,
+}
+
+impl Learner {
+    fn new(dir: &Path, at_start: DnsPolicy, lifetime: u32) -> Learner {
+        let path = dir.join(LEARNED_FILE);
+        let _ = std::fs::remove_file(&path); // a new dnsmasq starts with empty sets
+        Learner {
+            file: None,
+            path,
+            at_start,
+            lifetime: u64::from(lifetime),
+            questions: Default::default(),
+            recorded: Default::default(),
+        }
+    }
+
+    fn on_line(&mut self, line: &str) {
+        match parse_log_line(line) {
+            Some(LogEvent::Query { serial, name }) => {
+                if self.questions.len() >= QUESTIONS_KEPT {
+                    self.questions.clear();
+                }
+                self.questions.insert(serial, name);
+            }
+            Some(LogEvent::Reply { serial, addr }) => {
+                if let Some(name) = self.questions.get(&serial).cloned() {
+                    if learns_address_wide(&self.at_start, &name) {
+                        self.record(name, addr);
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn record(&mut self, domain: DomainName, addr: IpAddr) {
+        use std::io::Write;
+        let now = crate::effects::audit::unix_secs();
+        let until = now + self.lifetime;
+        let key = (domain.clone(), addr);
+        // A record still good for more than half the lifetime needs no repeat.
+        if self
+            .recorded
+            .get(&key)
+            .is_some_and(|u| *u > now + self.lifetime / 2)
+        {
+            return;
+        }
+        self.recorded.insert(key, until);
+        let rec = LearnedRecord {
+            domain,
+            addr,
+            scope: None,
+            until,
+        };
+        let Ok(mut line) = serde_json::to_string(&rec) else {
+            return;
+        };
+        line.push('\n');
+        if self.file.is_none() {
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .ok();
+        }
+        let too_big = match self.file.as_mut() {
+            Some(f) => {
+                f.write_all(line.as_bytes()).is_err()
+                    || f.metadata().is_ok_and(|m| m.len() > LEARNED_COMPACT_AT)
+            }
+            None => false,
+        };
+        if too_big {
+            self.compact(now);
+        }
+    }
+
+    /// Rewrite the file with the records that have not expired.
+    fn compact(&mut self, now: u64) {
+        self.recorded.retain(|_, until| *until > now);
+        let mut text = String::new();
+        for ((domain, addr), until) in &self.recorded {
+            let rec = LearnedRecord {
+                domain: domain.clone(),
+                addr: *addr,
+                scope: None,
+                until: *until,
+            };
+            if let Ok(l) = serde_json::to_string(&rec) {
+                text.push_str(&l);
+                text.push('\n');
+            }
+        }
+        self.file = None;
+        let _ = write_atomic(&self.path, text.as_bytes());
+    }
+}
+
+/// Read dnsmasq's log: attribution lines feed the learner, everything else goes to our
+/// stderr (resolver.log).
+fn follow_log(child: &mut Child, mut learner: Learner) {
+    use std::io::BufRead;
+    let Some(err) = child.stderr.take() else {
+        return;
+    };
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            if is_per_question_line(&line) {
+                learner.on_line(&line);
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    });
 }
 
 /// A minimal DNS question (A record of a reserved name) to see whether dnsmasq answers.
@@ -170,8 +310,13 @@ pub fn supervise(
     let _ = std::fs::remove_file(dir.join(FAILED_MARKER));
     write_servers(dir, name, upstreams)?;
     let signals = block_signals()?;
-    let at_start = DnsPolicy::from_bundle(&load_bundle(dir, name)?);
+    let bundle = load_bundle(dir, name)?;
+    let at_start = DnsPolicy::from_bundle(&bundle);
     let mut child = spawn(&program, dir, &at_start)?;
+    follow_log(
+        &mut child,
+        Learner::new(dir, at_start, bundle.ttl_bounds[1]),
+    );
     if let Err(e) = wait_ready(&mut child) {
         let _ = child.kill();
         let _ = child.wait();
