@@ -6,29 +6,16 @@
 //! workload cannot ask any DNS server directly. Needs root and scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use e2e::world::*;
-use e2e::{E2e, IMAGE};
-
-macro_rules! e2e {
-    () => {
-        match E2e::start() {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
-
-const BUILTIN_CONFIG: &str = "# written by tests/e2e_dns.rs (restored afterwards)\n\
-upstream_dns: 198.51.100.53\n\
-dns:\n  tier: builtin\n";
+use e2e::{dns_config, IMAGE};
 
 #[test]
 fn builtin_resolver_allows_listed_names_and_refuses_the_rest() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, BUILTIN_CONFIG);
+    h.set_config(&dns_config("builtin", ""));
     h.profile("e2e-dns", "# builtin DNS tier\nsvc.e2e.test\n");
     let name = h.name("dns-builtin");
     let script = format!(
@@ -91,8 +78,7 @@ fn builtin_resolver_allows_listed_names_and_refuses_the_rest() {
 #[test]
 fn wildcard_allows_subdomains_but_not_the_apex() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, BUILTIN_CONFIG);
+    h.set_config(&dns_config("builtin", ""));
     h.profile("e2e-dns-wild", "*.e2e.test\n");
     let name = h.name("dns-wild");
     let script = format!(
@@ -139,8 +125,7 @@ fn wildcard_allows_subdomains_but_not_the_apex() {
 #[test]
 fn a_dead_resolver_fails_closed_and_status_says_error() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, BUILTIN_CONFIG);
+    h.set_config(&dns_config("builtin", ""));
     h.profile("e2e-dns-dead", "svc.e2e.test\n");
     let name = h.name("dns-dead");
     h.run_detached(&name, "e2e-dns-dead").expect_ok();

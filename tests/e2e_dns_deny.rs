@@ -3,20 +3,16 @@
 //! resolver refuses the name from then on. Needs root and scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use e2e::world::*;
-use e2e::{probe_script, E2e, Probes};
-
-const BUILTIN_CONFIG: &str = "# written by tests/e2e_dns_deny.rs (restored afterwards)\n\
-upstream_dns: 198.51.100.53\n\
-dns:\n  tier: builtin\n";
+use e2e::{dns_config, probe_script, Probes};
 
 #[test]
 fn deny_domain_removes_exactly_what_the_resolver_learned_for_it() {
-    let Some(mut h) = E2e::start() else { return };
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, BUILTIN_CONFIG);
+    let mut h = e2e!();
+    h.set_config(&dns_config("builtin", ""));
     h.profile("e2e-dns-deny", "pair.e2e.test\nshared.e2e.test\n");
     let name = h.name("dns-deny");
     h.run_detached(&name, "e2e-dns-deny").expect_ok();

@@ -8,14 +8,11 @@
 //! been forwarded upstream. Needs root and scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
+use e2e::dns_config;
 use e2e::world::*;
-use e2e::E2e;
-
-const BUILTIN_CONFIG: &str = "# written by tests/e2e_dns_hostile.rs (restored afterwards)\n\
-upstream_dns: 198.51.100.53\n\
-dns:\n  tier: builtin\n";
 
 /// Python (run in the container's netns): the hostile traffic. Bounded: fixed counts, short
 /// timeouts. Prints one summary line.
@@ -74,9 +71,8 @@ print("HOSTILE sent=%d tcp=%d idle=%d" % (sent, tcp, len(idle)))
 
 #[test]
 fn the_resolver_survives_hostile_input_and_keeps_its_rules() {
-    let Some(mut h) = E2e::start() else { return };
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, BUILTIN_CONFIG);
+    let mut h = e2e!();
+    h.set_config(&dns_config("builtin", ""));
     h.profile("e2e-hostile", "svc.e2e.test\n");
     let name = h.name("dns-hostile");
     h.run_detached(&name, "e2e-hostile").expect_ok();

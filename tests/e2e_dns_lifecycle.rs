@@ -4,6 +4,7 @@
 //! and scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use std::path::Path;
@@ -43,15 +44,11 @@ fn gone_within(needle: &str, limit: Duration) -> Vec<u32> {
 }
 
 fn lifecycle(tier: &str, tag: &str) {
-    let Some(mut h) = E2e::start() else { return };
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(
-        &conf,
-        &format!(
-            "# written by tests/e2e_dns_lifecycle.rs (restored afterwards)\n\
+    let mut h = e2e!();
+    h.set_config(&format!(
+        "# written by tests/e2e_dns_lifecycle.rs (restored afterwards)\n\
              upstream_dns: 198.51.100.53\ndns:\n  tier: {tier}\n"
-        ),
-    );
+    ));
     h.profile("e2e-lifecycle", "svc.e2e.test\n");
     // Persistent hooks, so `podman start` brings the firewall (and resolver) back; the
     // user's containers.conf and hooks dir are restored afterwards.

@@ -17,6 +17,7 @@
 //! scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use std::collections::BTreeSet;
@@ -30,25 +31,7 @@ use serde_json::Value;
 
 use e2e::cmd::Out;
 use e2e::world::*;
-use e2e::{probe_script, E2e, Probes, IMAGE, RAN};
-
-macro_rules! e2e {
-    () => {
-        match E2e::start() {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
-
-const BUILTIN_CONFIG: &str = "# written by tests/e2e_dns_records.rs (restored afterwards)\n\
-upstream_dns: 198.51.100.53\n\
-dns:\n  tier: builtin\n";
-
-/// Learned addresses live at most 2 s (every record of the fake zone has TTL 300).
-const SHORT_TTL_CONFIG: &str = "# written by tests/e2e_dns_records.rs (restored afterwards)\n\
-upstream_dns: 198.51.100.53\n\
-dns:\n  tier: builtin\n  min_ttl: 1\n  max_ttl: 2\n";
+use e2e::{dns_config, probe_script, E2e, Probes, IMAGE, RAN};
 
 /// The shell waits (at most 3 s) for slirp4netns' IPv6 default route.
 const WAIT_V6: &str =
@@ -60,8 +43,7 @@ fn ip(s: &str) -> IpAddr {
 
 /// Write the config and the profile, start a detached shielded container; its name.
 fn detached(h: &mut E2e, config: &str, tag: &str, profile: &str) -> String {
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, config);
+    h.set_config(config);
     let prof = format!("e2e-{tag}");
     h.profile(&prof, profile);
     let name = h.name(tag);
@@ -330,7 +312,7 @@ fn rotation_opens_the_new_address_on_the_next_lookup() {
     let mut h = e2e!();
     let name = detached_hidden(
         &mut h,
-        BUILTIN_CONFIG,
+        &dns_config("builtin", ""),
         "dnsr-rot",
         "rotate.e2e.test\n",
         &["rotate.e2e.test"],
@@ -401,7 +383,7 @@ fn learned_addresses_expire_after_the_clamped_ttl_and_return_on_the_next_lookup(
     let mut h = e2e!();
     let name = detached_hidden(
         &mut h,
-        SHORT_TTL_CONFIG,
+        &dns_config("builtin", "  min_ttl: 1\n  max_ttl: 2\n"),
         "dnsr-ttl",
         "ttl.e2e.test\n",
         &["ttl.e2e.test"],
@@ -518,7 +500,7 @@ fn a_cname_chain_from_an_allowed_name_opens_its_final_address_only() {
     let mut h = e2e!();
     let name = detached_hidden(
         &mut h,
-        BUILTIN_CONFIG,
+        &dns_config("builtin", ""),
         "dnsr-cname",
         "alias.e2e.test\n",
         &["alias.e2e.test"],
@@ -597,7 +579,7 @@ fn a_truncated_upstream_answer_is_asked_again_over_tcp() {
     let mut h = e2e!();
     let name = detached_hidden(
         &mut h,
-        BUILTIN_CONFIG,
+        &dns_config("builtin", ""),
         "dnsr-tc",
         "tc.e2e.test\n",
         &["tc.e2e.test"],
@@ -634,7 +616,7 @@ fn an_answer_too_big_for_udp_is_learned_whole_and_served_over_tcp() {
     let mut h = e2e!();
     let name = detached_hidden(
         &mut h,
-        BUILTIN_CONFIG,
+        &dns_config("builtin", ""),
         "dnsr-big",
         "big.e2e.test\n",
         &["big.e2e.test"],
@@ -722,7 +704,7 @@ fn private_answers_are_removed_and_not_learned_unless_allowlisted() {
     let mut h = e2e!();
     let name = detached_hidden(
         &mut h,
-        BUILTIN_CONFIG,
+        &dns_config("builtin", ""),
         "dnsr-rebind",
         "rebind.e2e.test\n",
         &["rebind.e2e.test"],
@@ -785,7 +767,7 @@ fn allowlisted_private_answers_pass_within_the_allowlisted_ports() {
     let mut h = e2e!();
     let name = detached_hidden(
         &mut h,
-        BUILTIN_CONFIG,
+        &dns_config("builtin", ""),
         "dnsr-rebind-ok",
         &format!("rebind.e2e.test\n{REBIND_PRIV4}\n[{ULA6}]:443/tcp\n"),
         &["rebind.e2e.test"],
@@ -895,7 +877,12 @@ fn control_unshielded_container_queries_every_world_dns_server() {
 #[test]
 fn direct_dns_over_ipv6_and_tcp_is_rejected() {
     let mut h = e2e!();
-    let name = detached(&mut h, BUILTIN_CONFIG, "dnsr-direct", "svc.e2e.test\n");
+    let name = detached(
+        &mut h,
+        &dns_config("builtin", ""),
+        "dnsr-direct",
+        "svc.e2e.test\n",
+    );
     let mark = h.world.mark();
     let log_before = h.world.dns_log().len();
     let script = format!(
@@ -961,7 +948,7 @@ fn private_answers_at_start_are_not_allowed_either() {
     let mut h = e2e!();
     let name = detached(
         &mut h,
-        BUILTIN_CONFIG,
+        &dns_config("builtin", ""),
         "dnsr-rebind-start",
         "rebind.e2e.test\n",
     );
@@ -997,7 +984,12 @@ fn private_answers_at_start_are_not_allowed_either() {
 #[test]
 fn addresses_resolved_at_start_expire_with_max_ttl_too() {
     let mut h = e2e!();
-    let name = detached(&mut h, SHORT_TTL_CONFIG, "dnsr-ttl-start", "ttl.e2e.test\n");
+    let name = detached(
+        &mut h,
+        &dns_config("builtin", "  min_ttl: 1\n  max_ttl: 2\n"),
+        "dnsr-ttl-start",
+        "ttl.e2e.test\n",
+    );
     std::thread::sleep(Duration::from_secs(4));
     let mark = h.world.mark();
     let out = h.exec(&name, &probe_script(&[(TTL4, 80)])).expect_ok();

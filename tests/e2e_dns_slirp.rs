@@ -8,6 +8,7 @@
 //! file. Needs root, dnsmasq and scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use std::time::Duration;
@@ -79,14 +80,10 @@ fn pause_with_fake_resolv(h: &E2e) -> PauseReset<'_> {
 }
 
 fn forwards_to_slirp(tier: &str) {
-    let Some(mut h) = E2e::start() else { return };
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(
-        &conf,
-        &format!(
-            "# written by tests/e2e_dns_slirp.rs (restored afterwards)\ndns:\n  tier: {tier}\n"
-        ),
-    );
+    let mut h = e2e!();
+    h.set_config(&format!(
+        "# written by tests/e2e_dns_slirp.rs (restored afterwards)\ndns:\n  tier: {tier}\n"
+    ));
     h.profile("e2e-slirp", "svc.e2e.test\n");
     let name = h.name(&format!("slirp-{tier}"));
     let _reset = pause_with_fake_resolv(&h);

@@ -4,20 +4,16 @@
 //! scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use e2e::world::*;
-use e2e::{set_elements, E2e};
-
-const STATIC_CONFIG: &str = "# written by tests/e2e_dns_static.rs (restored afterwards)\n\
-upstream_dns: 198.51.100.53\n\
-dns:\n  tier: static\n";
+use e2e::{dns_config, set_elements};
 
 #[test]
 fn static_tier_resolves_before_start_and_runs_no_resolver() {
-    let Some(mut h) = E2e::start() else { return };
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, STATIC_CONFIG);
+    let mut h = e2e!();
+    h.set_config(&dns_config("static", ""));
     h.profile("e2e-static", "svc.e2e.test\n");
     let name = h.name("dns-static");
     h.run_detached(&name, "e2e-static").expect_ok();

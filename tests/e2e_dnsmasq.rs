@@ -8,23 +8,11 @@
 //! scripts/podman-env.sh.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use e2e::world::*;
-use e2e::{set_elements, E2e};
-
-macro_rules! e2e {
-    () => {
-        match E2e::start() {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
-
-const DNSMASQ_CONFIG: &str = "# written by tests/e2e_dnsmasq.rs (restored afterwards)\n\
-upstream_dns: 198.51.100.53\n\
-dns:\n  tier: dnsmasq\n  max_ttl: 600\n";
+use e2e::{dns_config, set_elements, E2e};
 
 /// dnsmasq's query port (`terok_shield::core::dnsmasq::QUERY_PORT`).
 const QUERY_PORT: u16 = 53_053;
@@ -60,8 +48,7 @@ fn try_bind_query_port(h: &E2e, name: &str) -> String {
 #[test]
 fn dnsmasq_tier_allows_listed_names_and_refuses_the_rest() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, DNSMASQ_CONFIG);
+    h.set_config(&dns_config("dnsmasq", "  max_ttl: 600\n"));
     h.profile(
         "e2e-dnsmasq",
         "# dnsmasq DNS tier\nsvc.e2e.test\npair.e2e.test:443\n",
@@ -150,8 +137,7 @@ fn dnsmasq_tier_allows_listed_names_and_refuses_the_rest() {
 #[test]
 fn dnsmasq_tier_wildcards_skip_the_apex_and_live_changes_reach_dnsmasq() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, DNSMASQ_CONFIG);
+    h.set_config(&dns_config("dnsmasq", "  max_ttl: 600\n"));
     h.profile("e2e-dnsmasq-wild", "*.svc.e2e.test\n");
     let name = h.name("dnsmasq-wild");
     h.run_detached(&name, "e2e-dnsmasq-wild").expect_ok();
@@ -213,8 +199,7 @@ fn dnsmasq_tier_wildcards_skip_the_apex_and_live_changes_reach_dnsmasq() {
 #[test]
 fn a_dead_dnsmasq_fails_closed_and_status_says_error() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, DNSMASQ_CONFIG);
+    h.set_config(&dns_config("dnsmasq", "  max_ttl: 600\n"));
     h.profile("e2e-dnsmasq-dead", "svc.e2e.test\n");
     let name = h.name("dnsmasq-dead");
     h.run_detached(&name, "e2e-dnsmasq-dead").expect_ok();
@@ -258,8 +243,7 @@ fn a_dead_dnsmasq_fails_closed_and_status_says_error() {
 #[test]
 fn bundled_profiles_start_under_the_dnsmasq_tier() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(&conf, DNSMASQ_CONFIG);
+    h.set_config(&dns_config("dnsmasq", "  max_ttl: 600\n"));
     let name = h.name("dnsmasq-bundled");
     h.run_detached(&name, "base,dev-standard").expect_ok();
     assert_eq!(h.shield_state(&name), "up");

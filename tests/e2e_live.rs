@@ -8,6 +8,7 @@
 //! container's clock, so the tests can tell exactly when a stream stopped.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use std::collections::BTreeSet;
@@ -21,16 +22,6 @@ use serde_json::Value;
 use e2e::cmd::Out;
 use e2e::world::*;
 use e2e::{probe_script, set_elements, E2e, Probes, CREATE_RUNTIME_JSON};
-
-/// Start the harness or skip the test.
-macro_rules! e2e {
-    () => {
-        match E2e::start() {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
 
 /// From inside `name`: every `reached` target answers with its banner, every `refused` one is
 /// refused at once and never reaches the world.
@@ -177,10 +168,7 @@ fn allow_domain_resolves_now_and_deny_domain_removes_only_its_own_addresses() {
     let mut h = e2e!();
     // Resolving now is the static tier's way; a resolver tier learns names as they are asked
     // (tests/e2e_dns*.rs).
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(
-        &conf,
-        "# written by tests/e2e_live.rs (restored afterwards)\nupstream_dns: 198.51.100.53\ndns:\n  tier: static\n",
+    h.set_config("# written by tests/e2e_live.rs (restored afterwards)\nupstream_dns: 198.51.100.53\ndns:\n  tier: static\n",
     );
     let name = live_container(&mut h, "domain");
     expect(

@@ -6,6 +6,7 @@
 //! Tests run one at a time (a global lock in the harness): each builds its own world.
 
 #[path = "e2e/mod.rs"]
+#[macro_use]
 mod e2e;
 
 use std::fs;
@@ -14,16 +15,6 @@ use serde_json::Value;
 
 use e2e::world::*;
 use e2e::{probe_script, E2e, Probes, CREATE_RUNTIME_JSON, IMAGE, RAN};
-
-/// Start the harness or skip the test.
-macro_rules! e2e {
-    () => {
-        match E2e::start() {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
 
 /// `terok-shield run NAME --profiles P -- --rm IMAGE sh -c SCRIPT`.
 fn run_script(h: &E2e, name: &str, profiles: &str, script: &str) -> e2e::cmd::Out {
@@ -190,11 +181,10 @@ fn several_profiles_combine_in_one_container() {
 #[test]
 fn loopback_ports_reach_host_services_and_nothing_else() {
     let mut h = e2e!();
-    let conf = h.user.config_dir().join("config.yml");
-    h.write_user_file(
-        &conf,
-        &format!("{}loopback_ports: [18080, 18081]\n", e2e::CONFIG_YML),
-    );
+    h.set_config(&format!(
+        "{}loopback_ports: [18080, 18081]\n",
+        e2e::CONFIG_YML
+    ));
     let server = e2e::LoopbackServer::start(&[18080, 18081, 18082]);
     let name = h.name("loopback");
     let script = probe_script(&[
@@ -850,4 +840,63 @@ fn fake_dns_answers_match_the_zone() {
     let (_, reply) = dns_answer(&q2).unwrap();
     assert_eq!(reply[3] & 0x0f, 3);
     assert_eq!(u16::from_be_bytes([reply[6], reply[7]]), 0);
+}
+
+/// A port published with `-p` takes connections from the host while the shield is up; the
+/// workload's egress stays filtered.
+#[test]
+fn published_port_takes_connections_through_the_shield() {
+    let mut h = e2e!();
+    h.profile("e2e-publish", &format!("{ALLOWED4}\n"));
+    let name = h.name("publish");
+    let serve = "echo RAN; i=0; while [ $i -lt 50 ]; do echo published-hello | nc -l -p 8080; i=$((i+1)); done";
+    h.shield(&[
+        "run",
+        &name,
+        "--profiles",
+        "e2e-publish",
+        "--",
+        "-d",
+        "-p",
+        "127.0.0.1:47080:8080",
+        IMAGE,
+        "sh",
+        "-c",
+        serve,
+    ])
+    .expect_ok();
+    let state = h.state_json(&name);
+    assert_eq!(
+        state["published"],
+        serde_json::json!(["8080/tcp"]),
+        "{state}"
+    );
+    // Bounded retries: the listener starts right after the container does.
+    let mut got = String::new();
+    for _ in 0..20 {
+        if let Ok(mut c) = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:47080".parse().unwrap(),
+            std::time::Duration::from_secs(2),
+        ) {
+            use std::io::Read;
+            let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let _ = c.read_to_string(&mut got);
+            if got.contains("published-hello") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        got.contains("published-hello"),
+        "no answer through the published port: {got:?}"
+    );
+    let mark = h.world.mark();
+    let out = h
+        .exec(&name, &probe_script(&[(ALLOWED4, 80), (BLOCKED4, 80)]))
+        .expect_ok();
+    let p = Probes::of(&out, &h.world, mark);
+    p.reached(ALLOWED4, 80);
+    p.refused_fast(BLOCKED4, 80);
+    h.podman(&["rm", "-f", &name]).expect_ok();
 }

@@ -468,6 +468,41 @@ fn unsolicited_inbound_connections_are_dropped() {
     drop(listener);
 }
 
+/// Published ports (`podman run -p`): new connections to them come in, to any other port
+/// they do not; block mode closes them too.
+#[test]
+fn published_ports_alone_accept_inbound_connections() {
+    let bed = bed!();
+    let listeners = run_in(&bed.container_path(), Duration::from_secs(5), || {
+        (
+            TcpListener::bind(("::", 9000)),
+            TcpListener::bind(("::", 9001)),
+        )
+    })
+    .unwrap();
+    let (a, b) = (listeners.0.unwrap(), listeners.1.unwrap());
+    let knock = |host: &'static str, port: u16| {
+        let dst = SocketAddr::new(addr(host), port);
+        run_in(&bed.world.path(), Duration::from_secs(5), move || {
+            TcpStream::connect_timeout(&dst, Duration::from_millis(300)).map(|_| ())
+        })
+        .unwrap()
+    };
+    let mut p = policy(Mode::DenyAll, &[PUB_A]);
+    p.inbound = vec!["9000/tcp".parse().unwrap()];
+    bed.apply(&p);
+    for host in [CONTAINER4, CONTAINER6] {
+        knock(host, 9000).unwrap_or_else(|e| panic!("{host}:9000 published, yet {e}"));
+        let err = knock(host, 9001).expect_err("an unpublished port let a connection in");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{host}: {err}");
+    }
+    p.mode = Mode::Block;
+    bed.apply(&p);
+    let err = knock(CONTAINER4, 9000).expect_err("block mode let a connection in");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    drop((a, b));
+}
+
 /// The harness's own assertions must be able to fail: each is checked against traffic
 /// that contradicts it.
 #[test]

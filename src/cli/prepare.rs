@@ -75,7 +75,12 @@ pub fn upstream_servers(ctx: &Context) -> Vec<std::net::SocketAddr> {
 }
 
 /// Build the bundle for `name` and return the podman flags.
-pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result<Prepared> {
+pub fn prepare(
+    name: &str,
+    profiles: &[String],
+    published: &[crate::core::policy::InboundPort],
+    ctx: &Context,
+) -> anyhow::Result<Prepared> {
     let name = ContainerName::new(name)?;
     let selected = select_profiles(profiles, ctx)?;
     let mut warnings: Vec<String> = selected.notices.iter().map(|n| n.to_string()).collect();
@@ -115,6 +120,7 @@ pub fn prepare(name: &str, profiles: &[String], ctx: &Context) -> anyhow::Result
         },
         upstream_dns: ctx.config.upstream_dns,
         ttl_bounds: [ctx.config.dns.min_ttl, ctx.config.dns.max_ttl],
+        published: published.to_vec(),
     };
     if bundle.dns_tier == DnsTier::Dnsmasq {
         check_dnsmasq_tier(&bundle, ctx, &mut warnings)?;
@@ -312,7 +318,7 @@ pub fn run_prepare(
     json_out: bool,
     ctx: &Context,
 ) -> anyhow::Result<()> {
-    let prepared = prepare(name, profiles, ctx)?;
+    let prepared = prepare(name, profiles, &[], ctx)?;
     for w in &prepared.warnings {
         eprintln!("terok-shield: warning: {w}");
     }
@@ -342,7 +348,7 @@ pub fn run_container(
     let user = check_run_args(podman_args)?;
     ContainerName::new(name)?;
     let podman = podman_binary()?;
-    let prepared = prepare(name, profiles, ctx)?;
+    let prepared = prepare(name, profiles, &user.published, ctx)?;
     for w in &prepared.warnings {
         eprintln!("terok-shield: warning: {w}");
     }

@@ -139,6 +139,9 @@ pub struct Bundle {
     /// `dns.max_ttl`).
     #[serde(default = "default_ttl_bounds")]
     pub ttl_bounds: [u32; 2],
+    /// Container ports published with `run -- -p`: inbound connections to them are accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<super::policy::InboundPort>,
 }
 
 fn default_ttl_bounds() -> [u32; 2] {
@@ -316,6 +319,7 @@ impl Bundle {
             }
             DnsTier::Static => policy.dns_servers = facts.dns_servers.clone(),
         }
+        policy.inbound = self.published.clone();
         if let (Some(gateway), false) = (facts.gateway, self.loopback_ports.is_empty()) {
             policy.host_loopback = Some(HostLoopback {
                 gateway,
@@ -361,6 +365,7 @@ mod tests {
             dns_tier: DnsTier::Static,
             upstream_dns: None,
             ttl_bounds: [60, 3600],
+            published: vec![],
         }
     }
 

@@ -284,6 +284,7 @@ mod tests {
             dns_tier: DnsTier::Dnsmasq,
             upstream_dns: None,
             ttl_bounds: [1, 3600],
+            published: vec![],
         })
     }
 

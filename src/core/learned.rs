@@ -99,6 +99,7 @@ mod tests {
             dns_tier: DnsTier::Builtin,
             upstream_dns: None,
             ttl_bounds: [60, 3600],
+            published: vec![],
         }
     }
 

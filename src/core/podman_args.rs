@@ -10,6 +10,9 @@
 
 use thiserror::Error;
 
+use super::policy::InboundPort;
+use super::target::Protocol;
+
 /// `podman run` flags that take a value (long names, without `--`).
 const VALUE_FLAGS: &[&str] = &[
     "add-host",
@@ -214,6 +217,46 @@ pub enum PodmanArgsError {
     MissingValue(String),
     #[error("no image given after `--`: usage: terok-shield run NAME [--profiles P...] -- [podman flags] IMAGE [COMMAND...]")]
     NoImage,
+    #[error("cannot read `--publish {0}`: expected [[IP:][HOST_PORT]:]CONTAINER_PORT[/tcp|/udp], ports 1-65535 (ranges as A-B, at most {MAX_PUBLISHED} ports)")]
+    BadPublish(String),
+}
+
+/// Published container ports one `run` may open inbound (ranges are expanded).
+pub const MAX_PUBLISHED: usize = 1024;
+
+/// The container ports of one `-p` value: `[[IP:][HOST_PORT]:]CONTAINER_PORT[/PROTO]`, where
+/// ports may be ranges (`8000-8010`) and IP may be a bracketed IPv6 address.
+pub fn published_ports(value: &str) -> Result<Vec<InboundPort>, PodmanArgsError> {
+    let bad = || PodmanArgsError::BadPublish(value.to_string());
+    let (spec, proto) = match value.rsplit_once('/') {
+        Some((spec, "tcp")) => (spec, Protocol::Tcp),
+        Some((spec, "udp")) => (spec, Protocol::Udp),
+        Some(_) => return Err(bad()),
+        None => (value, Protocol::Tcp),
+    };
+    // The container port is the last field; an IPv6 address sits in brackets before it.
+    let container = spec
+        .rsplit(':')
+        .next()
+        .filter(|c| !c.contains(']'))
+        .ok_or_else(bad)?;
+    let port = |t: &str| t.parse::<u16>().ok().filter(|p| *p > 0);
+    let (first, last) = match container.split_once('-') {
+        Some((a, b)) => (port(a).ok_or_else(bad)?, port(b).ok_or_else(bad)?),
+        None => {
+            let p = port(container).ok_or_else(bad)?;
+            (p, p)
+        }
+    };
+    if first > last || usize::from(last - first) >= MAX_PUBLISHED {
+        return Err(bad());
+    }
+    Ok((first..=last)
+        .map(|port| InboundPort {
+            port,
+            protocol: proto,
+        })
+        .collect())
 }
 
 /// The user's arguments split at the image: podman flags, image, command.
@@ -222,10 +265,20 @@ pub struct RunArgs {
     pub flags: Vec<String>,
     pub image: String,
     pub command: Vec<String>,
+    /// Container ports the `-p`/`--publish` flags publish, for the input chain.
+    pub published: Vec<InboundPort>,
 }
 
 /// Split and check the arguments given after `--`.
 pub fn check_run_args(args: &[String]) -> Result<RunArgs, PodmanArgsError> {
+    let mut published: Vec<InboundPort> = Vec::new();
+    let mut publish = |value: &str| -> Result<(), PodmanArgsError> {
+        published.extend(published_ports(value)?);
+        if published.len() > MAX_PUBLISHED {
+            return Err(PodmanArgsError::BadPublish(value.to_string()));
+        }
+        Ok(())
+    };
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
@@ -250,6 +303,9 @@ pub fn check_run_args(args: &[String]) -> Result<RunArgs, PodmanArgsError> {
                     }
                 };
                 check_flag(name, Some(&value))?;
+                if name == "publish" {
+                    publish(&value)?;
+                }
             } else if BOOL_FLAGS.contains(&name) {
                 if inline.as_deref().is_none_or(|v| v != "false") {
                     check_flag(name, None)?;
@@ -261,6 +317,9 @@ pub fn check_run_args(args: &[String]) -> Result<RunArgs, PodmanArgsError> {
             let chars: Vec<char> = shorts.chars().collect();
             for (k, c) in chars.iter().enumerate() {
                 if SHORT_BOOL.contains(*c) {
+                    if *c == 'P' {
+                        check_flag("publish-all", None)?;
+                    }
                     continue;
                 }
                 if SHORT_VALUE.contains(*c) {
@@ -274,6 +333,9 @@ pub fn check_run_args(args: &[String]) -> Result<RunArgs, PodmanArgsError> {
                             .ok_or_else(|| PodmanArgsError::MissingValue(arg.clone()))?
                     };
                     check_flag(long_of(*c), Some(&value))?;
+                    if *c == 'p' {
+                        publish(&value)?;
+                    }
                     break;
                 }
                 return Err(PodmanArgsError::Unknown(format!("-{c}")));
@@ -284,10 +346,13 @@ pub fn check_run_args(args: &[String]) -> Result<RunArgs, PodmanArgsError> {
         i += 1;
     }
     let image = args.get(i).cloned().ok_or(PodmanArgsError::NoImage)?;
+    published.sort_unstable();
+    published.dedup();
     Ok(RunArgs {
         flags: args[..i].iter().filter(|a| *a != "--").cloned().collect(),
         image,
         command: args[i + 1..].to_vec(),
+        published,
     })
 }
 
@@ -323,6 +388,9 @@ fn check_flag(name: &str, value: Option<&str>) -> Result<(), PodmanArgsError> {
     match name {
         "name" => managed("the container is named by `terok-shield run NAME`"),
         "hooks-dir" => managed("the shield installs its own OCI hooks"),
+        "publish-all" => managed(
+            "it publishes the image's EXPOSE ports, which the shield cannot see to let in; publish them one by one with -p",
+        ),
         "annotation" if value.is_some_and(|v| v.starts_with("terok.shield.")) => {
             managed("terok.shield.* annotations carry the shield's own state")
         }
@@ -432,5 +500,51 @@ mod tests {
         ));
         assert!(check_run_args(&args("--privileged=false img")).is_ok());
         assert!(check_run_args(&args("--cap-add CHOWN --network pasta img")).is_ok());
+    }
+
+    #[test]
+    fn published_container_ports_are_collected() {
+        let r = check_run_args(&args(
+            "-p 8080:80 --publish=127.0.0.1:5353:53/udp -p [::1]:9000:9000/tcp -p 7000-7002 -d img",
+        ))
+        .unwrap();
+        let got: Vec<String> = r.published.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            got,
+            ["53/udp", "80/tcp", "7000/tcp", "7001/tcp", "7002/tcp", "9000/tcp"]
+        );
+        assert_eq!(r.image, "img");
+        // The flags still go to podman untouched.
+        assert!(r.flags.contains(&"8080:80".to_string()));
+    }
+
+    #[test]
+    fn bad_or_unseeable_publishing_is_refused() {
+        for bad in [
+            "-p 0 img",
+            "-p 80/sctp img",
+            "-p 70000 img",
+            "-p 9-1 img",
+            "-p 1-2000 img",
+            "-p 127.0.0.1:80: img",
+            "-p [::1] img",
+        ] {
+            assert!(
+                matches!(
+                    check_run_args(&args(bad)),
+                    Err(PodmanArgsError::BadPublish(_))
+                ),
+                "{bad}"
+            );
+        }
+        for all in ["-P img", "--publish-all img", "-dP img"] {
+            assert!(
+                matches!(
+                    check_run_args(&args(all)),
+                    Err(PodmanArgsError::Managed { .. })
+                ),
+                "{all}"
+            );
+        }
     }
 }

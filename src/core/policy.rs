@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::target::PortScope;
+use super::target::{PortScope, Protocol};
 
 /// Packet mark of the shield's own resolver sockets (the `builtin` DNS tier): the ruleset
 /// lets DNS carrying it leave. The workload cannot set marks without CAP_NET_ADMIN.
@@ -61,6 +61,53 @@ pub struct HostLoopback {
     pub ports: Vec<u16>,
 }
 
+/// A container port published with `podman run -p`: new connections to it may come in.
+/// Stored as `8080/tcp` in state.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboundPort {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for InboundPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol.keyword())
+    }
+}
+
+impl std::str::FromStr for InboundPort {
+    type Err = String;
+
+    /// `PORT/tcp` or `PORT/udp`, PORT 1-65535.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid published port `{s}` (expected PORT/tcp or PORT/udp)");
+        let (port, proto) = s.split_once('/').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let protocol = match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return Err(bad()),
+        };
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(InboundPort { port, protocol })
+    }
+}
+
+impl Serialize for InboundPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for InboundPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Everything the generator needs to build one container's ruleset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Policy {
@@ -83,6 +130,9 @@ pub struct Policy {
     /// Default lifetime (seconds) of DNS-learned set elements, for a resolver that adds
     /// elements without their own timeout (dnsmasq).
     pub learned_timeout: Option<u32>,
+    /// Published container ports: the input chain accepts new connections to them (the
+    /// replies leave as established traffic). Egress is unaffected.
+    pub inbound: Vec<InboundPort>,
 }
 
 impl Policy {
@@ -129,6 +179,7 @@ impl Policy {
             resolver_mark: None,
             resolver_port: None,
             learned_timeout: None,
+            inbound: Vec::new(),
         }
     }
 }

@@ -403,7 +403,7 @@ impl Ruleset {
                     hook: "input",
                     policy: "drop",
                 }),
-                rules: input_rules(policy.mode),
+                rules: input_rules(policy),
             },
         ];
         chains.push(verdict_chain("allowed", prefix::ALLOWED, true));
@@ -697,7 +697,8 @@ fn output_rules(policy: &Policy) -> Vec<Rule> {
     rules
 }
 
-fn input_rules(mode: Mode) -> Vec<Rule> {
+fn input_rules(policy: &Policy) -> Vec<Rule> {
+    let mode = policy.mode;
     // A UDP DNS reply that arrives over loopback from a non-loopback IPv6 source was forged
     // inside the container: a workload socket bound with IPV6_FREEBIND (no privilege needed)
     // to the upstream's address and port 53, aiming at a resolver's upstream socket. The
@@ -723,6 +724,28 @@ fn input_rules(mode: Mode) -> Vec<Rule> {
             ),
             Stmt::Accept,
         ]));
+    }
+    if mode != Mode::Block {
+        // Published ports (`podman run -p`): new connections in, nothing else.
+        for (proto, key) in [(Protocol::Tcp, TCP_DPORT), (Protocol::Udp, UDP_DPORT)] {
+            let mut ports: Vec<u16> = policy
+                .inbound
+                .iter()
+                .filter(|p| p.protocol == proto)
+                .map(|p| p.port)
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            if !ports.is_empty() {
+                rules.push(rule([
+                    m(
+                        key,
+                        anon_or_single(ports.into_iter().map(|p| Val::Num(u64::from(p))).collect()),
+                    ),
+                    Stmt::Accept,
+                ]));
+            }
+        }
     }
     rules
 }

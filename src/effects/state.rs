@@ -339,6 +339,7 @@ mod tests {
             dns_tier: DnsTier::Static,
             upstream_dns: None,
             ttl_bounds: [60, 3600],
+            published: vec![],
         }
     }
 

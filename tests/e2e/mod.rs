@@ -15,6 +15,17 @@
 pub mod cmd;
 pub mod world;
 
+/// `let h = e2e!();`: the harness, or return from the test when the environment is missing
+/// (a skip outside CI; with `CI=true`, `E2e::start` fails the test instead).
+macro_rules! e2e {
+    () => {
+        match crate::e2e::E2e::start() {
+            Some(h) => h,
+            None => return,
+        }
+    };
+}
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -400,6 +411,12 @@ impl E2e {
         let path = self.user.profiles_dir().join(format!("{name}.txt"));
         self.write_user_file(&path, text);
         path
+    }
+
+    /// Use `yaml` as the test user's config.yml for this test (restored at the end).
+    pub fn set_config(&mut self, yaml: &str) {
+        let conf = self.user.config_dir().join("config.yml");
+        self.write_user_file(&conf, yaml);
     }
 
     /// Write a file owned by the test user; its previous content comes back at the end.
@@ -809,4 +826,12 @@ impl Drop for LoopbackServer {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.done.recv_timeout(Duration::from_secs(5));
     }
+}
+
+/// A config.yml for DNS tests: the world's DNS server as `upstream_dns`, `tier`, and any
+/// further `dns:` keys in `extra` (e.g. "  max_ttl: 2\n").
+pub fn dns_config(tier: &str, extra: &str) -> String {
+    format!(
+        "# written by an e2e test (restored afterwards)\nupstream_dns: 198.51.100.53\ndns:\n  tier: {tier}\n{extra}"
+    )
 }
