@@ -87,11 +87,18 @@ impl Drop for Prepared {
     }
 }
 
+/// Prepare with the static DNS tier: these tests are about the hook itself, and the fake
+/// container has no resolv.conf for a resolver tier to redirect.
 fn prepare(tag: &str) -> Prepared {
+    prepare_with(tag, "dns:\n  tier: static\n")
+}
+
+fn prepare_with(tag: &str, config: &str) -> Prepared {
     let root = std::env::temp_dir().join(format!("ts-hook-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let profiles = root.join("config/profiles");
     std::fs::create_dir_all(&profiles).unwrap();
+    std::fs::write(root.join("config/config.yml"), config).unwrap();
     std::fs::write(profiles.join("t.txt"), "198.51.100.10\n2001:db8::10\n").unwrap();
     let out = Command::new(BIN)
         .args(["prepare", "hooked", "--profiles", "t", "--json"])
@@ -153,6 +160,34 @@ fn hook(stdin: &str) -> (bool, String, Duration) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
         start.elapsed(),
     )
+}
+
+/// A resolver tier needs somewhere to send DNS and a resolv.conf to point at itself; without
+/// them the container must not start (fail closed), and the message says what to do.
+#[test]
+fn resolver_tier_without_upstream_or_resolv_conf_fails_closed() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare_with("no-upstream", "dns:\n  tier: builtin\n");
+    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    assert!(
+        !ok,
+        "the hook started a builtin-tier container with no upstream"
+    );
+    assert!(err.contains("set upstream_dns"), "{err}");
+    let c = FakeContainer::start(); // a fresh namespace: the first one has the table now
+    let p = prepare_with(
+        "no-resolv",
+        "upstream_dns: 198.51.100.53\ndns:\n  tier: builtin\n",
+    );
+    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    assert!(
+        !ok,
+        "the hook started a container whose resolv.conf it cannot redirect"
+    );
+    assert!(err.contains("resolv.conf"), "{err}");
 }
 
 #[test]
