@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, Timespec};
 use rustix::io::Errno;
-use rustix::net::RecvFlags;
 
 use crate::core::bundle::ContainerName;
 use crate::core::dns_policy::{
@@ -159,8 +158,10 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
         pending: HashMap::new(),
         earliest: None,
         worker: Worker::default(),
-        buf: vec![0; 4096],
         done: Vec::new(),
+        outbox: Vec::new(),
+        forwards: Vec::new(),
+        tx: SendBatch::default(),
     };
     ready()?;
     shed_startup_memory();
@@ -235,8 +236,14 @@ fn untoken(data: epoll::EventData) -> (Source, usize) {
 /// UDP questions waiting for upstream at once; beyond this a question gets SERVFAIL at once
 /// (memory stays bounded under a flood).
 const MAX_PENDING: usize = 1024;
-/// Client datagrams taken from one socket per wake-up before looking at the others.
+/// Client datagrams taken from one socket per wake-up before looking at the others (and
+/// upstream answers from one server), in `recvmmsg` calls of [`SLOTS`].
 const RECV_BURST: usize = 64;
+/// Datagrams per `recvmmsg`/`sendmmsg`.
+const SLOTS: usize = 16;
+/// Bytes per received datagram. A client question is far smaller; an upstream answer larger
+/// than this (rare: resolvers cap UDP answers at ~1232 bytes) is asked again over TCP.
+const SLOT: usize = 4096;
 
 /// A UDP question forwarded upstream, keyed by the upstream ID it went out under.
 struct Pending {
@@ -274,15 +281,20 @@ struct EventLoop {
     /// No pending deadline is earlier than this.
     earliest: Option<Instant>,
     worker: Worker,
-    /// One client datagram.
-    buf: Vec<u8>,
     /// Answers of this wake-up, waiting for their set updates.
     done: Vec<(Pending, Answer)>,
+    /// Replies of this wake-up (listener, client, message), sent by [`EventLoop::flush_replies`].
+    outbox: Vec<(usize, SocketAddr, Vec<u8>)>,
+    /// Questions of this wake-up (upstream ID, server) waiting in `pending` to be sent, by
+    /// [`EventLoop::flush_forwards`].
+    forwards: Vec<(u16, usize)>,
+    tx: SendBatch,
 }
 
 impl EventLoop {
     fn run(&mut self) -> io::Result<()> {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
+        let mut rx = RecvBatch::new();
         loop {
             let timeout = self.earliest.map(|at| {
                 // Rounded up to the next millisecond: waking early only spins.
@@ -305,74 +317,106 @@ impl EventLoop {
             // Answers first (their clients have waited longest), then new questions.
             for ev in &events {
                 if let (Source::Upstream, i) = untoken(ev.data) {
-                    self.take_answers(i, &policy);
+                    self.take_answers(i, &policy, &mut rx);
                 }
             }
             self.finish();
+            self.flush_replies();
             for ev in &events {
                 match untoken(ev.data) {
-                    (Source::Client, i) => self.take_questions(i, &policy),
+                    (Source::Client, i) => self.take_questions(i, &policy, &mut rx),
                     (Source::Tcp, i) => self.accept(i),
                     (Source::Upstream, _) => {}
                 }
             }
+            self.flush_forwards();
             self.expire();
+            self.flush_replies();
         }
     }
 
-    fn reply(&self, listener: usize, to: SocketAddr, msg: &[u8]) {
-        // Non-blocking: a full send buffer drops the reply, and the client asks again.
-        let _ = self.clients[listener].send_to(msg, to);
+    /// Queue a reply; sent (with the others of this wake-up) by [`EventLoop::flush_replies`].
+    fn reply(&mut self, listener: usize, to: SocketAddr, msg: Vec<u8>) {
+        self.outbox.push((listener, to, msg));
     }
 
-    fn take_questions(&mut self, listener: usize, policy: &DnsPolicy) {
-        for _ in 0..RECV_BURST {
-            let (n, from) = match self.clients[listener].recv_from(&mut self.buf) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => continue,
-            };
-            let raw = &self.buf[..n];
-            let req = match inspect_request(raw) {
-                Ok(r) => r,
-                Err(m) => {
-                    if let Some(reply) = m.reply() {
-                        self.reply(listener, from, reply);
-                    }
-                    continue;
-                }
-            };
-            if let QueryDecision::Refuse(_) = policy.decide_query(&req.qname, req.qtype) {
-                self.reply(listener, from, &refused_response(&req, raw));
-                continue;
-            }
-            if self.pending.len() >= MAX_PENDING {
-                self.reply(listener, from, &servfail_response(&req, raw));
-                continue;
-            }
-            let id = loop {
-                let id = self.worker.next_id(&self.shared);
-                if !self.pending.contains_key(&id) {
-                    break id;
-                }
-            };
-            let now = Instant::now();
-            let p = Pending {
-                question: with_id(raw, id),
-                raw: raw.to_vec(),
-                req,
-                client: from,
-                listener,
-                server: 0,
-                deadline: now,
-                overall: now + UPSTREAM_TIMEOUT,
-            };
-            self.forward(id, p, now);
+    /// Send the queued replies, one `sendmmsg` per listening socket and [`SLOTS`] replies.
+    fn flush_replies(&mut self) {
+        if self.outbox.is_empty() {
+            return;
         }
+        for (l, sock) in self.clients.iter().enumerate() {
+            let mut batch = self.outbox.iter().filter(|(at, _, _)| *at == l).peekable();
+            while batch.peek().is_some() {
+                self.tx.clear();
+                for (_, to, msg) in batch.by_ref().take(SLOTS) {
+                    self.tx.push(msg, Some(*to));
+                }
+                // Non-blocking: a full send buffer drops the reply, and the client asks again.
+                let _ = self.tx.send(sock.as_raw_fd());
+            }
+        }
+        self.outbox.clear();
+    }
+
+    fn take_questions(&mut self, listener: usize, policy: &DnsPolicy, rx: &mut RecvBatch) {
+        for _ in 0..RECV_BURST / SLOTS {
+            let n = match rx.recv(self.clients[listener].as_raw_fd()) {
+                Ok(n) => n,
+                Err(Errno::INTR) => continue,
+                Err(_) => return, // AGAIN: drained; anything else: try at the next event
+            };
+            for i in 0..n {
+                let Some(from) = rx.from(i) else { continue };
+                self.question(listener, from, rx.msg(i), policy);
+            }
+            if n < SLOTS {
+                return; // drained
+            }
+        }
+    }
+
+    fn question(&mut self, listener: usize, from: SocketAddr, raw: &[u8], policy: &DnsPolicy) {
+        let req = match inspect_request(raw) {
+            Ok(r) => r,
+            Err(m) => {
+                if let Some(reply) = m.reply() {
+                    self.reply(listener, from, reply.to_vec());
+                }
+                return;
+            }
+        };
+        if let QueryDecision::Refuse(_) = policy.decide_query(&req.qname, req.qtype) {
+            self.reply(listener, from, refused_response(&req, raw));
+            return;
+        }
+        if self.pending.len() >= MAX_PENDING {
+            self.reply(listener, from, servfail_response(&req, raw));
+            return;
+        }
+        let id = loop {
+            let id = self.worker.next_id(&self.shared);
+            if !self.pending.contains_key(&id) {
+                break id;
+            }
+        };
+        let now = Instant::now();
+        let p = Pending {
+            question: with_id(raw, id),
+            raw: raw.to_vec(),
+            req,
+            client: from,
+            listener,
+            server: 0,
+            deadline: now,
+            overall: now + UPSTREAM_TIMEOUT,
+        };
+        self.forward(id, p, now, false);
     }
 
     /// Send `p` to its server, or the next one that takes it; SERVFAIL when none is left.
-    fn forward(&mut self, id: u16, mut p: Pending, now: Instant) {
+    /// `queue`: only open the socket now and leave the send to [`EventLoop::flush_forwards`].
+    fn forward(&mut self, id: u16, mut p: Pending, now: Instant, queue: bool) {
         while p.server < self.upstream.len() {
             let left = p
                 .overall
@@ -381,7 +425,15 @@ impl EventLoop {
             if left.is_zero() {
                 break;
             }
-            if self.send_upstream(p.server, &p.question).is_ok() {
+            let sent = if queue {
+                self.upstream_socket(p.server).map(|_| ())
+            } else {
+                self.send_upstream(p.server, &p.question)
+            };
+            if sent.is_ok() {
+                if queue {
+                    self.forwards.push((id, p.server));
+                }
                 p.deadline = now + left;
                 self.earliest = Some(self.earliest.map_or(p.deadline, |e| e.min(p.deadline)));
                 self.pending.insert(id, p);
@@ -389,10 +441,53 @@ impl EventLoop {
             }
             p.server += 1;
         }
-        self.reply(p.listener, p.client, &servfail_response(&p.req, &p.raw));
+        self.reply(p.listener, p.client, servfail_response(&p.req, &p.raw));
     }
 
-    fn send_upstream(&mut self, server: usize, question: &[u8]) -> io::Result<()> {
+    /// Send the questions queued by this wake-up, one `sendmmsg` per server and [`SLOTS`]
+    /// questions. A question whose send fails moves on to the next server at once.
+    fn flush_forwards(&mut self) {
+        let queued = std::mem::take(&mut self.forwards);
+        let mut failed = Vec::new();
+        for server in 0..self.upstream.len() {
+            let Some(sock) = self.upstream[server].as_ref() else {
+                failed.extend(queued.iter().filter(|q| q.1 == server).map(|q| q.0));
+                continue;
+            };
+            let mut batch = queued.iter().filter(|q| q.1 == server).peekable();
+            while batch.peek().is_some() {
+                self.tx.clear();
+                let mut ids = [0u16; SLOTS];
+                for &(id, _) in batch.by_ref().take(SLOTS) {
+                    // Still waiting for this server (nothing below moves it, but be sure).
+                    if let Some(p) = self.pending.get(&id).filter(|p| p.server == server) {
+                        ids[self.tx.len] = id;
+                        self.tx.push(&p.question, None);
+                    }
+                }
+                let sent = self.tx.send(sock.as_raw_fd());
+                let ids = &ids[..self.tx.len];
+                failed.extend(
+                    ids.iter()
+                        .zip(sent)
+                        .filter(|(_, ok)| !*ok)
+                        .map(|(id, _)| *id),
+                );
+            }
+        }
+        let now = Instant::now();
+        for id in failed {
+            if let Some(mut p) = self.pending.remove(&id) {
+                p.server += 1;
+                self.forward(id, p, now, false);
+            }
+        }
+        self.forwards = queued;
+        self.forwards.clear();
+    }
+
+    /// The marked socket connected to `server`, opened (and watched) on first use.
+    fn upstream_socket(&mut self, server: usize) -> io::Result<&UdpSocket> {
         if self.upstream[server].is_none() {
             let addr = self.shared.settings.upstreams[server];
             let local: SocketAddr = match addr {
@@ -411,23 +506,20 @@ impl EventLoop {
             )?;
             self.upstream[server] = Some(sock);
         }
-        let sock = self.upstream[server].as_ref().expect("opened above");
-        sock.send(question).map(|_| ())
+        Ok(self.upstream[server].as_ref().expect("opened above"))
     }
 
-    fn take_answers(&mut self, server: usize, policy: &DnsPolicy) {
-        loop {
+    fn send_upstream(&mut self, server: usize, question: &[u8]) -> io::Result<()> {
+        self.upstream_socket(server)?.send(question).map(|_| ())
+    }
+
+    fn take_answers(&mut self, server: usize, policy: &DnsPolicy, rx: &mut RecvBatch) {
+        for _ in 0..RECV_BURST / SLOTS {
             let Some(sock) = self.upstream[server].as_ref() else {
                 return;
             };
-            let reply = &mut self.worker.reply;
-            if reply.capacity() < MAX_UDP_MESSAGE {
-                *reply = Vec::with_capacity(MAX_UDP_MESSAGE);
-            }
-            reply.clear();
-            // Received into spare capacity: nothing zeroed, only touched pages resident.
-            match rustix::net::recv(sock, spare_capacity(reply), RecvFlags::DONTWAIT) {
-                Ok(_) => {}
+            let n = match rx.recv(sock.as_raw_fd()) {
+                Ok(n) => n,
                 Err(Errno::AGAIN) => return,
                 Err(Errno::INTR) => continue,
                 Err(_) => {
@@ -437,31 +529,46 @@ impl EventLoop {
                     self.fail_over(server);
                     return;
                 }
+            };
+            for i in 0..n {
+                self.upstream_answer(server, rx.msg(i), rx.truncated(i), policy);
             }
-            if reply.len() < 2 {
-                continue;
+            if n < SLOTS {
+                return; // drained
             }
-            let id = u16::from_be_bytes([reply[0], reply[1]]);
-            // Late answers to earlier (timed-out) questions carry unknown IDs: skip them.
-            if self.pending.get(&id).is_none_or(|p| p.server != server) {
-                continue;
+        }
+    }
+
+    fn upstream_answer(&mut self, server: usize, reply: &[u8], cut: bool, policy: &DnsPolicy) {
+        if reply.len() < 2 {
+            return;
+        }
+        let id = u16::from_be_bytes([reply[0], reply[1]]);
+        // Late answers to earlier (timed-out) questions carry unknown IDs: skip them.
+        if self.pending.get(&id).is_none_or(|p| p.server != server) {
+            return;
+        }
+        let p = self.pending.remove(&id).expect("checked above");
+        if cut {
+            // Larger than a receive slot: what arrived is not the whole answer.
+            return self.retry_over_tcp(p);
+        }
+        let answer = extract_answer(
+            &with_id(reply, p.req.id),
+            &p.req,
+            policy,
+            self.shared.settings.ttl_bounds,
+        );
+        match answer {
+            AnswerDecision::Answer(a) => self.done.push((p, a)),
+            AnswerDecision::RetryOverTcp => self.retry_over_tcp(p),
+            AnswerDecision::Refused(_) => {
+                let msg = refused_response(&p.req, &p.raw);
+                self.reply(p.listener, p.client, msg)
             }
-            let p = self.pending.remove(&id).expect("checked above");
-            let answer = extract_answer(
-                &with_id(reply, p.req.id),
-                &p.req,
-                policy,
-                self.shared.settings.ttl_bounds,
-            );
-            match answer {
-                AnswerDecision::Answer(a) => self.done.push((p, a)),
-                AnswerDecision::RetryOverTcp => self.retry_over_tcp(p),
-                AnswerDecision::Refused(_) => {
-                    self.reply(p.listener, p.client, &refused_response(&p.req, &p.raw))
-                }
-                AnswerDecision::Reject(_) => {
-                    self.reply(p.listener, p.client, &servfail_response(&p.req, &p.raw))
-                }
+            AnswerDecision::Reject(_) => {
+                let msg = servfail_response(&p.req, &p.raw);
+                self.reply(p.listener, p.client, msg)
             }
         }
     }
@@ -478,7 +585,7 @@ impl EventLoop {
         for id in ids {
             let mut p = self.pending.remove(&id).expect("listed above");
             p.server += 1;
-            self.forward(id, p, now);
+            self.forward(id, p, now, false);
         }
     }
 
@@ -557,7 +664,7 @@ impl EventLoop {
             } else {
                 a.response
             };
-            self.reply(p.listener, p.client, &msg);
+            self.reply(p.listener, p.client, msg);
         }
     }
 
@@ -576,9 +683,231 @@ impl EventLoop {
         for id in ids {
             let mut p = self.pending.remove(&id).expect("listed above");
             p.server += 1;
-            self.forward(id, p, now);
+            self.forward(id, p, now, false);
         }
         self.earliest = self.pending.values().map(|p| p.deadline).min();
+    }
+}
+
+/// Headers and buffer for receiving up to [`SLOTS`] datagrams in one `recvmmsg`.
+///
+/// The buffer is capacity only (length 0): the kernel writes into it, and only the pages it
+/// writes become resident (a burst of small questions touches one page per slot).
+struct RecvBatch {
+    buf: Vec<u8>,
+    iov: [libc::iovec; SLOTS],
+    names: [libc::sockaddr_storage; SLOTS],
+    hdr: [libc::mmsghdr; SLOTS],
+}
+
+impl RecvBatch {
+    fn new() -> Box<RecvBatch> {
+        Box::new(RecvBatch {
+            buf: Vec::with_capacity(SLOTS * SLOT),
+            // SAFETY: all-zero bytes are a valid value of these plain C structs (null
+            // pointers, zero lengths); `recv` fills them in before every use.
+            iov: unsafe { std::mem::zeroed() },
+            names: unsafe { std::mem::zeroed() },
+            hdr: unsafe { std::mem::zeroed() },
+        })
+    }
+
+    /// Take what is queued on `fd`, up to [`SLOTS`] datagrams, without waiting.
+    fn recv(&mut self, fd: std::os::fd::RawFd) -> Result<usize, Errno> {
+        let base = self.buf.as_mut_ptr();
+        for i in 0..SLOTS {
+            self.iov[i] = libc::iovec {
+                // SAFETY: within the buffer's capacity (SLOTS * SLOT bytes).
+                iov_base: unsafe { base.add(i * SLOT) }.cast(),
+                iov_len: SLOT,
+            };
+            let h = &mut self.hdr[i];
+            h.msg_hdr.msg_iov = &mut self.iov[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
+            h.msg_hdr.msg_control = std::ptr::null_mut();
+            h.msg_hdr.msg_controllen = 0;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        // SAFETY: every header points at its own slot (SLOT bytes of the buffer's capacity)
+        // and its own address storage, all owned by self and alive for the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdr.as_mut_ptr(),
+                SLOTS as _,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO));
+        }
+        Ok(n as usize)
+    }
+
+    /// Datagram `i` of the last `recv` (as much of it as fitted in its slot).
+    fn msg(&self, i: usize) -> &[u8] {
+        let len = (self.hdr[i].msg_len as usize).min(SLOT);
+        // SAFETY: the kernel wrote these `len` bytes of slot `i` in the last `recv`.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().add(i * SLOT), len) }
+    }
+
+    /// Whether datagram `i` was larger than its slot.
+    fn truncated(&self, i: usize) -> bool {
+        self.hdr[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+    }
+
+    /// The sender of datagram `i`.
+    fn from(&self, i: usize) -> Option<SocketAddr> {
+        from_sockaddr(&self.names[i], self.hdr[i].msg_hdr.msg_namelen)
+    }
+}
+
+/// Headers for sending up to [`SLOTS`] datagrams in one `sendmmsg` (pointing at messages the
+/// caller keeps alive until `send` returns).
+struct SendBatch {
+    len: usize,
+    iov: [libc::iovec; SLOTS],
+    names: [libc::sockaddr_storage; SLOTS],
+    hdr: [libc::mmsghdr; SLOTS],
+}
+
+impl Default for SendBatch {
+    fn default() -> SendBatch {
+        SendBatch {
+            len: 0,
+            // SAFETY: as in RecvBatch::new; `push` fills in each entry before it is used.
+            iov: unsafe { std::mem::zeroed() },
+            names: unsafe { std::mem::zeroed() },
+            hdr: unsafe { std::mem::zeroed() },
+        }
+    }
+}
+
+impl SendBatch {
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Add `msg` (to `to`, or to the connected peer); at most [`SLOTS`] per batch.
+    fn push(&mut self, msg: &[u8], to: Option<SocketAddr>) {
+        let i = self.len;
+        assert!(i < SLOTS, "SendBatch holds SLOTS messages");
+        self.iov[i] = libc::iovec {
+            iov_base: msg.as_ptr().cast_mut().cast(),
+            iov_len: msg.len(),
+        };
+        let namelen = match to {
+            Some(to) => to_sockaddr(to, &mut self.names[i]),
+            None => 0,
+        };
+        let h = &mut self.hdr[i];
+        h.msg_hdr.msg_iov = &mut self.iov[i];
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_name = if namelen == 0 {
+            std::ptr::null_mut()
+        } else {
+            (&mut self.names[i] as *mut libc::sockaddr_storage).cast()
+        };
+        h.msg_hdr.msg_namelen = namelen;
+        h.msg_hdr.msg_control = std::ptr::null_mut();
+        h.msg_hdr.msg_controllen = 0;
+        h.msg_hdr.msg_flags = 0;
+        h.msg_len = 0;
+        self.len += 1;
+    }
+
+    /// Send the batch without waiting; which messages went out. A message the kernel refuses
+    /// (full buffer, an ICMP error pending on a connected socket, ...) is skipped and the rest
+    /// still go. The messages pushed must still be alive: the caller holds them.
+    fn send(&mut self, fd: std::os::fd::RawFd) -> [bool; SLOTS] {
+        let mut sent = [false; SLOTS];
+        let mut at = 0;
+        // Bounded: every round sends at least one message or skips one.
+        for _ in 0..2 * SLOTS + 2 {
+            if at >= self.len {
+                break;
+            }
+            // SAFETY: headers at..len were filled in by `push` and point at the caller's
+            // messages and at address storage owned by self.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdr[at..].as_mut_ptr(),
+                    (self.len - at) as _,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                sent[at..at + n as usize].fill(true);
+                at += n as usize;
+            } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                at += 1; // this one failed: skip it
+            }
+        }
+        sent
+    }
+}
+
+/// A socket address from what the kernel wrote (`len` bytes of `s`).
+fn from_sockaddr(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match i32::from(s.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says so and the length covers it; storage is aligned for all.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                a.sin_addr.s_addr.to_ne_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Write `addr` into `s` as the kernel expects it; returns the length used.
+fn to_sockaddr(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            unsafe { std::ptr::write((s as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>() as _
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((s as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>() as _
+        }
     }
 }
 
@@ -891,9 +1220,6 @@ fn ask_upstream(shared: &Shared, worker: &mut Worker, question: &[u8]) -> bool {
     }
     false
 }
-
-/// Largest DNS message over UDP.
-const MAX_UDP_MESSAGE: usize = 65535;
 
 fn ask_tcp(
     server: SocketAddr,
