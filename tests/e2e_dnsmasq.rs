@@ -205,6 +205,12 @@ fn a_dead_dnsmasq_fails_closed_and_status_says_error() {
     h.run_detached(&name, "e2e-dnsmasq-dead").expect_ok();
     let out = h.exec(&name, "timeout 5 nslookup svc.e2e.test").expect_ok();
     assert!(out.stdout.contains(NAMED4), "{out}");
+    assert!(
+        h.rules_json(&name)
+            .to_string()
+            .contains(&QUERY_PORT.to_string()),
+        "no query-port rule while dnsmasq runs"
+    );
     let dir = h.bundle_dir(&name);
     let killed = std::process::Command::new("pkill")
         .args([
@@ -235,6 +241,12 @@ fn a_dead_dnsmasq_fails_closed_and_status_says_error() {
         "the query port was free after dnsmasq died"
     );
     assert_eq!(h.shield_state(&name), "error");
+    // The supervisor also took the query-port rule out of the live firewall.
+    let rules = h.rules_json(&name).to_string();
+    assert!(
+        !rules.contains(&QUERY_PORT.to_string()),
+        "the query-port rule is still in the firewall: {rules}"
+    );
     h.podman(&["rm", "-f", &name]).expect_ok();
 }
 

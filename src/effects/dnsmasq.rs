@@ -298,6 +298,21 @@ fn hold_query_port() -> Vec<UdpSocket> {
     .collect()
 }
 
+/// After dnsmasq died: re-apply the container's policy without the query-port rule, so DNS
+/// cannot leave even if a workload socket won the race for the port. We are inside the
+/// container's namespaces already; the bundle lock keeps live commands out meanwhile. The next
+/// live command re-applies the full policy, whose port is then held by this process.
+fn close_dns_port(dir: &Path, name: &ContainerName) -> anyhow::Result<()> {
+    let _lock = crate::effects::state::lock_dir(dir)?;
+    let bundle = load_bundle(dir, name)?;
+    let runtime =
+        crate::effects::state::read_runtime(dir)?.context("the container has no runtime record")?;
+    let mut policy = bundle.policy(&runtime.facts());
+    policy.resolver_port = None;
+    crate::effects::firewall::apply(&crate::effects::nft::Nft::locate()?, &policy)?;
+    Ok(())
+}
+
 /// Run the supervisor: start dnsmasq, call `ready` once it answers, then handle signals until
 /// SIGTERM.
 pub fn supervise(
@@ -339,9 +354,14 @@ pub fn supervise(
                 alive = false;
                 _held = hold_query_port();
                 let _ = write_atomic(&dir.join(FAILED_MARKER), b"dnsmasq exited\n");
+                let closed = close_dns_port(dir, name);
                 eprintln!(
-                    "terok-shield: dnsmasq exited; DNS now fails closed (held the query port on {} sockets)",
-                    _held.len()
+                    "terok-shield: dnsmasq exited; DNS now fails closed (query port held on {} sockets; firewall: {})",
+                    _held.len(),
+                    match &closed {
+                        Ok(()) => "port rule removed".to_string(),
+                        Err(e) => format!("could not remove the port rule: {e:#}"),
+                    }
                 );
             }
             libc::SIGTERM | libc::SIGINT => {
