@@ -425,24 +425,7 @@ fn build() -> Result<(), String> {
     ip(&["-n", w, "link", "set", WORLD_VETH, "up"])?;
     ip(&["-n", w, "route", "add", "default", "via", HOST_LINK4])?;
     ip(&["-n", w, "-6", "route", "add", "default", "via", HOST_LINK6])?;
-    for host in HOSTS {
-        let ipaddr: IpAddr = host.parse().unwrap();
-        if ipaddr.is_ipv4() {
-            ip(&["-n", w, "addr", "add", &format!("{host}/32"), "dev", "lo"])?;
-        } else {
-            ip(&[
-                "-n",
-                w,
-                "addr",
-                "add",
-                &format!("{host}/128"),
-                "dev",
-                "lo",
-                "nodad",
-            ])?;
-        }
-    }
-    for host in RECORD_HOSTS {
+    for host in HOSTS.iter().chain(RECORD_HOSTS) {
         let ipaddr: IpAddr = host.parse().unwrap();
         if ipaddr.is_ipv4() {
             ip(&["-n", w, "addr", "add", &format!("{host}/32"), "dev", "lo"])?;
