@@ -437,6 +437,15 @@ fn failing_nft_is_an_error_and_leaves_the_firewall_closed() {
     bed.expect_tcp_refused(PRIV_172, 80);
 }
 
+/// A TCP connect from the world to `host:port` in the container (300 ms limit).
+fn knock_from_world(bed: &Bed, host: &str, port: u16) -> std::io::Result<()> {
+    let dst = SocketAddr::new(addr(host), port);
+    run_in(&bed.world.path(), Duration::from_secs(5), move || {
+        TcpStream::connect_timeout(&dst, Duration::from_millis(300)).map(|_| ())
+    })
+    .unwrap()
+}
+
 #[test]
 fn unsolicited_inbound_connections_are_dropped() {
     let bed = bed!();
@@ -447,13 +456,7 @@ fn unsolicited_inbound_connections_are_dropped() {
     .unwrap()
     .unwrap();
     listener.set_nonblocking(true).unwrap();
-    let knock = |host: &'static str| {
-        let dst = SocketAddr::new(addr(host), 9000);
-        run_in(&bed.world.path(), Duration::from_secs(5), move || {
-            TcpStream::connect_timeout(&dst, Duration::from_millis(300)).map(|_| ())
-        })
-        .unwrap()
-    };
+    let knock = |host| knock_from_world(&bed, host, 9000);
     // Without the shield the world can connect in; with it, the SYN is silently dropped.
     knock(CONTAINER4).expect("control: inbound works before the shield");
     knock(CONTAINER6).expect("control: inbound works before the shield (IPv6)");
@@ -481,13 +484,7 @@ fn published_ports_alone_accept_inbound_connections() {
     })
     .unwrap();
     let (a, b) = (listeners.0.unwrap(), listeners.1.unwrap());
-    let knock = |host: &'static str, port: u16| {
-        let dst = SocketAddr::new(addr(host), port);
-        run_in(&bed.world.path(), Duration::from_secs(5), move || {
-            TcpStream::connect_timeout(&dst, Duration::from_millis(300)).map(|_| ())
-        })
-        .unwrap()
-    };
+    let knock = |host, port| knock_from_world(&bed, host, port);
     let mut p = policy(Mode::DenyAll, &[PUB_A]);
     p.inbound = vec!["9000/tcp".parse().unwrap()];
     bed.apply(&p);

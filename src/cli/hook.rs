@@ -255,15 +255,6 @@ fn start_resolver(
     }
 }
 
-/// Stop a resolver if it is still the process that was started (PID reuse guarded).
-fn stop_resolver(pid: u32, start: u64) {
-    if procfs::is_same_process(pid, start) {
-        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
-        }
-    }
-}
-
 fn poststop(input: &HookInput) -> anyhow::Result<()> {
     let dir: &Path = &input.state_dir;
     if !dir.is_dir() {
@@ -278,7 +269,7 @@ fn poststop(input: &HookInput) -> anyhow::Result<()> {
         .flatten()
         .and_then(|r| r.resolver)
     {
-        stop_resolver(pid, start);
+        procfs::signal_if_same(pid, start, rustix::process::Signal::TERM);
     }
     clear_runtime(dir)?;
     audit::record(

@@ -146,8 +146,7 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
     }
     if new.dns_tier == DnsTier::Dnsmasq {
         // Refuse what dnsmasq cannot enforce before anything changes.
-        let policy = crate::core::dns_policy::DnsPolicy::from_bundle(&new);
-        crate::core::dnsmasq::servers_file(&policy, &[std::net::Ipv4Addr::LOCALHOST.into()])?;
+        crate::core::dnsmasq::check(&crate::core::dns_policy::DnsPolicy::from_bundle(&new))?;
     }
 
     let facts = running.runtime.facts();
@@ -181,8 +180,10 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
             });
         }
     }
-    if new.dns_tier == DnsTier::Dnsmasq {
-        reload_dnsmasq(&running);
+    if let (DnsTier::Dnsmasq, Some((pid, start))) = (new.dns_tier, running.runtime.resolver) {
+        // The supervisor rewrites the servers file from the saved bundle; dnsmasq re-reads it.
+        // A dead supervisor is already reported by `status`.
+        crate::effects::procfs::signal_if_same(pid, start, rustix::process::Signal::HUP);
     }
     if revokes {
         let pid = running.runtime.pid;
@@ -293,18 +294,6 @@ fn fast_add(
     apply(&local, new)
         .map(|_| "nft")
         .context("the firewall could not be updated")
-}
-
-/// Make the dnsmasq supervisor rewrite the servers file from the saved bundle; dnsmasq
-/// re-reads it. A dead supervisor is already reported by `status`.
-fn reload_dnsmasq(running: &Live) {
-    if let Some((pid, start)) = running.runtime.resolver {
-        if crate::effects::procfs::is_same_process(pid, start) {
-            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(p, rustix::process::Signal::HUP);
-            }
-        }
-    }
 }
 
 fn describe(mode: Mode) -> &'static str {

@@ -410,13 +410,14 @@ fn report_ready() -> std::io::Result<()> {
 }
 
 /// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name
-/// brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what). Elements that expired already
-/// are skipped.
+/// brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what).
+/// Elements that expired already are skipped.
 fn forget_unjustified(
     bundle_dir: &Path,
     bundle: &crate::core::bundle::Bundle,
 ) -> anyhow::Result<()> {
-    use crate::effects::resolver::{keys_for, read_learned, LEARNED_FILE};
+    use crate::effects::learned_log::{read_learned, LEARNED_FILE};
+    use crate::effects::resolver::keys_for;
     let records = read_learned(&bundle_dir.join(LEARNED_FILE));
     let now = crate::effects::audit::unix_secs();
     let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);

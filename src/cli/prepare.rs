@@ -111,13 +111,7 @@ pub fn prepare(
         live_deny: Vec::new(),
         loopback_ports: ctx.config.loopback_ports.clone(),
         audit_enabled: ctx.config.audit.enabled,
-        dns_tier: match ctx.config.dns.tier.effective() {
-            crate::core::config::DnsTier::Auto | crate::core::config::DnsTier::Builtin => {
-                DnsTier::Builtin
-            }
-            crate::core::config::DnsTier::Dnsmasq => DnsTier::Dnsmasq,
-            crate::core::config::DnsTier::Static => DnsTier::Static,
-        },
+        dns_tier: ctx.config.dns.tier.effective(),
         upstream_dns: ctx.config.upstream_dns,
         ttl_bounds: [ctx.config.dns.min_ttl, ctx.config.dns.max_ttl],
         published: published.to_vec(),
@@ -208,20 +202,13 @@ fn check_dnsmasq_tier(
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     crate::effects::dnsmasq::locate()?;
-    // The upstream is known only in the container; any address checks the policy itself.
-    let placeholder = [bundle
-        .upstream_dns
-        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into())];
-    crate::core::dnsmasq::servers_file(
-        &crate::core::dns_policy::DnsPolicy::from_bundle(bundle),
-        &placeholder,
-    )
-    .with_context(|| {
-        format!(
-            "dns.tier dnsmasq (set in {})",
-            ctx.paths.config_file.display()
-        )
-    })?;
+    crate::core::dnsmasq::check(&crate::core::dns_policy::DnsPolicy::from_bundle(bundle))
+        .with_context(|| {
+            format!(
+                "dns.tier dnsmasq (set in {})",
+                ctx.paths.config_file.display()
+            )
+        })?;
     let exact: Vec<String> = bundle
         .entries
         .iter()

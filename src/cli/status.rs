@@ -33,7 +33,7 @@ pub fn run(args: &StatusArgs, ctx: &Context) -> anyhow::Result<()> {
             "upstream_dns": c.upstream_dns.map(|a| a.to_string()),
             "dns": {
                 "tier": c.dns.tier.as_str(),
-                "effective_tier": c.dns.tier.effective().as_str(),
+                "effective_tier": c.dns.tier.effective().name(),
                 "min_ttl": c.dns.min_ttl,
                 "max_ttl": c.dns.max_ttl,
                 "cache_max_age": c.dns.cache_max_age,
@@ -105,10 +105,10 @@ pub fn run(args: &StatusArgs, ctx: &Context) -> anyhow::Result<()> {
             format!(
                 "tier {}{}, ttl {}..{} s, cache max age {} s",
                 c.dns.tier.as_str(),
-                if c.dns.tier == c.dns.tier.effective() {
+                if c.dns.tier.as_str() == c.dns.tier.effective().name() {
                     String::new()
                 } else {
-                    format!(" ({})", c.dns.tier.effective().as_str())
+                    format!(" ({})", c.dns.tier.effective().name())
                 },
                 c.dns.min_ttl,
                 c.dns.max_ttl,

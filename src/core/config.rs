@@ -64,10 +64,11 @@ impl DnsTier {
     }
     /// The tier a container prepared now gets: `auto` is the builtin resolver, which needs
     /// nothing from the host.
-    pub fn effective(self) -> DnsTier {
+    pub fn effective(self) -> super::bundle::DnsTier {
         match self {
-            DnsTier::Auto => DnsTier::Builtin,
-            other => other,
+            DnsTier::Auto | DnsTier::Builtin => super::bundle::DnsTier::Builtin,
+            DnsTier::Dnsmasq => super::bundle::DnsTier::Dnsmasq,
+            DnsTier::Static => super::bundle::DnsTier::Static,
         }
     }
 }

@@ -50,13 +50,8 @@ fn domain_spec(pattern: &super::target::DomainPattern) -> String {
     }
 }
 
-/// The `--servers-file` contents for `policy`: which names are forwarded, and to which
-/// upstreams. Built from validated names and addresses only.
-pub fn servers_file(policy: &DnsPolicy, upstreams: &[IpAddr]) -> Result<String, DnsmasqError> {
-    if upstreams.is_empty() {
-        return Err(DnsmasqError::NoUpstream);
-    }
-    let mut out = String::from("# written by terok-shield; rewritten on every allow/deny\n");
+/// Whether dnsmasq's matching can express `policy` (checked before anything is saved).
+pub fn check(policy: &DnsPolicy) -> Result<(), DnsmasqError> {
     for denied in policy.denied() {
         if denied.wildcard {
             if let Some(exact) = policy
@@ -71,6 +66,17 @@ pub fn servers_file(policy: &DnsPolicy, upstreams: &[IpAddr]) -> Result<String, 
             }
         }
     }
+    Ok(())
+}
+
+/// The `--servers-file` contents for `policy`: which names are forwarded, and to which
+/// upstreams. Built from validated names and addresses only.
+pub fn servers_file(policy: &DnsPolicy, upstreams: &[IpAddr]) -> Result<String, DnsmasqError> {
+    if upstreams.is_empty() {
+        return Err(DnsmasqError::NoUpstream);
+    }
+    check(policy)?;
+    let mut out = String::from("# written by terok-shield; rewritten on every allow/deny\n");
     if policy.mode() == Mode::Block {
         return Ok(out); // no server line: every question is refused
     }

@@ -78,20 +78,18 @@ impl std::fmt::Display for InboundPort {
 impl std::str::FromStr for InboundPort {
     type Err = String;
 
-    /// `PORT/tcp` or `PORT/udp`, PORT 1-65535.
+    /// `PORT/tcp` or `PORT/udp`, PORT 1-65535 (a target's port scope, protocol required).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid published port `{s}` (expected PORT/tcp or PORT/udp)");
-        let (port, proto) = s.split_once('/').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let protocol = match proto {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            _ => return Err(bad()),
-        };
-        if port == 0 {
-            return Err(bad());
-        }
-        Ok(InboundPort { port, protocol })
+        let scope: PortScope = s
+            .parse()
+            .map_err(|e| format!("published port `{s}`: {e}"))?;
+        let protocol = scope.protocol.ok_or_else(|| {
+            format!("invalid published port `{s}` (expected PORT/tcp or PORT/udp)")
+        })?;
+        Ok(InboundPort {
+            port: scope.port,
+            protocol,
+        })
     }
 }
 
@@ -242,5 +240,15 @@ mod tests {
         assert!(all.permits(ip("172.31.0.1"), 6, Some(80)));
         assert!(!all.permits(ip("198.51.100.7"), 6, Some(80)));
         assert!(!policy(Mode::Block).permits(ip("198.51.100.9"), 6, Some(80)));
+    }
+
+    #[test]
+    fn published_ports_round_trip_and_bad_ones_are_refused() {
+        let p: InboundPort = serde_json::from_str("\"8080/tcp\"").unwrap();
+        assert_eq!(p.to_string(), "8080/tcp");
+        assert_eq!(serde_json::to_string(&p).unwrap(), "\"8080/tcp\"");
+        for bad in ["\"80\"", "\"0/tcp\"", "\"80/sctp\"", "\"70000/udp\"", "80"] {
+            assert!(serde_json::from_str::<InboundPort>(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -395,6 +395,15 @@ fn parse_net(s: &str, notices: &mut Vec<Notice>) -> Result<Option<IpNet>, Target
     Ok(Some(trunc))
 }
 
+impl FromStr for PortScope {
+    type Err = TargetError;
+
+    /// `PORT` or `PORT/tcp|udp`, as after the `:` of a target.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_scope(s)
+    }
+}
+
 fn parse_scope(s: &str) -> Result<PortScope, TargetError> {
     let (port, protocol) = match s.split_once('/') {
         Some((p, proto)) => {

@@ -723,7 +723,7 @@ fn fresh_id(ids: &HashMap<(usize, u16), usize>, server: usize) -> u16 {
 }
 
 /// A recursive query for one name and type, advertising our 4096-byte UDP buffer via EDNS.
-fn query_message(id: u16, qname: &Name, rtype: RecordType) -> Message {
+pub(crate) fn query_message(id: u16, qname: &Name, rtype: RecordType) -> Message {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(qname.clone(), rtype));

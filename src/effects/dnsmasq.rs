@@ -26,8 +26,8 @@ use crate::core::dnsmasq::{
 };
 use crate::core::learned::LearnedRecord;
 use crate::core::target::DomainName;
+use crate::effects::learned_log::{LearnedLog, LEARNED_FILE};
 use crate::effects::nft::find_program;
-use crate::effects::resolver::LEARNED_FILE;
 use crate::effects::state::{load_bundle, write_atomic};
 
 /// The servers file dnsmasq re-reads on SIGHUP, in the bundle directory.
@@ -58,10 +58,9 @@ pub fn locate() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Write the servers file for the bundle as saved now.
-fn write_servers(dir: &Path, name: &ContainerName, upstreams: &[IpAddr]) -> anyhow::Result<()> {
-    let bundle = load_bundle(dir, name)?;
-    let text = servers_file(&DnsPolicy::from_bundle(&bundle), upstreams)?;
+/// Write the servers file for `policy`.
+fn write_servers(dir: &Path, policy: &DnsPolicy, upstreams: &[IpAddr]) -> anyhow::Result<()> {
+    let text = servers_file(policy, upstreams)?;
     write_atomic(&dir.join(SERVERS_FILE), text.as_bytes())?;
     Ok(())
 }
@@ -122,18 +121,16 @@ fn spawn(program: &Path, dir: &Path, policy: &DnsPolicy) -> anyhow::Result<Child
 
 /// Questions remembered while their answers are awaited; older ones are dropped.
 const QUESTIONS_KEPT: usize = 4096;
-/// learned.jsonl is rewritten from the live records once it grows past this.
-const LEARNED_COMPACT_AT: u64 = 1 << 20;
 
 /// Turns dnsmasq's numbered log lines into learned.jsonl records (which name brought which
 /// address), the same file and format the builtin resolver writes, so `deny NAME` removes
 /// exactly that name's addresses in this tier too.
 struct Learner {
-    path: PathBuf,
-    file: Option<std::fs::File>,
+    log: LearnedLog,
     at_start: DnsPolicy,
     lifetime: u64,
     questions: std::collections::HashMap<u64, DomainName>,
+    /// When each (name, address) record last written runs out, to skip repeats.
     recorded: std::collections::HashMap<(DomainName, IpAddr), u64>,
 }
 
@@ -142,8 +139,7 @@ impl Learner {
         let path = dir.join(LEARNED_FILE);
         let _ = std::fs::remove_file(&path); // a new dnsmasq starts with empty sets
         Learner {
-            file: None,
-            path,
+            log: LearnedLog::new(path),
             at_start,
             lifetime: u64::from(lifetime),
             questions: Default::default(),
@@ -171,7 +167,6 @@ impl Learner {
     }
 
     fn record(&mut self, domain: DomainName, addr: IpAddr) {
-        use std::io::Write;
         let now = crate::effects::audit::unix_secs();
         let until = now + self.lifetime;
         let key = (domain.clone(), addr);
@@ -183,6 +178,9 @@ impl Learner {
         {
             return;
         }
+        if self.recorded.len() >= QUESTIONS_KEPT {
+            self.recorded.retain(|_, u| *u > now);
+        }
         self.recorded.insert(key, until);
         let rec = LearnedRecord {
             domain,
@@ -190,47 +188,10 @@ impl Learner {
             scope: None,
             until,
         };
-        let Ok(mut line) = serde_json::to_string(&rec) else {
-            return;
-        };
-        line.push('\n');
-        if self.file.is_none() {
-            self.file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .ok();
+        if let Ok(mut line) = serde_json::to_vec(&rec) {
+            line.push(b'\n');
+            self.log.append(&line, now);
         }
-        let too_big = match self.file.as_mut() {
-            Some(f) => {
-                f.write_all(line.as_bytes()).is_err()
-                    || f.metadata().is_ok_and(|m| m.len() > LEARNED_COMPACT_AT)
-            }
-            None => false,
-        };
-        if too_big {
-            self.compact(now);
-        }
-    }
-
-    /// Rewrite the file with the records that have not expired.
-    fn compact(&mut self, now: u64) {
-        self.recorded.retain(|_, until| *until > now);
-        let mut text = String::new();
-        for ((domain, addr), until) in &self.recorded {
-            let rec = LearnedRecord {
-                domain: domain.clone(),
-                addr: *addr,
-                scope: None,
-                until: *until,
-            };
-            if let Ok(l) = serde_json::to_string(&rec) {
-                text.push_str(&l);
-                text.push('\n');
-            }
-        }
-        self.file = None;
-        let _ = write_atomic(&self.path, text.as_bytes());
     }
 }
 
@@ -253,17 +214,13 @@ fn follow_log(child: &mut Child, mut learner: Learner) {
     });
 }
 
-/// A minimal DNS question (A record of a reserved name) to see whether dnsmasq answers.
+/// A DNS question (A record of a reserved name) to see whether dnsmasq answers.
 fn probe_query() -> Vec<u8> {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RecordType};
-    let mut msg = Message::new(0x7e5d, MessageType::Query, OpCode::Query);
-    msg.metadata.recursion_desired = true;
-    msg.add_query(Query::query(
-        Name::from_ascii("readiness-probe.terok-shield.invalid.").expect("valid name"),
-        RecordType::A,
-    ));
-    msg.to_vec().expect("a fixed question encodes")
+    let name = hickory_proto::rr::Name::from_ascii("readiness-probe.terok-shield.invalid.")
+        .expect("valid name");
+    crate::effects::dns_client::query_message(0x7e5d, &name, hickory_proto::rr::RecordType::A)
+        .to_vec()
+        .expect("a fixed question encodes")
 }
 
 /// Wait until dnsmasq answers on loopback (any answer, REFUSED included), or it dies.
@@ -323,10 +280,10 @@ pub fn supervise(
 ) -> anyhow::Result<()> {
     let program = locate()?;
     let _ = std::fs::remove_file(dir.join(FAILED_MARKER));
-    write_servers(dir, name, upstreams)?;
-    let signals = block_signals()?;
     let bundle = load_bundle(dir, name)?;
     let at_start = DnsPolicy::from_bundle(&bundle);
+    write_servers(dir, &at_start, upstreams)?;
+    let signals = block_signals()?;
     let mut child = spawn(&program, dir, &at_start)?;
     follow_log(
         &mut child,
@@ -342,7 +299,10 @@ pub fn supervise(
     let mut _held = Vec::new();
     loop {
         match wait_signal(&signals) {
-            libc::SIGHUP if alive => match write_servers(dir, name, upstreams) {
+            libc::SIGHUP if alive => match load_bundle(dir, name)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| write_servers(dir, &DnsPolicy::from_bundle(&b), upstreams))
+            {
                 Ok(()) => {
                     // SAFETY: signalling our own child, which we have not reaped.
                     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };

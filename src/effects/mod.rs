@@ -5,6 +5,7 @@ pub mod dns_client;
 pub mod dnsmasq;
 pub mod firewall;
 pub mod hooks;
+pub mod learned_log;
 pub mod netns;
 pub mod nfnetlink;
 pub mod nft;

@@ -41,6 +41,16 @@ pub fn is_same_process(pid: u32, start: u64) -> bool {
     start_time(pid).is_ok_and(|s| s == start)
 }
 
+/// Send `signal` to `pid` only if it is still the process that started at `start` (a PID
+/// reused by another process is left alone). Best effort: a vanished process is no error.
+pub fn signal_if_same(pid: u32, start: u64, signal: rustix::process::Signal) {
+    if is_same_process(pid, start) {
+        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(p, signal);
+        }
+    }
+}
+
 /// The host path of the container's /etc/resolv.conf, from the OCI bundle's config.json.
 pub fn resolv_conf_source(oci_bundle: &Path) -> Option<PathBuf> {
     let config = fs::read(oci_bundle.join("config.json")).ok()?;

@@ -27,6 +27,7 @@ use crate::core::dns_policy::{
     with_id, Answer, AnswerDecision, DnsPolicy, QueryDecision, Request,
 };
 use crate::core::target::Protocol;
+use crate::effects::learned_log::{LearnedLog, LEARNED_FILE};
 use crate::effects::nfnetlink::{NfSock, SetKey};
 use crate::effects::state::{load_bundle, STATE_FILE};
 
@@ -1050,98 +1051,6 @@ fn record_learned<'a>(
     }
     let mut log = shared.learned.lock().unwrap_or_else(|p| p.into_inner());
     log.append(lines, now);
-}
-
-/// `learned.jsonl`, kept open for appending. Only the resolver writes it.
-struct LearnedLog {
-    path: PathBuf,
-    file: Option<std::fs::File>,
-    /// Bytes in the file (as far as this process knows).
-    len: u64,
-    /// Compact when the file grows past this.
-    compact_at: u64,
-}
-
-/// Below this, learned.jsonl is never compacted.
-const LEARNED_COMPACT_MIN: u64 = 1 << 20;
-
-impl LearnedLog {
-    fn new(path: PathBuf) -> LearnedLog {
-        LearnedLog {
-            path,
-            file: None,
-            len: 0,
-            compact_at: LEARNED_COMPACT_MIN,
-        }
-    }
-
-    fn open(&mut self) -> io::Result<&mut std::fs::File> {
-        if self.file.is_none() {
-            use std::os::unix::fs::OpenOptionsExt;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&self.path)?;
-            self.len = file.metadata()?.len();
-            self.file = Some(file);
-        }
-        Ok(self.file.as_mut().expect("opened above"))
-    }
-
-    fn append(&mut self, lines: &[u8], now: u64) {
-        if self.len + lines.len() as u64 > self.compact_at {
-            self.compact(now);
-        }
-        let Ok(file) = self.open() else { return };
-        // One write: O_APPEND keeps the lines whole even next to another writer.
-        match file.write_all(lines) {
-            Ok(()) => self.len += lines.len() as u64,
-            Err(_) => self.file = None, // reopen next time
-        }
-    }
-
-    /// Rewrite the file with its live records. Amortised: the next compaction waits until
-    /// the file has doubled, so a file full of live records is not rewritten per answer.
-    fn compact(&mut self, now: u64) {
-        if let Ok(bytes) = crate::effects::state::read_bounded(&self.path) {
-            let mut kept = Vec::new();
-            for line in bytes.split(|b| *b == b'\n') {
-                if let Ok(r) = serde_json::from_slice::<crate::core::learned::LearnedRecord>(line) {
-                    if r.until > now && serde_json::to_writer(&mut kept, &r).is_ok() {
-                        kept.push(b'\n');
-                    }
-                }
-            }
-            drop(bytes);
-            if crate::effects::state::write_atomic(&self.path, &kept).is_ok() {
-                self.file = None; // the old inode is gone: reopen the new file
-                self.len = kept.len() as u64;
-            }
-        }
-        // Unreadable (e.g. larger than the state-file bound): keep appending, never drop
-        // records a `deny` may need.
-        self.compact_at = (self.len.max(LEARNED_COMPACT_MIN / 2)).saturating_mul(2);
-        // SAFETY: malloc_trim only returns free heap memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
-}
-
-/// Attribution file of the builtin resolver.
-pub const LEARNED_FILE: &str = "learned.jsonl";
-
-/// Every well-formed record of a `learned.jsonl` (bounded read; bad lines skipped).
-pub fn read_learned(path: &std::path::Path) -> Vec<crate::core::learned::LearnedRecord> {
-    crate::effects::state::read_bounded(path)
-        .map(|b| {
-            String::from_utf8_lossy(&b)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The set keys of one element (one per protocol for a port scope).
