@@ -330,6 +330,31 @@ impl Bundle {
     }
 }
 
+/// A bundle for unit tests elsewhere in the core: `entries` and live denies as targets.
+#[cfg(test)]
+pub(crate) fn test_bundle(entries: &[&str], deny: &[&str], mode: Mode, tier: DnsTier) -> Bundle {
+    let targets = |v: &[&str]| v.iter().map(|e| Target::parse(e).unwrap()).collect();
+    Bundle {
+        format: BUNDLE_FORMAT,
+        shield_version: "0.1.0".into(),
+        name: ContainerName::new("c1").unwrap(),
+        instance: "abc".into(),
+        created: 0,
+        profiles: vec![],
+        entries: targets(entries),
+        resolved: Default::default(),
+        mode,
+        live_allow: vec![],
+        live_deny: targets(deny),
+        loopback_ports: vec![],
+        audit_enabled: true,
+        dns_tier: tier,
+        upstream_dns: None,
+        ttl_bounds: [60, 3600],
+        published: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -851,14 +851,13 @@ fn header_only(id: u16, opcode: u8, rd: bool, rcode: ResponseCode) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::net::Ipv6Addr;
 
     use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
     use proptest::prelude::*;
 
     use super::*;
-    use crate::core::bundle::{ContainerName, DnsTier, Resolved, RuntimeFacts};
+    use crate::core::bundle::{DnsTier, Resolved, RuntimeFacts};
     use crate::core::target::Protocol;
 
     const BOUNDS: (u32, u32) = (60, 3600);
@@ -880,25 +879,7 @@ mod tests {
     }
 
     fn bundle(entries: &[&str], mode: Mode) -> Bundle {
-        Bundle {
-            format: crate::core::bundle::BUNDLE_FORMAT,
-            shield_version: "0.1.0".into(),
-            name: ContainerName::new("c1").unwrap(),
-            instance: "abc".into(),
-            created: 0,
-            profiles: vec![],
-            entries: entries.iter().map(|s| t(s)).collect(),
-            resolved: BTreeMap::new(),
-            mode,
-            live_allow: vec![],
-            live_deny: vec![],
-            loopback_ports: vec![],
-            audit_enabled: false,
-            dns_tier: DnsTier::Builtin,
-            upstream_dns: None,
-            ttl_bounds: [60, 3600],
-            published: vec![],
-        }
+        crate::core::bundle::test_bundle(entries, &[], mode, DnsTier::Builtin)
     }
 
     fn policy(entries: &[&str]) -> DnsPolicy {

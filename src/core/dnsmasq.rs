@@ -268,30 +268,11 @@ pub fn parse_log_line(line: &str) -> Option<LogEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::bundle::{Bundle, ContainerName, DnsTier, BUNDLE_FORMAT};
+    use crate::core::bundle::{test_bundle, DnsTier};
     use crate::core::target::Target;
 
     fn policy(entries: &[&str], deny: &[&str], mode: Mode) -> DnsPolicy {
-        let t = |s: &&str| Target::parse(s).unwrap();
-        DnsPolicy::from_bundle(&Bundle {
-            format: BUNDLE_FORMAT,
-            shield_version: "0.1.0".into(),
-            name: ContainerName::new("c1").unwrap(),
-            instance: "abc".into(),
-            created: 0,
-            profiles: vec![],
-            entries: entries.iter().map(t).collect(),
-            resolved: Default::default(),
-            mode,
-            live_allow: vec![],
-            live_deny: deny.iter().map(t).collect(),
-            loopback_ports: vec![],
-            audit_enabled: true,
-            dns_tier: DnsTier::Dnsmasq,
-            upstream_dns: None,
-            ttl_bounds: [1, 3600],
-            published: vec![],
-        })
+        DnsPolicy::from_bundle(&test_bundle(entries, deny, mode, DnsTier::Dnsmasq))
     }
 
     const UP: &[IpAddr] = &[IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 53))];

@@ -77,30 +77,11 @@ pub fn unjustified_by(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::bundle::{Bundle, ContainerName, DnsTier, BUNDLE_FORMAT};
+    use crate::core::bundle::{Bundle, DnsTier};
     use crate::core::policy::Mode;
-    use crate::core::target::Target;
 
     fn bundle(entries: &[&str], deny: &[&str]) -> Bundle {
-        Bundle {
-            format: BUNDLE_FORMAT,
-            shield_version: "t".into(),
-            name: ContainerName::new("c").unwrap(),
-            instance: "i".into(),
-            created: 0,
-            profiles: vec![],
-            entries: entries.iter().map(|e| Target::parse(e).unwrap()).collect(),
-            resolved: Default::default(),
-            mode: Mode::DenyAll,
-            live_allow: vec![],
-            live_deny: deny.iter().map(|e| Target::parse(e).unwrap()).collect(),
-            loopback_ports: vec![],
-            audit_enabled: true,
-            dns_tier: DnsTier::Builtin,
-            upstream_dns: None,
-            ttl_bounds: [60, 3600],
-            published: vec![],
-        }
+        crate::core::bundle::test_bundle(entries, deny, Mode::DenyAll, DnsTier::Builtin)
     }
 
     fn rec(domain: &str, addr: &str, until: u64) -> LearnedRecord {
