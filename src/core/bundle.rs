@@ -360,38 +360,23 @@ mod tests {
     use super::*;
 
     fn bundle() -> Bundle {
-        let t = |s: &str| Target::parse(s).unwrap();
-        Bundle {
-            format: BUNDLE_FORMAT,
-            shield_version: "0.1.0".into(),
-            name: ContainerName::new("c1").unwrap(),
-            instance: "abc".into(),
-            created: 0,
-            profiles: vec!["p".into()],
-            entries: vec![
-                t("example.com:443"),
-                t("198.51.100.0/24"),
-                t("*.example.org"),
-            ],
-            resolved: [(
-                "example.com".parse().unwrap(),
-                Resolved {
-                    addrs: vec!["198.18.0.5".parse().unwrap()],
-                    at: 1,
-                },
-            )]
-            .into_iter()
-            .collect(),
-            mode: Mode::DenyAll,
-            live_allow: vec![t("198.18.9.9")],
-            live_deny: vec![t("198.51.100.7")],
-            loopback_ports: vec![8080],
-            audit_enabled: true,
-            dns_tier: DnsTier::Static,
-            upstream_dns: None,
-            ttl_bounds: [60, 3600],
-            published: vec![],
-        }
+        let mut b = test_bundle(
+            &["example.com:443", "198.51.100.0/24", "*.example.org"],
+            &["198.51.100.7"],
+            Mode::DenyAll,
+            DnsTier::Static,
+        );
+        b.profiles = vec!["p".into()];
+        b.resolved.insert(
+            "example.com".parse().unwrap(),
+            Resolved {
+                addrs: vec!["198.18.0.5".parse().unwrap()],
+                at: 1,
+            },
+        );
+        b.live_allow = vec![Target::parse("198.18.9.9").unwrap()];
+        b.loopback_ports = vec![8080];
+        b
     }
 
     #[test]
