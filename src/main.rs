@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("terok-shield: error: {e:#}");
+            eprintln!("terok-shield: error: {}", cli::render_error(&e));
             ExitCode::from(1)
         }
     }

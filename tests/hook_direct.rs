@@ -93,15 +93,36 @@ fn prepare(tag: &str) -> Prepared {
     prepare_with(tag, "dns:\n  tier: static\n")
 }
 
+/// `prepare` runs as an unprivileged user (nobody) with a home of its own inside the test's
+/// directory: as root it would install the OCI hooks system-wide, and these tests must leave
+/// the machine as they found it. The hook itself then runs as root, as a rootful runtime
+/// would call it.
 fn prepare_with(tag: &str, config: &str) -> Prepared {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
     let root = std::env::temp_dir().join(format!("ts-hook-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let profiles = root.join("config/profiles");
     std::fs::create_dir_all(&profiles).unwrap();
+    std::fs::create_dir_all(root.join("home")).unwrap();
     std::fs::write(root.join("config/config.yml"), config).unwrap();
     std::fs::write(profiles.join("t.txt"), "198.51.100.10\n2001:db8::10\n").unwrap();
-    let out = Command::new(BIN)
+    let bin = root.join("terok-shield");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::create_dir_all(root.join("state")).unwrap();
+    for path in [root.clone(), profiles.clone(), bin.clone()] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for owned in ["home", "config", "state"] {
+        std::os::unix::fs::chown(root.join(owned), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
         .args(["prepare", "hooked", "--profiles", "t", "--json"])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", root.join("home"))
         .env("TEROK_SHIELD_CONFIG_DIR", root.join("config"))
         .env("TEROK_SHIELD_STATE_DIR", root.join("state"))
         .output()
@@ -250,15 +271,93 @@ fn hook_refuses_bad_input_and_changes_nothing() {
             oci_state(c.pid(), &p.dir, &p.instance).replace("\"hooked\"", "\"../etc\""),
             "invalid value",
         ),
-        (
-            oci_state(c.pid(), &p.dir, &p.instance)
-                .replace(env!("CARGO_PKG_VERSION"), "0.0.0-other"),
-            "terok-shield 0.0.0-other",
-        ),
     ] {
         let (ok, err, _) = hook(&stdin);
         assert!(!ok, "accepted {stdin}");
         assert!(err.contains(expect), "expected {expect:?} in {err}");
     }
     assert!(!c.tables().contains("terok_shield"), "{}", c.tables());
+}
+
+/// A container prepared by an older terok-shield (format-1 bundle, its version in the
+/// annotation) starts shielded under this one: the bundle is migrated as it is read.
+#[test]
+fn hook_starts_a_container_prepared_with_the_previous_bundle_format() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare("format-1");
+    let path = p.dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let fields = state.as_object_mut().unwrap();
+    assert_eq!(fields["format"], 2, "this test downgrades format 2 to 1");
+    // Format 1 as its first writers left it: `shield_version`, no upstream_dns/ttl_bounds.
+    fields.insert("format".into(), 1.into());
+    fields.remove("written_by");
+    fields.insert("shield_version".into(), "0.1.0".into());
+    fields.remove("upstream_dns");
+    fields.remove("ttl_bounds");
+    std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+    let old_annotation = oci_state(c.pid(), &p.dir, &p.instance)
+        .replace(&format!("\"{}\"", env!("CARGO_PKG_VERSION")), "\"0.1.0\"");
+    assert!(old_annotation.contains("\"0.1.0\""), "{old_annotation}");
+    let (ok, err, _) = hook(&old_annotation);
+    assert!(ok, "a format-1 bundle was refused: {err}");
+    assert!(
+        c.tables().contains("table inet terok_shield"),
+        "{}",
+        c.tables()
+    );
+    let audit = std::fs::read_to_string(p.dir.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"prepared_by\":\"0.1.0\""),
+        "the apply event does not record the preparing version: {audit}"
+    );
+}
+
+/// A bundle of a format newer than this binary knows is refused, with the way out.
+#[test]
+fn hook_refuses_a_bundle_of_a_newer_format() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare("format-new");
+    let path = p.dir.join("state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"format\": 2"), "{text}");
+    std::fs::write(&path, text.replace("\"format\": 2", "\"format\": 3")).unwrap();
+    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    assert!(!ok, "a format-3 bundle was accepted");
+    assert!(
+        err.contains("format 3") && err.contains("upgrade terok-shield"),
+        "{err}"
+    );
+    assert!(!c.tables().contains("terok_shield"), "{}", c.tables());
+}
+
+/// The whole bundle directory deleted: refused, and the refusal lands in the audit log of the
+/// name (the directory is made again for the log only).
+#[test]
+fn hook_refuses_a_container_whose_bundle_was_deleted_and_logs_it() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare("deleted");
+    std::fs::remove_dir_all(&p.dir).unwrap();
+    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    assert!(!ok && err.contains("no shield state"), "{err}");
+    assert!(!c.tables().contains("terok_shield"), "{}", c.tables());
+    let audit = std::fs::read_to_string(p.dir.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"failure\"") && audit.contains("no shield state"),
+        "{audit}"
+    );
+    assert!(
+        !p.dir.join("state.json").exists(),
+        "the hook must not make a bundle"
+    );
 }

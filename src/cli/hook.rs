@@ -24,6 +24,7 @@ use crate::effects::state::{
     append_line, clear_runtime, load_bundle, lock_dir, write_runtime, RuntimeRecord,
     HOOK_ERROR_FILE,
 };
+use std::os::unix::fs::DirBuilderExt;
 
 /// The OCI hook stages we implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,10 +59,11 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
             Stage::Poststop => "poststop",
         };
         let line = format!(
-            "{} {stage_name}: {e:#}\n",
-            rfc3339_utc(crate::effects::audit::unix_millis())
+            "{} {stage_name}: {}\n",
+            rfc3339_utc(crate::effects::audit::unix_millis()),
+            super::render_error(e)
         );
-        if input.state_dir.is_dir() {
+        if stage == Stage::Poststop || log_dir_for_refusal(&input.state_dir, &input.name) {
             let _ = append_line(&input.state_dir.join(HOOK_ERROR_FILE), &line);
             audit::record(
                 &input.state_dir,
@@ -69,11 +71,23 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
                 &input.name,
                 "failure",
                 false,
-                json!({"stage": stage_name, "error": format!("{e:#}")}),
+                json!({"stage": stage_name, "error": super::render_error(e)}),
             );
         }
     }
     result
+}
+
+/// Whether a refusal can be recorded in the container's own bundle directory. A deleted
+/// bundle directory is made again (empty but for the logs) when its parent still exists, so
+/// that the refusal shows in the audit log of the name; nothing else is created.
+fn log_dir_for_refusal(dir: &Path, name: &crate::core::bundle::ContainerName) -> bool {
+    if dir.is_dir() {
+        return true;
+    }
+    let named_after_it = dir.file_name().and_then(|f| f.to_str()) == Some(name.as_str());
+    let parent_exists = dir.parent().is_some_and(Path::is_dir);
+    named_after_it && parent_exists && std::fs::DirBuilder::new().mode(0o700).create(dir).is_ok()
 }
 
 fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
@@ -86,14 +100,9 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         );
     }
     let _lock = lock_dir(dir)?;
-    let bundle = load_bundle(dir, &input.name)?;
-    bundle.check_compatible(VERSION)?;
-    if let Some(v) = input.version.as_deref().filter(|v| *v != VERSION) {
-        bail!(BundleError::Version {
-            found: v.to_string(),
-            ours: VERSION.to_string()
-        });
-    }
+    // Any format this binary can read starts (older ones are migrated); the version that
+    // prepared the container is only recorded.
+    let bundle = load_bundle(dir, &input.name).context("refusing to start the container")?;
     match input.instance.as_deref() {
         Some(i) if i == bundle.instance => {}
         found => bail!(BundleError::Instance {
@@ -174,7 +183,7 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         &input.name,
         "apply",
         true,
-        json!({"mode": bundle.mode.status_name(), "pid": pid, "report": report, "container_id": input.container_id}),
+        json!({"mode": bundle.mode.status_name(), "pid": pid, "report": report, "container_id": input.container_id, "prepared_by": input.version, "shield_version": VERSION}),
     );
     Ok(())
 }

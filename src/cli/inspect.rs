@@ -11,11 +11,12 @@ use serde_json::json;
 
 use super::{print, Context};
 use crate::core::bundle::{Bundle, ContainerName};
+use crate::core::status::{without_live_shield, PodmanView, Verdict};
 use crate::effects::audit;
 use crate::effects::firewall::{check, FirewallError};
 use crate::effects::nft::Nft;
 use crate::effects::procfs::is_same_process;
-use crate::effects::state::{read_runtime, RuntimeRecord, StateStore};
+use crate::effects::state::{read_runtime, RuntimeRecord, StateStore, STATE_FILE};
 
 /// A running shielded container, reachable for nft.
 pub struct Live {
@@ -60,14 +61,63 @@ pub fn live(name: &ContainerName, ctx: &Context) -> anyhow::Result<Live> {
     })
 }
 
-/// Shield states `status NAME` reports.
-fn state_of(
-    name: &ContainerName,
-    ctx: &Context,
-) -> anyhow::Result<(String, Option<String>, Option<Bundle>)> {
-    let (bundle, runtime, dir) = lookup(name, ctx)?;
+/// What `status NAME` found.
+struct Report {
+    state: String,
+    /// Why the state is `error`.
+    problem: Option<String>,
+    /// Which case of `inactive` this is.
+    note: Option<String>,
+    bundle: Option<Bundle>,
+}
+
+impl Report {
+    fn new(state: &str, problem: Option<String>, bundle: Option<Bundle>) -> Report {
+        Report {
+            state: state.into(),
+            problem,
+            note: None,
+            bundle,
+        }
+    }
+}
+
+/// What podman says about `name` (no podman at all means no container).
+fn podman_view(name: &ContainerName) -> anyhow::Result<Option<PodmanView>> {
+    use crate::effects::podman::{inspect, PodmanError};
+    match inspect(name.as_str()) {
+        Ok(found) => Ok(found.map(|c| PodmanView {
+            running: c.running,
+            annotated: c
+                .annotations
+                .contains_key(crate::core::oci::annotation::NAME),
+        })),
+        Err(PodmanError::NotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Shield states `status NAME` reports: up, down, down_all, block, inactive or error.
+fn state_of(name: &ContainerName, ctx: &Context) -> anyhow::Result<Report> {
+    let store = StateStore::new(&ctx.paths.containers_dir);
+    let has_bundle = store.dir(name).join(STATE_FILE).exists();
+    let (bundle, runtime, dir) = if has_bundle {
+        match lookup(name, ctx) {
+            Ok(found) => found,
+            // The container would be refused at its next start; say why.
+            Err(e) => return Ok(Report::new("error", Some(format!("{e:#}")), None)),
+        }
+    } else {
+        return match without_live_shield(false, podman_view(name)?) {
+            Verdict::Unknown => bail!(
+                "no shield state and no podman container named `{name}`; start one with `terok-shield run {name} -- IMAGE`"
+            ),
+            verdict => Ok(report_without_live_shield(name, verdict, None)),
+        };
+    };
     let Some(runtime) = runtime else {
-        return Ok(("inactive".into(), None, Some(bundle)));
+        let verdict = without_live_shield(true, podman_view(name)?);
+        return Ok(report_without_live_shield(name, verdict, Some(bundle)));
     };
     let runs_resolver = matches!(
         bundle.dns_tier,
@@ -79,54 +129,85 @@ fn state_of(
             .is_some_and(|(pid, start)| is_same_process(pid, start))
             || dir.join(crate::effects::dnsmasq::FAILED_MARKER).exists())
     {
-        return Ok((
-            "error".into(),
+        return Ok(Report::new(
+            "error",
             Some("the container's DNS resolver is not running: DNS fails closed; restart the container".into()),
             Some(bundle),
         ));
     }
     let live = live(name, ctx)?;
     let facts = runtime.facts();
-    match check(&live.nft, &bundle.policy(&facts)) {
-        Ok(()) => Ok((bundle.mode.status_name().into(), None, Some(bundle))),
-        Err(FirewallError::Missing) => Ok((
-            "error".into(),
-            Some("the container is running but its firewall table is gone".into()),
+    let checked = check(&live.nft, &bundle.policy(&facts));
+    Ok(match checked {
+        Ok(()) => Report::new(bundle.mode.status_name(), None, Some(bundle)),
+        Err(FirewallError::Missing) => Report::new(
+            "error",
+            Some(format!("the container is running but its firewall table is gone; `terok-shield up {name}` re-applies it")),
             Some(bundle),
-        )),
-        Err(e) => Ok(("error".into(), Some(format!("{e:#}")), Some(bundle))),
+        ),
+        Err(e) => Report::new(
+            "error",
+            Some(format!("{e:#}; `terok-shield up {name}` re-applies it")),
+            Some(bundle),
+        ),
+    })
+}
+
+fn report_without_live_shield(
+    name: &ContainerName,
+    verdict: Verdict,
+    bundle: Option<Bundle>,
+) -> Report {
+    match verdict {
+        Verdict::Error(why) => {
+            Report::new("error", Some(why.replace("NAME", name.as_str())), bundle)
+        }
+        Verdict::Inactive(note) => Report {
+            note: Some(note.to_string()),
+            ..Report::new("inactive", None, bundle)
+        },
+        Verdict::Unknown => Report::new("inactive", None, bundle),
     }
 }
 
-/// `status NAME [--json]`.
+/// `status NAME [--json]`. Exit status 0 for every state but `error` (1).
 pub fn status(name: &str, json_out: bool, ctx: &Context) -> anyhow::Result<()> {
     let name = ContainerName::new(name)?;
-    let (state, problem, bundle) = state_of(&name, ctx)?;
-    let bundle = bundle.expect("lookup returns the bundle");
+    let report = state_of(&name, ctx)?;
+    let bundle = report.bundle.as_ref();
     if json_out {
         let v = json!({
             "name": name.as_str(),
-            "state": state,
-            "problem": problem,
-            "configured_mode": bundle.mode.status_name(),
-            "profiles": bundle.profiles,
-            "dns_tier": bundle.dns_tier.name(),
-            "live_allow": bundle.live_allow.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-            "live_deny": bundle.live_deny.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            "state": report.state,
+            "problem": report.problem,
+            "note": report.note,
+            "shield_state": bundle.is_some(),
+            "configured_mode": bundle.map(|b| b.mode.status_name()),
+            "profiles": bundle.map(|b| &b.profiles),
+            "dns_tier": bundle.map(|b| b.dns_tier.name()),
+            "live_allow": bundle.map(|b| b.live_allow.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
+            "live_deny": bundle.map(|b| b.live_deny.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
         });
-        return Ok(print(&format!("{}\n", serde_json::to_string(&v)?))?);
+        print(&format!("{}\n", serde_json::to_string(&v)?))?;
+    } else {
+        let mut out = format!("Container: {name}\nState:     {}\n", report.state);
+        if let Some(b) = bundle {
+            out.push_str(&format!(
+                "Profiles:  {}\nDNS tier:  {}\n",
+                b.profiles.join(", "),
+                b.dns_tier.name()
+            ));
+        }
+        if let Some(n) = &report.note {
+            out.push_str(&format!("Note:      {n}\n"));
+        }
+        if let Some(p) = &report.problem {
+            out.push_str(&format!("Problem:   {p}\n"));
+        }
+        print(&out)?;
     }
-    let mut out = format!(
-        "Container: {name}\nState:     {state}\nProfiles:  {}\nDNS tier:  {}\n",
-        bundle.profiles.join(", "),
-        bundle.dns_tier.name()
-    );
-    if let Some(p) = problem {
-        out.push_str(&format!("Problem:   {p}\n"));
-    }
-    print(&out)?;
-    if state == "error" {
-        bail!("the shield of `{name}` is not in the state it should be; `terok-shield up {name}` re-applies it");
+    if report.state == "error" {
+        bail!("the shield of `{name}` is not in the state it should be (the problem above says what to do)");
     }
     Ok(())
 }

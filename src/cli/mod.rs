@@ -59,7 +59,8 @@ pub enum Command {
     Rules(NameArgs),
     /// Show audit log entries (JSON lines).
     Logs(LogsArgs),
-    /// Install the OCI hooks persistently so restarts re-apply the firewall.
+    /// Install the OCI hooks where podman always looks (run/prepare do it on first use), or
+    /// take them out with --remove.
     Setup(SetupArgs),
     /// Allow an IP, CIDR, domain (resolved now) on a running container; `:PORT[/tcp|udp]` scopes it.
     Allow(TargetArgs),
@@ -226,6 +227,13 @@ pub struct SetupArgs {
     /// Install system-wide in /etc/containers/oci/hooks.d (needs root).
     #[arg(long)]
     pub system: bool,
+    /// Take the hooks out again (refused while shielded containers still exist).
+    #[arg(long)]
+    pub remove: bool,
+    /// With --remove: remove even though shielded containers exist (they will then start
+    /// without a firewall).
+    #[arg(long, requires = "remove")]
+    pub force: bool,
 }
 
 /// Arguments of the hidden `hook` command.
@@ -377,7 +385,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resolve(a) => prepare::run_resolve(&a.name, a.force, a.json, &ctx),
         Command::Rules(a) => inspect::rules(&a.name, a.json, &ctx),
         Command::Logs(a) => inspect::logs(a.container.as_deref(), a.n, a.json, &ctx),
-        Command::Setup(a) => setup::run(a.user, a.system, &ctx),
+        Command::Setup(a) => setup::run(a, &ctx),
         Command::Allow(a) => {
             live::run(&a.name, live::Change::Allow(a.target.clone()), a.json, &ctx)
         }
@@ -445,6 +453,23 @@ fn forget_unjustified(
         }
     }
     Ok(())
+}
+
+/// An error and its causes on one line, `outer: cause: cause`. A cause whose text the line
+/// already carries (an error that prints its source itself) is not repeated.
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Write a command's output to stdout in one go, so `| head` ends quietly (see `main`).
@@ -515,6 +540,21 @@ mod tests {
             let err = parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn rendered_errors_do_not_repeat_a_cause() {
+        let io = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let state = crate::effects::state::StateError::Io {
+            action: "create",
+            path: PathBuf::from("/x"),
+            source: io,
+        };
+        let e = anyhow::Error::from(state).context("refusing to shield");
+        assert_eq!(
+            render_error(&e),
+            "refusing to shield: failed to create /x: permission denied"
+        );
     }
 
     #[test]

@@ -19,9 +19,9 @@ use crate::core::podman_args::check_run_args;
 use crate::core::policy::Mode;
 use crate::effects::audit;
 use crate::effects::dns_client::{resolve_all, servers_from_resolv_conf, ResolverConfig};
-use crate::effects::hooks::{find_installed, self_binary, write_descriptors, Installed};
+use crate::effects::hooks::{ensure_installed, self_binary, Ensured, Installed};
 use crate::effects::procfs::is_same_process;
-use crate::effects::state::{read_runtime, save_bundle, StateStore, HOOKS_DIR};
+use crate::effects::state::{read_runtime, save_bundle, StateStore, STATE_FILE};
 
 /// This binary's version; bundles and hooks must agree on it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -30,8 +30,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Prepared {
     /// podman flags that make a container shielded.
     pub flags: Vec<String>,
-    /// Things the user should know (unresolvable names, missing persistent hooks, notices).
+    /// Things the user should know (unresolvable names, profile notices).
     pub warnings: Vec<String>,
+    /// What was done besides the bundle (hooks installed on first use).
+    pub notices: Vec<String>,
     pub bundle_dir: PathBuf,
     pub resolved_addresses: usize,
 }
@@ -84,6 +86,7 @@ pub fn prepare(
     let name = ContainerName::new(name)?;
     let selected = select_profiles(profiles, ctx)?;
     let mut warnings: Vec<String> = selected.notices.iter().map(|n| n.to_string()).collect();
+    let mut notices = Vec::new();
     let store = StateStore::new(&ctx.paths.containers_dir);
     let dir = store.dir(&name);
     if let Some(rt) = read_runtime(&dir).ok().flatten() {
@@ -94,12 +97,42 @@ pub fn prepare(
             );
         }
     }
+    // The old bundle may still belong to a stopped container of that name; replacing it
+    // would leave that container unable to start (its hook refuses a foreign bundle).
+    if dir.join(STATE_FILE).exists() {
+        if let Some(old) = crate::effects::podman::inspect(name.as_str())
+            .context("cannot check whether a container of that name still exists")?
+        {
+            bail!(
+                "a podman container named `{name}` already exists ({}); remove it first (`podman rm {name}`) or choose another name",
+                if old.running { "running" } else { "stopped" }
+            );
+        }
+    }
+    // Before any state is written: without hooks where podman always looks, a restarted
+    // container would come back unshielded.
+    let root = rustix::process::geteuid().is_root();
+    let hooks = ensure_installed(&user_hooks_dir(ctx), &user_containers_conf(), &self_binary()?, root)
+        .context("refusing to shield the container: the OCI hooks that apply its firewall at every start could not be installed")?;
+    if let Ensured::Installed(at) = &hooks {
+        notices.push(match at {
+            Installed::User(dir) => format!(
+                "installed the OCI hooks in {} and listed that directory in hooks_dir of {}, so every start of a shielded container applies its firewall (`terok-shield setup --remove` takes them out)",
+                dir.display(),
+                user_containers_conf().display()
+            ),
+            Installed::System(dir) => format!(
+                "installed the OCI hooks in {}, so every start of a shielded container applies its firewall (`terok-shield setup --remove` takes them out)",
+                dir.display()
+            ),
+        });
+    }
     let dir = store.reset(&name)?;
     let _lock = store.lock(&name)?;
 
     let mut bundle = Bundle {
         format: BUNDLE_FORMAT,
-        shield_version: VERSION.to_string(),
+        written_by: VERSION.to_string(),
         name: name.clone(),
         instance: new_instance_id()?,
         created: (crate::effects::audit::unix_millis() / 1000) as u64,
@@ -167,17 +200,6 @@ pub fn prepare(
             ports.join(" ")
         ));
     }
-    match find_installed(&user_hooks_dir(ctx), &user_containers_conf()) {
-        Some(Installed::System(_)) | Some(Installed::User(_)) => {}
-        None => {
-            let hooks = dir.join(HOOKS_DIR);
-            write_descriptors(&hooks, &self_binary()?)?;
-            flags.push(format!("--hooks-dir={}", hooks.display()));
-            warnings.push(
-                "no persistent OCI hooks are installed, so `podman restart` or `podman start` would bring this container back without its firewall; run `terok-shield setup --user` once to fix that".to_string(),
-            );
-        }
-    }
     audit::record(
         &dir,
         bundle.audit_enabled,
@@ -189,6 +211,7 @@ pub fn prepare(
     Ok(Prepared {
         flags,
         warnings,
+        notices,
         bundle_dir: dir,
         resolved_addresses,
     })
@@ -306,9 +329,7 @@ pub fn run_prepare(
     ctx: &Context,
 ) -> anyhow::Result<()> {
     let prepared = prepare(name, profiles, &[], ctx)?;
-    for w in &prepared.warnings {
-        eprintln!("terok-shield: warning: {w}");
-    }
+    report(&prepared);
     if json_out {
         print(&format!("{}\n", serde_json::to_string(&prepared.flags)?))?;
     } else {
@@ -318,10 +339,14 @@ pub fn run_prepare(
     Ok(())
 }
 
-/// Find podman for `run`.
-fn podman_binary() -> anyhow::Result<PathBuf> {
-    crate::effects::nft::find_program("podman", &["/usr/bin/podman", "/usr/local/bin/podman"])
-        .context("podman not found: install podman (apt-get install podman) or add it to PATH")
+/// Tell the user, on stderr, what preparing did besides the bundle and what to look at.
+fn report(prepared: &Prepared) {
+    for n in &prepared.notices {
+        eprintln!("terok-shield: {n}");
+    }
+    for w in &prepared.warnings {
+        eprintln!("terok-shield: warning: {w}");
+    }
 }
 
 /// `terok-shield run NAME [--profiles P...] -- [podman flags] IMAGE [CMD...]`.
@@ -334,11 +359,9 @@ pub fn run_container(
     // Check the user's arguments before touching any state: bad input changes nothing.
     let user = check_run_args(podman_args)?;
     ContainerName::new(name)?;
-    let podman = podman_binary()?;
+    let podman = crate::effects::podman::binary()?;
     let prepared = prepare(name, profiles, &user.published, ctx)?;
-    for w in &prepared.warnings {
-        eprintln!("terok-shield: warning: {w}");
-    }
+    report(&prepared);
     let err = std::process::Command::new(podman)
         .arg("run")
         .args(&prepared.flags)

@@ -1,14 +1,26 @@
-//! `terok-shield setup [--user|--system]`: install the OCI hooks where podman always looks,
-//! so that `podman restart` and `podman start` re-apply the firewall.
+//! `terok-shield setup [--user|--system] [--remove]`: install (or take out) the OCI hooks
+//! where podman always looks, so that every start of a shielded container, including
+//! `podman restart` and `podman start`, applies its firewall. `run` and `prepare` install the
+//! user's hooks by themselves on first use; `setup` is for doing it ahead, system-wide, or
+//! undoing it.
+
+use anyhow::bail;
 
 use super::prepare::{user_containers_conf, user_hooks_dir};
-use super::{print, Context};
-use crate::effects::hooks::{self, self_binary, setup_user, write_descriptors, SYSTEM_INSTALL_DIR};
+use super::{print, Context, SetupArgs};
+use crate::effects::hooks::{
+    self, remove_descriptors, remove_user, self_binary, setup_user, write_descriptors,
+    SYSTEM_INSTALL_DIR,
+};
+use crate::effects::state::{StateStore, STATE_FILE};
 
-/// Install hooks for the current user (default when not root) or system-wide.
-pub fn run(user: bool, system: bool, ctx: &Context) -> anyhow::Result<()> {
+/// Install or remove hooks for the current user (default when not root) or system-wide.
+pub fn run(args: &SetupArgs, ctx: &Context) -> anyhow::Result<()> {
+    let system = args.system || (!args.user && rustix::process::geteuid().is_root());
+    if args.remove {
+        return remove(system, args.force, ctx);
+    }
     let binary = self_binary()?;
-    let system = system || (!user && rustix::process::geteuid().is_root());
     if system {
         let dir = std::path::Path::new(SYSTEM_INSTALL_DIR);
         write_descriptors(dir, &binary).map_err(|e| {
@@ -36,4 +48,55 @@ pub fn run(user: bool, system: bool, ctx: &Context) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Take the hooks out. Refused while shielded containers of this user still exist, since
+/// they would then start without their firewall (unless `--force`).
+fn remove(system: bool, force: bool, ctx: &Context) -> anyhow::Result<()> {
+    if !force {
+        let store = StateStore::new(&ctx.paths.containers_dir);
+        let shielded: Vec<String> = store
+            .names()
+            .into_iter()
+            .filter(|n| store.dir(n).join(STATE_FILE).exists())
+            .map(|n| n.to_string())
+            .collect();
+        if !shielded.is_empty() {
+            let existing: Vec<String> = match crate::effects::podman::container_names() {
+                Ok(names) => shielded.into_iter().filter(|n| names.contains(n)).collect(),
+                Err(crate::effects::podman::PodmanError::NotFound) => Vec::new(),
+                Err(e) => return Err(anyhow::Error::from(e).context(
+                    "cannot check which shielded containers still exist; pass --force to remove the hooks anyway",
+                )),
+            };
+            if !existing.is_empty() {
+                bail!(
+                    "shielded containers still exist ({}): without the hooks they would start with no firewall; remove them first (`podman rm NAME`), or pass --force",
+                    existing.join(", ")
+                );
+            }
+        }
+    }
+    let removed = if system {
+        remove_descriptors(std::path::Path::new(SYSTEM_INSTALL_DIR))
+            .map_err(|e| anyhow::anyhow!("{e}; `setup --system --remove` must run as root"))?
+    } else {
+        remove_user(&user_hooks_dir(ctx), &user_containers_conf())?
+    };
+    let mut out = if removed.is_empty() {
+        "No terok-shield OCI hooks were installed there; nothing removed.\n".to_string()
+    } else {
+        let list: Vec<String> = removed
+            .iter()
+            .map(|p| format!("  {}\n", p.display()))
+            .collect();
+        format!("Removed the terok-shield OCI hooks:\n{}", list.concat())
+    };
+    if let Some(still) = hooks::find_installed(&user_hooks_dir(ctx), &user_containers_conf()) {
+        out.push_str(&format!(
+            "Hooks remain in {} (podman still calls them).\n",
+            still.dir().display()
+        ));
+    }
+    Ok(print(&out)?)
 }

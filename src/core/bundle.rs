@@ -15,18 +15,15 @@ use thiserror::Error;
 use super::policy::{AllowRule, HostLoopback, Mode, Policy};
 use super::target::{DomainName, Host, Target};
 
-/// On-disk format of `state.json`; bump on any incompatible change.
-pub const BUNDLE_FORMAT: u32 = 1;
+/// On-disk format of `state.json` this binary writes; bump on any incompatible change and
+/// teach [`super::bundle_format`] to migrate the previous one.
+pub const BUNDLE_FORMAT: u32 = 2;
 
 /// Problems with names and bundles.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum BundleError {
     #[error("invalid container name `{0}`: use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 128 characters")]
     BadName(String),
-    #[error("state bundle format {found} is not supported by this terok-shield (format {BUNDLE_FORMAT}); run `terok-shield prepare` again")]
-    Format { found: u32 },
-    #[error("state bundle was written by terok-shield {found}, this is {ours}; run `terok-shield prepare` again with this version")]
-    Version { found: String, ours: String },
     #[error("state bundle belongs to container `{found}`, not `{expected}`")]
     WrongContainer { found: String, expected: String },
     #[error("state bundle instance {found} does not match the container's ({expected}): the name was prepared again for a new container; recreate this container with `terok-shield run`")]
@@ -113,7 +110,9 @@ pub struct Resolved {
 #[serde(deny_unknown_fields)]
 pub struct Bundle {
     pub format: u32,
-    pub shield_version: String,
+    /// The terok-shield version that last wrote the bundle (information only: compatibility
+    /// is decided by `format`).
+    pub written_by: String,
     pub name: ContainerName,
     /// Random id tying the bundle to one container creation (names get reused).
     pub instance: String,
@@ -133,19 +132,13 @@ pub struct Bundle {
     pub dns_tier: DnsTier,
     /// Where the builtin resolver forwards (config `upstream_dns`); else the container's own
     /// resolv.conf servers.
-    #[serde(default)]
     pub upstream_dns: Option<IpAddr>,
     /// Bounds (seconds) on the lifetime of DNS-learned set elements (config `dns.min_ttl`,
     /// `dns.max_ttl`).
-    #[serde(default = "default_ttl_bounds")]
     pub ttl_bounds: [u32; 2],
     /// Container ports published with `run -- -p`: inbound connections to them are accepted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub published: Vec<super::policy::InboundPort>,
-}
-
-fn default_ttl_bounds() -> [u32; 2] {
-    [60, 3600]
 }
 
 /// Facts about the running container that the hook discovers (not stored in the bundle).
@@ -158,20 +151,6 @@ pub struct RuntimeFacts {
 }
 
 impl Bundle {
-    /// Refuse a bundle this binary cannot honour exactly (fail closed).
-    pub fn check_compatible(&self, ours: &str) -> Result<(), BundleError> {
-        if self.format != BUNDLE_FORMAT {
-            return Err(BundleError::Format { found: self.format });
-        }
-        if self.shield_version != ours {
-            return Err(BundleError::Version {
-                found: self.shield_version.clone(),
-                ours: ours.to_string(),
-            });
-        }
-        Ok(())
-    }
-
     /// Whether `target`'s host is under a live deny.
     pub fn is_denied_host(&self, target: &Target) -> bool {
         self.live_deny.iter().any(|t| t.host == target.host)
@@ -336,7 +315,7 @@ pub(crate) fn test_bundle(entries: &[&str], deny: &[&str], mode: Mode, tier: Dns
     let targets = |v: &[&str]| v.iter().map(|e| Target::parse(e).unwrap()).collect();
     Bundle {
         format: BUNDLE_FORMAT,
-        shield_version: "0.1.0".into(),
+        written_by: "0.1.0".into(),
         name: ContainerName::new("c1").unwrap(),
         instance: "abc".into(),
         created: 0,
@@ -408,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_and_refuses_unknown_fields_and_versions() {
+    fn round_trips_and_refuses_unknown_fields() {
         let b = bundle();
         let text = serde_json::to_string(&b).unwrap();
         assert_eq!(serde_json::from_str::<Bundle>(&text).unwrap(), b);
@@ -418,11 +397,6 @@ mod tests {
         assert!(serde_json::from_str::<Bundle>(&bad_name).is_err());
         let bad_target = text.replace("198.18.9.9", "198.18.9.9; flush ruleset");
         assert!(serde_json::from_str::<Bundle>(&bad_target).is_err());
-        assert!(b.check_compatible("0.1.0").is_ok());
-        assert!(matches!(
-            b.check_compatible("0.2.0"),
-            Err(BundleError::Version { .. })
-        ));
     }
 
     #[test]

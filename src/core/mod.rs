@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod bundle;
+pub mod bundle_format;
 pub mod bundled;
 pub mod config;
 pub mod dns_policy;
@@ -18,5 +19,6 @@ pub mod profile;
 #[cfg(test)]
 pub(crate) mod proptests;
 pub mod ruleset;
+pub mod status;
 pub mod target;
 pub mod verify;

@@ -2,9 +2,11 @@
 //!
 //! The descriptors are generic (one pair serves every container): they fire only for
 //! containers carrying our `terok.shield.name` annotation, and the hook finds the container's
-//! bundle through another annotation. Podman forgets `--hooks-dir` when a container restarts,
-//! so `setup` installs the pair where podman always looks: the system hooks directory
-//! (`--system`), or a user directory added to the user's containers.conf (`--user`).
+//! bundle through another annotation. Podman forgets `--hooks-dir` when a container is started
+//! again, so the pair lives only where podman always looks: the system hooks directory
+//! (`setup --system`), or a user directory added to the user's containers.conf (`setup
+//! --user`, and `run`/`prepare` on first use). Never inside a state bundle: a container whose
+//! bundle is deleted must still meet the hook, which then refuses it.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -43,6 +45,10 @@ pub enum HookInstallError {
     BadContainersConf { path: PathBuf, reason: String },
     #[error("cannot find this program's own path ({0}); run terok-shield by its full path")]
     SelfPath(std::io::Error),
+    #[error("the OCI hooks were written to {dir}, but podman would not read them from there (check `hooks_dir` in {conf} and the CONTAINERS_CONF variable)")]
+    NotEffective { dir: PathBuf, conf: PathBuf },
+    #[error("the OCI hooks in {dir} call {binary}, which is not an executable file; run `terok-shield setup --system` as root to point them at this binary")]
+    StaleSystemHooks { dir: PathBuf, binary: PathBuf },
 }
 
 /// The JSON of one descriptor calling `binary hook STAGE`.
@@ -123,15 +129,155 @@ impl Installed {
 /// `user_hooks_dir` is where `setup --user` installs; it only counts if the user's
 /// containers.conf lists it in `hooks_dir`.
 pub fn find_installed(user_hooks_dir: &Path, containers_conf: &Path) -> Option<Installed> {
+    find_installed_among(user_hooks_dir, containers_conf, SYSTEM_HOOK_DIRS)
+}
+
+fn find_installed_among(
+    user_hooks_dir: &Path,
+    containers_conf: &Path,
+    system_dirs: &[&str],
+) -> Option<Installed> {
     let has = |d: &Path| d.join(CREATE_RUNTIME_FILE).is_file() && d.join(POSTSTOP_FILE).is_file();
     if has(user_hooks_dir) && conf_lists_dir(containers_conf, user_hooks_dir) {
         return Some(Installed::User(user_hooks_dir.to_path_buf()));
     }
-    SYSTEM_HOOK_DIRS
+    system_dirs
         .iter()
         .map(Path::new)
         .find(|d| has(d))
         .map(|d| Installed::System(d.to_path_buf()))
+}
+
+/// The program an installed createRuntime descriptor calls, if it can be read.
+pub fn descriptor_binary(dir: &Path) -> Option<PathBuf> {
+    let text = fs::read_to_string(dir.join(CREATE_RUNTIME_FILE)).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value["hook"]["path"].as_str().map(PathBuf::from)
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// What [`ensure_installed`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// Working hooks were already in place.
+    Present(Installed),
+    /// Hooks were installed (or pointed at this binary again) just now.
+    Installed(Installed),
+}
+
+/// Make sure podman will call our hook at every start of a shielded container: keep working
+/// hooks, otherwise install them where podman always looks (system-wide for root, else for
+/// the user, exactly as `setup` does). User hooks whose binary is gone are rewritten.
+/// An error means shielding is not possible: the caller must not start anything.
+pub fn ensure_installed(
+    user_hooks_dir: &Path,
+    containers_conf: &Path,
+    binary: &Path,
+    root: bool,
+) -> Result<Ensured, HookInstallError> {
+    ensure_installed_among(
+        user_hooks_dir,
+        containers_conf,
+        binary,
+        root,
+        SYSTEM_HOOK_DIRS,
+    )
+}
+
+fn ensure_installed_among(
+    user_hooks_dir: &Path,
+    containers_conf: &Path,
+    binary: &Path,
+    root: bool,
+    system_dirs: &[&str],
+) -> Result<Ensured, HookInstallError> {
+    if let Some(found) = find_installed_among(user_hooks_dir, containers_conf, system_dirs) {
+        let calls = descriptor_binary(found.dir());
+        if calls.as_deref().is_some_and(is_executable_file) {
+            return Ok(Ensured::Present(found));
+        }
+        if let Installed::System(dir) = &found {
+            return Err(HookInstallError::StaleSystemHooks {
+                dir: dir.clone(),
+                binary: calls.unwrap_or_default(),
+            });
+        }
+    }
+    if root {
+        write_descriptors(Path::new(SYSTEM_INSTALL_DIR), binary)?;
+    } else {
+        setup_user(user_hooks_dir, containers_conf, binary)?;
+    }
+    find_installed_among(user_hooks_dir, containers_conf, system_dirs)
+        .map(Ensured::Installed)
+        .ok_or_else(|| HookInstallError::NotEffective {
+            dir: if root {
+                PathBuf::from(SYSTEM_INSTALL_DIR)
+            } else {
+                user_hooks_dir.to_path_buf()
+            },
+            conf: containers_conf.to_path_buf(),
+        })
+}
+
+/// `setup --remove` for the user: delete the descriptors and take the directory out of
+/// containers.conf again. Returns what was removed.
+pub fn remove_user(
+    user_hooks_dir: &Path,
+    containers_conf: &Path,
+) -> Result<Vec<PathBuf>, HookInstallError> {
+    let mut removed = remove_descriptors(user_hooks_dir)?;
+    let text = match fs::read_to_string(containers_conf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(source) => {
+            return Err(HookInstallError::Io {
+                action: "read",
+                path: containers_conf.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let updated = drop_hooks_dir(&text, user_hooks_dir).map_err(|reason| {
+        HookInstallError::BadContainersConf {
+            path: containers_conf.to_path_buf(),
+            reason,
+        }
+    })?;
+    if updated != text {
+        write_atomic(containers_conf, updated.as_bytes())?;
+        let _ = fs::set_permissions(
+            containers_conf,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        );
+        removed.push(containers_conf.to_path_buf());
+    }
+    let _ = fs::remove_dir(user_hooks_dir); // only if empty
+    Ok(removed)
+}
+
+/// Delete our two descriptors from `dir` (nothing else). Returns the files removed.
+pub fn remove_descriptors(dir: &Path) -> Result<Vec<PathBuf>, HookInstallError> {
+    let mut removed = Vec::new();
+    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE] {
+        let path = dir.join(f);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(HookInstallError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn conf_lists_dir(conf: &Path, dir: &Path) -> bool {
@@ -153,12 +299,14 @@ fn conf_lists_dir(conf: &Path, dir: &Path) -> bool {
 /// `setup --user`: descriptors into `user_hooks_dir`, and that directory added to
 /// `[engine] hooks_dir` in the user's containers.conf (keeping podman's default directories,
 /// which a configured `hooks_dir` would otherwise replace). Other settings are preserved.
+///
+/// The containers.conf edit is worked out before anything is written, so a file that cannot
+/// be edited leaves no descriptors behind.
 pub fn setup_user(
     user_hooks_dir: &Path,
     containers_conf: &Path,
     binary: &Path,
 ) -> Result<(), HookInstallError> {
-    write_descriptors(user_hooks_dir, binary)?;
     let text = match fs::read_to_string(containers_conf) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -176,6 +324,7 @@ pub fn setup_user(
             reason,
         }
     })?;
+    write_descriptors(user_hooks_dir, binary)?;
     if updated != text {
         if let Some(parent) = containers_conf.parent() {
             fs::DirBuilder::new()
@@ -227,6 +376,31 @@ pub fn add_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
         dirs.push(d);
     }
     engine["hooks_dir"] = toml_edit::value(dirs);
+    Ok(doc.to_string())
+}
+
+/// Pure edit of containers.conf text: take `dir` out of `[engine] hooks_dir`. When what is
+/// left is exactly podman's defaults (what [`add_hooks_dir`] put there), the key goes too.
+pub fn drop_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| e.to_string())?;
+    let ours = dir.to_string_lossy().to_string();
+    let Some(engine) = doc.get_mut("engine").and_then(|e| e.as_table_mut()) else {
+        return Ok(text.to_string());
+    };
+    let Some(dirs) = engine.get_mut("hooks_dir").and_then(|h| h.as_array_mut()) else {
+        return Ok(text.to_string());
+    };
+    let before = dirs.len();
+    dirs.retain(|v| v.as_str() != Some(&ours));
+    if dirs.len() == before {
+        return Ok(text.to_string());
+    }
+    let rest: Vec<&str> = dirs.iter().filter_map(|v| v.as_str()).collect();
+    if rest == SYSTEM_HOOK_DIRS {
+        engine.remove("hooks_dir");
+    }
     Ok(doc.to_string())
 }
 
@@ -283,5 +457,78 @@ mod tests {
         assert!(fresh.contains("[engine]"));
         assert!(add_hooks_dir("engine = 3", Path::new("/h")).is_err());
         assert!(add_hooks_dir("[engine\n", Path::new("/h")).is_err());
+    }
+
+    #[test]
+    fn removing_the_hooks_dir_undoes_adding_it_and_keeps_the_rest() {
+        let dir = Path::new("/home/u/.config/terok/shield/hooks.d");
+        let text = "# mine\n[engine]\nruntime = \"runc\"\n";
+        let added = add_hooks_dir(text, dir).unwrap();
+        let removed = drop_hooks_dir(&added, dir).unwrap();
+        let doc: toml_edit::DocumentMut = removed.parse().unwrap();
+        assert!(doc["engine"].get("hooks_dir").is_none(), "{removed}");
+        assert!(removed.contains("# mine") && removed.contains("runtime = \"runc\""));
+        // A hooks_dir the user set up with other directories keeps them.
+        let own = "[engine]\nhooks_dir = [\"/opt/hooks\"]\n";
+        let kept = drop_hooks_dir(&add_hooks_dir(own, dir).unwrap(), dir).unwrap();
+        let doc: toml_edit::DocumentMut = kept.parse().unwrap();
+        let dirs: Vec<&str> = doc["engine"]["hooks_dir"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(dirs, ["/opt/hooks"]);
+        // Nothing of ours: unchanged, byte for byte.
+        assert_eq!(drop_hooks_dir(own, dir).unwrap(), own);
+        assert_eq!(drop_hooks_dir("", dir).unwrap(), "");
+        assert!(drop_hooks_dir("[engine\n", dir).is_err());
+    }
+
+    #[test]
+    fn ensure_installed_installs_once_and_repairs_hooks_whose_binary_is_gone() {
+        let root = std::env::temp_dir().join(format!("ts-hooks-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let hooks = root.join("hooks.d");
+        let conf = root.join("containers/containers.conf");
+        let binary = root.join("bin/terok-shield");
+        fs::create_dir_all(binary.parent().unwrap()).unwrap();
+        fs::write(&binary, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+        let first = ensure_installed_among(&hooks, &conf, &binary, false, &[]).unwrap();
+        assert_eq!(first, Ensured::Installed(Installed::User(hooks.clone())));
+        assert_eq!(descriptor_binary(&hooks), Some(binary.clone()));
+        assert_eq!(
+            ensure_installed_among(&hooks, &conf, &binary, false, &[]).unwrap(),
+            Ensured::Present(Installed::User(hooks.clone()))
+        );
+        // The binary the hooks call was moved away: the user's hooks follow this one.
+        let moved = root.join("bin/terok-shield-new");
+        fs::rename(&binary, &moved).unwrap();
+        assert_eq!(
+            ensure_installed_among(&hooks, &conf, &moved, false, &[]).unwrap(),
+            Ensured::Installed(Installed::User(hooks.clone()))
+        );
+        assert_eq!(descriptor_binary(&hooks), Some(moved));
+
+        let removed = remove_user(&hooks, &conf).unwrap();
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert!(find_installed_among(&hooks, &conf, &[]).is_none());
+        assert!(!hooks.join(CREATE_RUNTIME_FILE).exists());
+        assert!(!hooks.exists());
+        // An unparsable containers.conf refuses, and leaves the file alone.
+        fs::write(&conf, "[engine\n").unwrap();
+        let err = ensure_installed_among(&hooks, &conf, &binary, false, &[]).unwrap_err();
+        assert!(
+            matches!(err, HookInstallError::BadContainersConf { .. }),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&conf).unwrap(), "[engine\n");
+        assert!(
+            !hooks.exists(),
+            "descriptors written although containers.conf was refused"
+        );
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -10,6 +10,7 @@ pub mod netns;
 pub mod nfnetlink;
 pub mod nft;
 pub mod paths;
+pub mod podman;
 pub mod procfs;
 pub mod profiles;
 pub mod resolver;

@@ -1,11 +1,10 @@
 //! The state bundle on disk: `<state>/containers/NAME/`.
 //!
-//! Layout (documented in docs/state.md):
+//! Layout (documented in docs/state-and-audit.md):
 //! - `state.json`   the [`Bundle`] (versioned, atomically replaced)
 //! - `runtime.json` what the hook found at the last start (pid, its start time, DNS, gateway)
 //! - `audit.jsonl`  the audit log (JSON lines)
 //! - `hook-error.log` the last hook failures, for `terok-shield status`
-//! - `hooks/`       OCI hook descriptors used with `--hooks-dir` when none are installed
 //! - `.lock`        serialises writers
 //!
 //! Writes go to a temporary file that is renamed over the old one, under an exclusive lock,
@@ -29,7 +28,6 @@ pub const STATE_FILE: &str = "state.json";
 pub const RUNTIME_FILE: &str = "runtime.json";
 pub const AUDIT_FILE: &str = "audit.jsonl";
 pub const HOOK_ERROR_FILE: &str = "hook-error.log";
-pub const HOOKS_DIR: &str = "hooks";
 const LOCK_FILE: &str = ".lock";
 
 /// Failures reading or writing state; each names the path and what to do.
@@ -47,6 +45,11 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
     #[error("{path} is larger than {MAX_STATE_FILE} bytes; refusing to read it")]
     TooLarge { path: PathBuf },
+    #[error("cannot use {path}: {source}")]
+    Format {
+        path: PathBuf,
+        source: crate::core::bundle_format::FormatError,
+    },
     #[error(transparent)]
     Bundle(#[from] BundleError),
 }
@@ -199,8 +202,22 @@ pub fn lock_dir(dir: &Path) -> Result<BundleLock, StateError> {
 }
 
 /// Load the bundle in `dir` and check it belongs to `name`.
+///
+/// Bundles of older formats are migrated in memory (a container prepared by an older
+/// terok-shield keeps starting); newer formats are refused.
 pub fn load_bundle(dir: &Path, name: &ContainerName) -> Result<Bundle, StateError> {
-    let bundle: Bundle = read_json(&dir.join(STATE_FILE))?;
+    use crate::core::bundle_format::{decode, FormatError};
+    let path = dir.join(STATE_FILE);
+    let bundle = decode(&read_bounded(&path)?, env!("CARGO_PKG_VERSION")).map_err(|e| match e {
+        FormatError::Json(reason) => StateError::Corrupt {
+            path: path.clone(),
+            reason,
+        },
+        source => StateError::Format {
+            path: path.clone(),
+            source,
+        },
+    })?;
     if &bundle.name != name {
         return Err(BundleError::WrongContainer {
             found: bundle.name.to_string(),
@@ -324,7 +341,7 @@ mod tests {
     fn bundle(name: &ContainerName) -> Bundle {
         Bundle {
             format: BUNDLE_FORMAT,
-            shield_version: "t".into(),
+            written_by: "t".into(),
             name: name.clone(),
             instance: "i1".into(),
             created: 0,
