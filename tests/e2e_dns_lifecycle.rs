@@ -50,13 +50,7 @@ fn lifecycle(tier: &str, tag: &str) {
              upstream_dns: 198.51.100.53\ndns:\n  tier: {tier}\n"
     ));
     h.profile("e2e-lifecycle", "svc.e2e.test\n");
-    // Persistent hooks, so `podman start` brings the firewall (and resolver) back; the
-    // user's containers.conf and hooks dir are restored afterwards.
-    let containers_conf = h.user.containers_conf();
-    h.save(&containers_conf);
-    let hooks = h.user.user_hooks_dir();
-    h.remove_at_end_unless_present(&hooks);
-    h.shield(&["setup", "--user"]).expect_ok();
+    // `run` installs the hooks, so `podman start` brings the firewall (and resolver) back.
     let name = h.name(tag);
     h.run_detached(&name, "e2e-lifecycle").expect_ok();
     let dir = h.bundle_dir(&name);

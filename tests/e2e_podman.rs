@@ -14,7 +14,7 @@ use std::fs;
 use serde_json::Value;
 
 use e2e::world::*;
-use e2e::{probe_script, E2e, Probes, CREATE_RUNTIME_JSON, IMAGE, RAN};
+use e2e::{probe_script, E2e, Probes, IMAGE, RAN};
 
 /// `terok-shield run NAME --profiles P -- --rm IMAGE sh -c SCRIPT`.
 fn run_script(h: &E2e, name: &str, profiles: &str, script: &str) -> e2e::cmd::Out {
@@ -378,22 +378,17 @@ fn fail_closed_when_state_json_is_deleted() {
     });
 }
 
+/// A bundle of a newer format than this binary knows (a downgrade) is refused, and the
+/// message says how to get out.
 #[test]
-fn fail_closed_on_another_shield_version() {
-    assert_fails_closed(
-        "other-version",
-        "written by terok-shield 0.0.0-e2e",
-        |h, name| {
-            let path = h.bundle_dir(name).join("state.json");
-            let mut state: Value = serde_json::from_str(&h.read(&path)).unwrap();
-            assert!(
-                state["shield_version"].is_string(),
-                "state.json has no shield_version: {state}"
-            );
-            state["shield_version"] = Value::from("0.0.0-e2e");
-            fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
-        },
-    );
+fn fail_closed_on_a_bundle_of_a_newer_format() {
+    assert_fails_closed("newer-format", "upgrade terok-shield", |h, name| {
+        let path = h.bundle_dir(name).join("state.json");
+        let mut state: Value = serde_json::from_str(&h.read(&path)).unwrap();
+        assert_eq!(state["format"], 2, "{state}");
+        state["format"] = Value::from(3);
+        fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+    });
 }
 
 #[test]
@@ -415,8 +410,8 @@ fn fail_closed_when_nft_is_missing() {
     assert_fails_closed(
         "no-nft",
         "is not an absolute path to an executable",
-        |h, name| {
-            h.set_hook_env(name, &["TEROK_SHIELD_NFT=/nonexistent/nft"]);
+        |h, _| {
+            h.set_hook_env(&["TEROK_SHIELD_NFT=/nonexistent/nft"]);
         },
     );
 }
@@ -425,153 +420,10 @@ fn fail_closed_when_nft_is_missing() {
 /// refuse to start the container.
 #[test]
 fn fail_closed_when_verification_finds_a_mismatch() {
-    assert_fails_closed("mismatch", "does not match", |h, name| {
+    assert_fails_closed("mismatch", "does not match", |h, _| {
         let wrapper = format!("{}/nft-flip-policy", e2e::BIN_DIR);
-        h.set_hook_env(name, &[&format!("TEROK_SHIELD_NFT={wrapper}")]);
+        h.set_hook_env(&[&format!("TEROK_SHIELD_NFT={wrapper}")]);
     });
-}
-
-// ---------------------------------------------------------------------------------------
-// Restarts
-// ---------------------------------------------------------------------------------------
-
-#[test]
-fn run_warns_when_no_persistent_hooks_are_installed() {
-    let mut h = e2e!();
-    let name = h.name("warn");
-    let out = run_script(&h, &name, "e2e-basic", &format!("echo {RAN}")).expect_ok();
-    assert!(out.stdout.contains(RAN), "{out}");
-    assert!(
-        out.stderr.contains("warning") && out.stderr.contains("terok-shield setup --user"),
-        "`run` without persistent hooks does not point at `terok-shield setup --user`: {out}"
-    );
-    let flags = h.prepare(&name, "e2e-basic");
-    assert!(
-        flags.iter().any(|f| f.starts_with("--hooks-dir=")),
-        "without persistent hooks prepare must pass its own --hooks-dir: {flags:?}"
-    );
-}
-
-#[test]
-fn restart_and_stop_start_reapply_the_firewall_after_setup_user() {
-    let mut h = e2e!();
-    let conf = h.user.containers_conf();
-    h.save(&conf);
-    let hooks = h.user.user_hooks_dir();
-    h.remove_at_end_unless_present(&hooks);
-    let name = h.name("restart");
-
-    let out = h.shield(&["setup", "--user"]).expect_ok();
-    assert!(out.stdout.contains("Installed OCI hooks"), "{out}");
-    let conf_text = h.read(&conf);
-    assert!(
-        conf_text.contains(&hooks.display().to_string())
-            && conf_text.contains("runtime = \"runc\""),
-        "setup --user did not add its hooks dir while keeping the other settings: {conf_text}"
-    );
-    assert!(hooks.join(CREATE_RUNTIME_JSON).is_file());
-
-    let out = h.run_detached(&name, "e2e-basic").expect_ok();
-    assert!(
-        !out.stderr.contains("setup --user"),
-        "`run` still warns although hooks are installed: {out}"
-    );
-    let flags = h.prepare("e2e-restart-probe-flags", "e2e-basic");
-    let _ = fs::remove_dir_all(h.bundle_dir("e2e-restart-probe-flags"));
-    assert!(
-        !flags.iter().any(|f| f.starts_with("--hooks-dir")),
-        "with persistent hooks prepare must not pass --hooks-dir: {flags:?}"
-    );
-
-    let check = |h: &E2e, when: &str, applies: usize| {
-        assert_eq!(h.shield_state(&name), "up", "shield not up {when}");
-        let applied = h.events(&name, "apply");
-        assert_eq!(applied.len(), applies, "apply events {when}: {applied:?}");
-        let mark = h.world.mark();
-        let out = h
-            .exec(&name, &probe_script(&[(BLOCKED4, 80), (ALLOWED4, 80)]))
-            .expect_ok();
-        let p = Probes::of(&out, &h.world, mark);
-        p.refused_fast(BLOCKED4, 80);
-        p.reached(ALLOWED4, 80);
-    };
-    check(&h, "after run", 1);
-
-    h.podman(&["restart", "-t", "0", &name]).expect_ok();
-    check(&h, "after podman restart", 2);
-
-    h.podman(&["stop", "-t", "0", &name]).expect_ok();
-    assert_eq!(
-        h.shield_state(&name),
-        "inactive",
-        "status after podman stop"
-    );
-    assert!(
-        !h.events(&name, "stop").is_empty(),
-        "the poststop hook recorded no `stop` event"
-    );
-    h.podman(&["start", &name]).expect_ok();
-    check(&h, "after podman stop + start", 3);
-}
-
-/// With persistent hooks, a stopped container whose name was prepared again (a new bundle
-/// instance) must not come back: its hook refuses the foreign bundle.
-#[test]
-fn stale_container_of_a_prepared_again_name_does_not_start() {
-    let mut h = e2e!();
-    let conf = h.user.containers_conf();
-    h.save(&conf);
-    let hooks = h.user.user_hooks_dir();
-    h.remove_at_end_unless_present(&hooks);
-    let name = h.name("stale");
-    h.shield(&["setup", "--user"]).expect_ok();
-    h.shield(&[
-        "run",
-        &name,
-        "--profiles",
-        "e2e-basic",
-        "--",
-        "-d",
-        IMAGE,
-        "sh",
-        "-c",
-        &format!("echo {RAN}; exec sleep 600"),
-    ])
-    .expect_ok();
-    h.podman(&["stop", "-t", "0", &name]).expect_ok();
-    let ran_before = h
-        .podman(&["logs", &name])
-        .expect_ok()
-        .stdout
-        .matches(RAN)
-        .count();
-    assert_eq!(ran_before, 1, "the first start ran the workload once");
-
-    // Same name, new bundle (e.g. another `prepare` for a new container).
-    h.prepare(&name, "e2e-basic");
-    let out = h.podman(&["start", &name]);
-    assert!(
-        !out.ok(),
-        "a container started on another instance's bundle: {out}"
-    );
-    assert!(
-        out.stderr.contains("instance"),
-        "the error does not explain the instance mismatch: {out}"
-    );
-    assert_ne!(h.container_state(&name).as_deref(), Some("running"));
-    let ran_after = h
-        .podman(&["logs", &name])
-        .expect_ok()
-        .stdout
-        .matches(RAN)
-        .count();
-    assert_eq!(ran_after, 1, "the workload ran again");
-    let log = h.read(&h.bundle_dir(&name).join("hook-error.log"));
-    assert!(log.contains("instance"), "hook-error.log: {log}");
-    assert!(
-        !h.events(&name, "failure").is_empty(),
-        "no failure audit event"
-    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -58,6 +58,21 @@ impl FakeContainer {
         self.child.id()
     }
 
+    fn tables_text(&self) -> String {
+        let out = Command::new("nsenter")
+            .args([
+                "-n",
+                "-t",
+                &self.pid().to_string(),
+                "nft",
+                "list",
+                "ruleset",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn tables(&self) -> String {
         let out = Command::new("nsenter")
             .args(["-n", "-t", &self.pid().to_string(), "nft", "list", "tables"])
@@ -231,9 +246,41 @@ fn hook_applies_with_an_empty_environment() {
         runtime.contains(&format!("\"pid\":{}", c.pid())),
         "{runtime}"
     );
-    // A second createRuntime into the same namespace (a leftover table) must refuse.
+    // A second createRuntime into the same namespace (podman's restart policy keeps the
+    // network namespace, and our table in it): the table is replaced whole, not merged into,
+    // so it is exactly the policy again; something added to it in between is gone.
+    let added = Command::new("nsenter")
+        .args([
+            "-n",
+            "-t",
+            &c.pid().to_string(),
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "terok_shield",
+            "output",
+            "ip",
+            "daddr",
+            "198.51.100.99",
+            "accept",
+        ])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    assert!(c.tables_text().contains("198.51.100.99"));
     let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
-    assert!(!ok && err.contains("does not match"), "{err}");
+    assert!(ok, "a start in a namespace holding our table failed: {err}");
+    let text = c.tables_text();
+    assert!(
+        !text.contains("198.51.100.99"),
+        "the old table was merged into: {text}"
+    );
+    assert_eq!(
+        text.matches("chain output").count(),
+        1,
+        "one table, one output chain: {text}"
+    );
 }
 
 #[test]
@@ -288,6 +335,11 @@ fn hook_starts_a_container_prepared_with_the_previous_bundle_format() {
     }
     let c = FakeContainer::start();
     let p = prepare("format-1");
+    assert_ne!(
+        env!("CARGO_PKG_VERSION"),
+        "0.1.0",
+        "this test stands for an upgrade from 0.1.0"
+    );
     let path = p.dir.join("state.json");
     let mut state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

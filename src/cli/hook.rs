@@ -17,12 +17,12 @@ use crate::core::audit::rfc3339_utc;
 use crate::core::bundle::{BundleError, DnsTier, RuntimeFacts};
 use crate::core::oci::{parse_hook_input, HookInput, MAX_STATE_BYTES};
 use crate::effects::audit;
-use crate::effects::firewall::apply_fresh;
+use crate::effects::firewall::apply_at_start;
 use crate::effects::nft::Nft;
 use crate::effects::procfs;
 use crate::effects::state::{
     append_line, clear_runtime, load_bundle, lock_dir, write_runtime, RuntimeRecord,
-    HOOK_ERROR_FILE,
+    HOOK_ERROR_FILE, REMOVED_MARKER,
 };
 use std::os::unix::fs::DirBuilderExt;
 
@@ -138,7 +138,7 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     let nft = Nft::locate()
         .context("refusing to start the container")?
         .in_netns(netns);
-    let report = apply_fresh(&nft, &policy).context("refusing to start the container")?;
+    let report = apply_at_start(&nft, &policy).context("refusing to start the container")?;
     let resolver = if matches!(bundle.dns_tier, DnsTier::Builtin | DnsTier::Dnsmasq) {
         let upstreams: Vec<std::net::IpAddr> = match bundle.upstream_dns {
             Some(a) => vec![a],
@@ -165,6 +165,8 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The bundle belongs to a container again (one prepared by hand may be started anew).
+    let _ = std::fs::remove_file(dir.join(REMOVED_MARKER));
     write_runtime(
         dir,
         &RuntimeRecord {
@@ -281,13 +283,16 @@ fn poststop(input: &HookInput) -> anyhow::Result<()> {
         procfs::signal_if_same(pid, start, rustix::process::Signal::TERM);
     }
     clear_runtime(dir)?;
+    if input.autoremove {
+        let _ = std::fs::write(dir.join(REMOVED_MARKER), b"");
+    }
     audit::record(
         dir,
         enabled,
         &input.name,
         "stop",
         true,
-        json!({"container_id": input.container_id}),
+        json!({"container_id": input.container_id, "removed": input.autoremove}),
     );
     Ok(())
 }

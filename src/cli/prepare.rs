@@ -21,7 +21,7 @@ use crate::effects::audit;
 use crate::effects::dns_client::{resolve_all, servers_from_resolv_conf, ResolverConfig};
 use crate::effects::hooks::{ensure_installed, self_binary, Ensured, Installed};
 use crate::effects::procfs::is_same_process;
-use crate::effects::state::{read_runtime, save_bundle, StateStore, STATE_FILE};
+use crate::effects::state::{read_runtime, save_bundle, StateStore, REMOVED_MARKER, STATE_FILE};
 
 /// This binary's version; bundles and hooks must agree on it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -98,8 +98,9 @@ pub fn prepare(
         }
     }
     // The old bundle may still belong to a stopped container of that name; replacing it
-    // would leave that container unable to start (its hook refuses a foreign bundle).
-    if dir.join(STATE_FILE).exists() {
+    // would leave that container unable to start (its hook refuses a foreign bundle). Not
+    // asked when poststop saw podman remove it (`--rm`).
+    if dir.join(STATE_FILE).exists() && !dir.join(REMOVED_MARKER).exists() {
         if let Some(old) = crate::effects::podman::inspect(name.as_str())
             .context("cannot check whether a container of that name still exists")?
         {

@@ -21,6 +21,8 @@ pub mod annotation {
     pub const AUDIT_ENABLED: &str = "terok.shield.audit_enabled";
     pub const LOOPBACK_PORTS: &str = "terok.shield.loopback_ports";
     pub const DNS_TIER: &str = "terok.shield.dns_tier";
+    /// Set by podman for `--rm` containers: removed as soon as they stop.
+    pub const PODMAN_AUTOREMOVE: &str = "io.podman.annotations.autoremove";
 }
 
 /// Largest OCI state we read: a real one is a few KiB.
@@ -69,6 +71,8 @@ pub struct HookInput {
     pub state_dir: PathBuf,
     pub version: Option<String>,
     pub instance: Option<String>,
+    /// Podman removes the container when it stops (`--rm`).
+    pub autoremove: bool,
 }
 
 /// Parse and validate the OCI state. `need_pid` is true for createRuntime.
@@ -113,6 +117,8 @@ pub fn parse_hook_input(bytes: &[u8], need_pid: bool) -> Result<HookInput, OciEr
         state_dir,
         version: get(annotation::VERSION),
         instance: get(annotation::INSTANCE),
+        autoremove: get(annotation::PODMAN_AUTOREMOVE)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
     })
 }
 
@@ -131,6 +137,13 @@ mod tests {
         assert_eq!(input.pid, Some(4242));
         assert_eq!(input.name.as_str(), "c1");
         assert_eq!(input.version.as_deref(), Some("0.1.0"));
+        assert!(!input.autoremove);
+        let rm = format!(r#"{ann},"io.podman.annotations.autoremove":"TRUE""#);
+        assert!(
+            parse_hook_input(&state("4242", &rm), true)
+                .unwrap()
+                .autoremove
+        );
     }
 
     #[test]

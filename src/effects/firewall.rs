@@ -66,6 +66,16 @@ pub fn apply_fresh(nft: &Nft, policy: &Policy) -> Result<ApplyReport, FirewallEr
     apply_with(nft, policy, false)
 }
 
+/// The hook's load at every container start: the quick fresh load, and if that fails, one
+/// whole-table replacement. A namespace can hold our table already: podman's restart policy
+/// starts the container again in the network namespace it had, with the table of the
+/// previous run. A fresh load merges into that table and its exact verification fails; the
+/// replacement then makes the table exactly the policy, verified again. The workload has not
+/// started yet while the hook runs, so the moment in between exposes nothing.
+pub fn apply_at_start(nft: &Nft, policy: &Policy) -> Result<ApplyReport, FirewallError> {
+    apply_fresh(nft, policy).or_else(|_| apply(nft, policy))
+}
+
 fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, FirewallError> {
     let t0 = Instant::now();
     let ruleset = Ruleset::generate(policy);

@@ -5,6 +5,7 @@
 //! - `runtime.json` what the hook found at the last start (pid, its start time, DNS, gateway)
 //! - `audit.jsonl`  the audit log (JSON lines)
 //! - `hook-error.log` the last hook failures, for `terok-shield status`
+//! - `container-removed` poststop of a `--rm` container: the container is gone
 //! - `.lock`        serialises writers
 //!
 //! Writes go to a temporary file that is renamed over the old one, under an exclusive lock,
@@ -28,6 +29,9 @@ pub const STATE_FILE: &str = "state.json";
 pub const RUNTIME_FILE: &str = "runtime.json";
 pub const AUDIT_FILE: &str = "audit.jsonl";
 pub const HOOK_ERROR_FILE: &str = "hook-error.log";
+/// Left by poststop when podman removes the container as it stops (`--rm`): the bundle no
+/// longer belongs to an existing container, so `run` need not ask podman about the name.
+pub const REMOVED_MARKER: &str = "container-removed";
 const LOCK_FILE: &str = ".lock";
 
 /// Failures reading or writing state; each names the path and what to do.
@@ -228,9 +232,19 @@ pub fn load_bundle(dir: &Path, name: &ContainerName) -> Result<Bundle, StateErro
     Ok(bundle)
 }
 
-/// Atomically replace the bundle in `dir`.
+/// Atomically replace the bundle in `dir`, in the current format and stamped as written by
+/// this version (a bundle read from an older format is upgraded by its next save).
 pub fn save_bundle(dir: &Path, bundle: &Bundle) -> Result<(), StateError> {
-    write_json_atomic(&dir.join(STATE_FILE), bundle)
+    const OURS: &str = env!("CARGO_PKG_VERSION");
+    if bundle.written_by == OURS && bundle.format == crate::core::bundle::BUNDLE_FORMAT {
+        return write_json_atomic(&dir.join(STATE_FILE), bundle);
+    }
+    let stamped = Bundle {
+        written_by: OURS.to_string(),
+        format: crate::core::bundle::BUNDLE_FORMAT,
+        ..bundle.clone()
+    };
+    write_json_atomic(&dir.join(STATE_FILE), &stamped)
 }
 
 /// Read the runtime record, if the hook wrote one.
@@ -371,7 +385,19 @@ mod tests {
         let dir = store.reset(&name).unwrap();
         save_bundle(&dir, &bundle(&name)).unwrap();
         append_line(&dir.join(AUDIT_FILE), "{}\n").unwrap();
-        assert_eq!(store.load(&name).unwrap(), bundle(&name));
+        let loaded = store.load(&name).unwrap();
+        assert_eq!(
+            loaded.written_by,
+            env!("CARGO_PKG_VERSION"),
+            "stamped on save"
+        );
+        assert_eq!(
+            loaded,
+            Bundle {
+                written_by: env!("CARGO_PKG_VERSION").into(),
+                ..bundle(&name)
+            }
+        );
         store.reset(&name).unwrap();
         assert!(matches!(
             store.load(&name),

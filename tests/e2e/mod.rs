@@ -182,7 +182,7 @@ fn environment() -> &'static Result<TestUser, String> {
         for dir in ["/etc/containers/oci/hooks.d", "/usr/share/containers/oci/hooks.d"] {
             if Path::new(dir).join(CREATE_RUNTIME_JSON).exists() {
                 missing.push(format!(
-                    "a host without system-wide terok-shield hooks (found {dir}/{CREATE_RUNTIME_JSON}; the tests need per-container hooks)"
+                    "a host without system-wide terok-shield hooks (found {dir}/{CREATE_RUNTIME_JSON}; the tests start from a user without hooks, as a new user would)"
                 ));
             }
         }
@@ -323,13 +323,18 @@ impl E2e {
         ] {
             e2e.mkdir_owned(&dir);
         }
-        // Persistent user hooks left by a killed run would hide the per-container ones.
+        // Every test starts as a new user would: no OCI hooks and no `hooks_dir` in
+        // containers.conf (the first `run` or `prepare` installs them). What the test changes
+        // there is undone at the end; a killed run's leftovers are removed here.
         let hooks = e2e.user.user_hooks_dir();
         if hooks.exists() {
             eprintln!("e2e: removing leftover {}", hooks.display());
             let _ = fs::remove_dir_all(&hooks);
         }
         e2e.drop_leftover_hooks_dir_setting(&hooks);
+        let containers_conf = e2e.user.containers_conf();
+        e2e.save(&containers_conf);
+        e2e.remove_dirs.push(hooks);
         let conf = e2e.user.config_dir().join("config.yml");
         e2e.write_user_file(&conf, CONFIG_YML);
         e2e.profile("e2e-basic", BASIC_PROFILE);
@@ -496,16 +501,14 @@ impl E2e {
         self.podman(&full)
     }
 
-    /// Give a prepared container's createRuntime hook this environment (podman does not pass
-    /// its own environment to OCI hooks; the descriptor's `env` is the only way in).
-    pub fn set_hook_env(&self, name: &str, env: &[&str]) {
-        let path = self
-            .bundle_dir(name)
-            .join("hooks")
-            .join(CREATE_RUNTIME_JSON);
+    /// Give the createRuntime hook this environment from now on (podman does not pass its
+    /// own environment to OCI hooks; the descriptor's `env` is the only way in). Edits the
+    /// user's descriptor, which `run`/`prepare` installed and the test's end removes.
+    pub fn set_hook_env(&self, env: &[&str]) {
+        let path = self.user.user_hooks_dir().join(CREATE_RUNTIME_JSON);
         let text = fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "read {} (prepare writes it when no persistent hooks are installed): {e}",
+                "read {} (the first `run` or `prepare` installs it): {e}",
                 path.display()
             )
         });
