@@ -10,6 +10,8 @@ pub mod config;
 pub mod dns_policy;
 pub mod dnsmasq;
 pub mod learned;
+#[cfg(test)]
+mod module_graph;
 pub mod oci;
 pub mod podman_args;
 pub mod policy;
