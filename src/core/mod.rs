@@ -10,6 +10,7 @@ pub mod config;
 pub mod dns_policy;
 pub mod dnsmasq;
 pub mod learned;
+pub mod live;
 #[cfg(test)]
 mod module_graph;
 pub mod oci;
