@@ -92,12 +92,9 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
             .nft
             .list_table_json()
             .context("cannot read the container's firewall; nothing was changed")?;
-        let mut learned: Vec<IpAddr> = table
+        observed.learned = table
             .map(|t| learned_elements(&t).into_iter().map(|(a, _)| a).collect())
             .unwrap_or_default();
-        learned.sort();
-        learned.dedup();
-        observed.learned = learned;
     }
     let plan = plan(&old, &running.runtime.facts(), &change, &observed)?;
     execute(
