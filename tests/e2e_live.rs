@@ -1,5 +1,6 @@
 //! End-to-end: live control of a running rootless container (`allow`, `deny`, `down`, `up`,
-//! `block`), checked from inside the container with real connections to the fake internet.
+//! `block`, `quarantine`, `reset`), checked from inside the container with real connections
+//! to the fake internet.
 //!
 //! Same harness and environment as `tests/e2e_podman.rs` (see docs/testing-e2e.md): each test
 //! starts a detached shielded container (`terok-shield run NAME -- -d IMAGE sleep 600`), and
@@ -21,7 +22,7 @@ use serde_json::Value;
 
 use e2e::cmd::Out;
 use e2e::world::*;
-use e2e::{probe_script, set_elements, E2e, Probes, CREATE_RUNTIME_JSON};
+use e2e::{dns_config, probe_script, set_elements, E2e, Probes, CREATE_RUNTIME_JSON};
 
 /// From inside `name`: every `reached` target answers with its banner, every `refused` one is
 /// refused at once and never reaches the world.
@@ -667,6 +668,195 @@ fn revoking_keeps_live_connections_to_still_allowed_hosts() {
 }
 
 // ---------------------------------------------------------------------------------------
+// reset and quarantine (the Python original's names)
+// ---------------------------------------------------------------------------------------
+
+/// The addresses in a DNS-learned set of `name`'s live table, sorted (elements there carry
+/// timeouts, so nft prints them as `{"elem": {"val": ..., "timeout": ...}}`).
+fn learned_addresses(h: &E2e, name: &str, set: &str) -> Vec<String> {
+    let table = h.rules_json(name);
+    let items = table["nftables"].as_array().cloned().unwrap_or_default();
+    let found = items
+        .iter()
+        .find(|i| i["set"]["name"] == set)
+        .unwrap_or_else(|| panic!("no set {set} in the table: {table}"));
+    let mut out: Vec<String> = found["set"]["elem"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let val = if e["elem"].is_object() {
+                &e["elem"]["val"]
+            } else {
+                e
+            };
+            val.as_str()
+                .unwrap_or_else(|| panic!("not an address element of {set}: {e}"))
+                .to_string()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `reset` empties the DNS-learned sets and learned.jsonl, cuts connections to the forgotten
+/// addresses only, and leaves literals and live decisions alone; names are learned again as
+/// they are asked, and the resolver goes on recording them (so a later `deny NAME` still
+/// removes exactly that name's addresses).
+#[test]
+fn reset_forgets_learned_addresses_and_keeps_literals_and_live_decisions() {
+    let mut h = e2e!();
+    h.set_config(&dns_config("builtin", ""));
+    h.profile(
+        "e2e-live-reset",
+        &format!("{ALLOWED4}\n{REUSE_A}\npair.e2e.test\n"),
+    );
+    let name = h.name("reset");
+    h.run_detached(&name, "e2e-live-reset").expect_ok();
+    h.shield(&["allow", &name, LIVE4]).expect_ok();
+    h.shield(&["deny", &name, REUSE_A]).expect_ok();
+    let learned_file = h.bundle_dir(&name).join("learned.jsonl");
+
+    let lookup = |h: &E2e| {
+        let out = h
+            .exec(&name, "timeout 5 nslookup pair.e2e.test 2>&1")
+            .expect_ok();
+        assert!(
+            out.stdout.contains(PAIR4) && out.stdout.contains(SHARED4),
+            "pair.e2e.test did not resolve through the container's resolver: {out}"
+        );
+    };
+    lookup(&h);
+    assert_eq!(
+        learned_addresses(&h, &name, "dns_v4"),
+        [SHARED4, PAIR4],
+        "learned through the resolver"
+    );
+    assert!(
+        h.read(&learned_file)
+            .contains("\"domain\":\"pair.e2e.test\""),
+        "learned.jsonl"
+    );
+    let state_before = h.read(&h.bundle_dir(&name).join("state.json"));
+    let learned_stream = Stream::start(&h, &name, PAIR4, "reset-learned");
+    let literal_stream = Stream::start(&h, &name, ALLOWED4, "reset-literal");
+
+    let out = h.shield(&["reset", &name, "--json"]).expect_ok();
+    let cut = uptime();
+    let v: Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("reset --json is not JSON ({e}): {out}"));
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "container": name,
+            "action": "reset",
+            "addresses": [SHARED4, PAIR4],
+            "mode": "up",
+        }),
+        "{out}"
+    );
+    assert_eq!(out.stdout.lines().count(), 1, "one JSON line: {out}");
+    learned_stream.assert_stopped(&h, cut, "after `reset`, to a forgotten address");
+    literal_stream.assert_flowing(&h, cut, "after `reset`, to a literal allow");
+    assert!(learned_addresses(&h, &name, "dns_v4").is_empty());
+    assert_eq!(h.read(&learned_file), "", "learned.jsonl after reset");
+    assert_eq!(
+        h.read(&h.bundle_dir(&name).join("state.json")),
+        state_before,
+        "reset changed state.json"
+    );
+    // The forgotten names stay allowed but closed until asked again; literal allows, the
+    // live allow and the live deny hold.
+    expect(
+        &h,
+        &name,
+        &[(ALLOWED4, 80), (LIVE4, 80)],
+        &[(PAIR4, 80), (SHARED4, 80), (REUSE_A, 80)],
+    );
+    assert_eq!(h.shield_state(&name), "up");
+    let resets = h.events(&name, "reset");
+    assert_eq!(resets.len(), 1, "one audit event: {resets:?}");
+    assert_eq!(
+        resets[0]["detail"]["addresses"],
+        serde_json::json!([SHARED4, PAIR4]),
+        "{resets:?}"
+    );
+
+    // Asked again, the name opens again and is recorded again in the same learned.jsonl.
+    lookup(&h);
+    expect(&h, &name, &[(PAIR4, 80), (SHARED4, 80)], &[]);
+    assert!(
+        h.read(&learned_file)
+            .contains("\"domain\":\"pair.e2e.test\""),
+        "the resolver no longer records into learned.jsonl after reset"
+    );
+    h.shield(&["deny", &name, "pair.e2e.test"]).expect_ok();
+    expect(&h, &name, &[(ALLOWED4, 80)], &[(PAIR4, 80), (SHARED4, 80)]);
+
+    // Without --json: one line that says what was forgotten.
+    let out = h.shield(&["reset", &name]).expect_ok();
+    assert_eq!(
+        out.stdout,
+        format!("Reset {name}: no DNS-learned addresses to forget; literal allows and live decisions stay\n"),
+        "{out}"
+    );
+    assert_eq!(h.shield_state(&name), "up");
+}
+
+/// `quarantine` is `block` under the original's name: the same change, output and audit.
+#[test]
+fn quarantine_blocks_everything_like_block_and_up_lifts_it() {
+    let mut h = e2e!();
+    let name = live_container(&mut h, "quarantine");
+    let s = Stream::start(&h, &name, ALLOWED4, "quarantine");
+    let out = h.shield(&["quarantine", &name]).expect_ok();
+    let cut = uptime();
+    assert_eq!(
+        out.stdout,
+        format!("{name} is now blocked: nothing but loopback\n"),
+        "{out}"
+    );
+    s.assert_stopped(&h, cut, "after `quarantine`");
+    assert_eq!(h.shield_state(&name), "block");
+    expect(
+        &h,
+        &name,
+        &[],
+        &[(ALLOWED4, 80), (ALLOWED6, 80), (BLOCKED4, 80)],
+    );
+    let modes = h.events(&name, "mode");
+    assert_eq!(modes.len(), 1, "{modes:?}");
+    assert_eq!(modes[0]["detail"]["mode"], "block", "{modes:?}");
+    assert_eq!(modes[0]["detail"]["target"], "block", "{modes:?}");
+
+    let out = h.shield(&["quarantine", &name, "--json"]).expect_ok();
+    let v: Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("quarantine --json is not JSON ({e}): {out}"));
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "container": name,
+            "action": "mode",
+            "target": "block",
+            "addresses": [],
+            "mode": "block",
+        }),
+        "{out}"
+    );
+    assert_eq!(h.shield_state(&name), "block");
+
+    h.shield(&["up", &name]).expect_ok();
+    assert_eq!(h.shield_state(&name), "up");
+    expect(
+        &h,
+        &name,
+        &[(ALLOWED4, 80), (ALLOWED6, 80)],
+        &[(BLOCKED4, 80)],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // Concurrency and crashes
 // ---------------------------------------------------------------------------------------
 
@@ -1024,6 +1214,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["deny", &stopped, ALLOWED4], "not running"),
         (&["down", &stopped], "not running"),
         (&["block", &stopped], "not running"),
+        (&["quarantine", &stopped], "not running"),
+        (&["reset", &stopped], "not running"),
+        (&["reset", "e2e-no-such-container"], "no shield state"),
+        (&["quarantine", "../etc"], "invalid container name"),
     ];
     let mut problems = Vec::new();
     for (args, mention) in cases {

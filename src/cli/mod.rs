@@ -72,6 +72,11 @@ pub enum Command {
     Up(NameArgs),
     /// Block everything but loopback; cuts open connections.
     Block(NameArgs),
+    /// The same as `block` (the Python original's name): nothing but loopback.
+    Quarantine(NameArgs),
+    /// Forget the DNS-learned addresses (they open again as the resolver answers); literal
+    /// allows, denies and the mode stay. Cuts connections to the forgotten addresses.
+    Reset(NameArgs),
     /// Internal: the per-container DNS resolver (builtin tier) or dnsmasq supervisor
     /// (dnsmasq tier), started by the hook.
     #[command(hide = true, name = "internal-resolver")]
@@ -396,6 +401,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up(a) => live::run(&a.name, live::Change::Mode(Mode::DenyAll), a.json, &ctx),
         Command::Block(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
+        Command::Quarantine(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
+        Command::Reset(a) => live::run(&a.name, live::Change::Reset, a.json, &ctx),
         Command::Hook(_)
         | Command::InternalConntrackRevoke { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),

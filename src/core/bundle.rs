@@ -228,7 +228,7 @@ impl Bundle {
                     r.addrs
                         .iter()
                         .filter(|a| {
-                            !super::dns_policy::is_rebinding_sensitive(**a)
+                            !super::private::is_rebinding_sensitive(**a)
                                 || literal.iter().any(|n| n.contains(*a))
                         })
                         .map(|a| IpNet::from(*a))
@@ -293,7 +293,7 @@ impl Bundle {
             // dnsmasq cannot mark its sockets: its fixed query port identifies it, and it adds
             // learned addresses without timeouts, so the sets give them the longest TTL.
             DnsTier::Dnsmasq => {
-                policy.resolver_port = Some(super::dnsmasq::QUERY_PORT);
+                policy.resolver_port = Some(super::policy::DNSMASQ_QUERY_PORT);
                 policy.learned_timeout = Some(self.ttl_bounds[1]);
             }
             DnsTier::Static => policy.dns_servers = facts.dns_servers.clone(),

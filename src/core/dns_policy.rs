@@ -20,7 +20,7 @@
 //! DNS messages are parsed and built with `hickory-proto`; the only bytes touched by hand are
 //! the 12-byte header of replies to messages hickory cannot parse, and the message ID.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -31,7 +31,7 @@ use thiserror::Error;
 
 use super::bundle::Bundle;
 use super::policy::Mode;
-use super::private::is_private;
+use super::private::is_rebinding_sensitive;
 use super::ruleset::sets;
 use super::target::{DomainName, DomainPattern, Host, PortScope, Target};
 
@@ -304,31 +304,6 @@ pub fn set_for(addr: IpAddr, scope: Option<PortScope>) -> &'static str {
         (IpAddr::V4(_), Some(_)) => sets::DNS_SVC_V4,
         (IpAddr::V6(_), Some(_)) => sets::DNS_SVC_V6,
     }
-}
-
-/// Addresses a public name must not silently point the workload at: the private ranges the
-/// firewall protects ([`is_private`]), plus unspecified, loopback, multicast and broadcast
-/// addresses (also in v4-mapped form), which are never a legitimate egress destination and
-/// would reach this host's own services. The DNS sets are consulted *before* the private-range
-/// rejects, so learning such an address would open it; hence these are only learned, and only
-/// kept in answers, when an allowlisted network covers them.
-pub fn is_rebinding_sensitive(addr: IpAddr) -> bool {
-    if is_private(&IpNet::from(addr)) {
-        return true;
-    }
-    match addr {
-        IpAddr::V4(a) => special_v4(a),
-        IpAddr::V6(a) => {
-            a.is_unspecified()
-                || a.is_loopback()
-                || a.is_multicast()
-                || a.to_ipv4_mapped().is_some_and(special_v4)
-        }
-    }
-}
-
-fn special_v4(a: Ipv4Addr) -> bool {
-    a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast()
 }
 
 /// A validated client query: everything the resolver needs to decide and to reply.
@@ -851,7 +826,7 @@ fn header_only(id: u16, opcode: u8, rd: bool, rcode: ResponseCode) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
     use proptest::prelude::*;

@@ -24,9 +24,9 @@ use super::dns_policy::DnsPolicy;
 use super::policy::Mode;
 use super::ruleset::{sets, FAMILY, TABLE};
 
-/// UDP port dnsmasq sends its upstream queries from (`--query-port`). The ruleset lets DNS
-/// out from this port only; dnsmasq binds it before the workload starts.
-pub const QUERY_PORT: u16 = 53_053;
+/// UDP port dnsmasq sends its upstream queries from (`--query-port`); see
+/// [`DNSMASQ_QUERY_PORT`](super::policy::DNSMASQ_QUERY_PORT).
+pub use super::policy::DNSMASQ_QUERY_PORT as QUERY_PORT;
 
 /// Why a policy cannot be expressed for dnsmasq.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -11,6 +11,9 @@ pub mod config;
 pub mod dns_policy;
 pub mod dnsmasq;
 pub mod learned;
+pub mod live;
+#[cfg(test)]
+mod module_graph;
 pub mod oci;
 pub mod podman_args;
 pub mod policy;

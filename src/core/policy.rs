@@ -14,6 +14,11 @@ use super::target::{PortScope, Protocol};
 /// lets DNS carrying it leave. The workload cannot set marks without CAP_NET_ADMIN.
 pub const RESOLVER_MARK: u32 = 0x7e70_5d00;
 
+/// UDP port dnsmasq (the `dnsmasq` DNS tier) sends its upstream queries from (`--query-port`).
+/// The ruleset lets DNS out from this port only; dnsmasq binds it before the workload starts.
+/// Kept here, with the resolver mark, so the bundle can build a policy without knowing dnsmasq.
+pub const DNSMASQ_QUERY_PORT: u16 = 53_053;
+
 /// The firewall's operating mode for one container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

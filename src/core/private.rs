@@ -3,7 +3,7 @@
 //! These are where a container could reach the host, the LAN or cloud metadata services;
 //! they are refused even in bypass mode (unless `down --all`).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -48,6 +48,31 @@ pub fn is_private(net: &IpNet) -> bool {
         IpNet::V4(n) => private_v4().iter().any(|p| p.contains(n) || n.contains(p)),
         IpNet::V6(n) => private_v6().iter().any(|p| p.contains(n) || n.contains(p)),
     }
+}
+
+/// Addresses a public name must not silently point the workload at: the private ranges the
+/// firewall protects ([`is_private`]), plus unspecified, loopback, multicast and broadcast
+/// addresses (also in v4-mapped form), which are never a legitimate egress destination and
+/// would reach this host's own services. The DNS sets are consulted *before* the private-range
+/// rejects, so learning such an address would open it; hence these are only learned, and only
+/// kept in answers, when an allowlisted network covers them.
+pub fn is_rebinding_sensitive(addr: IpAddr) -> bool {
+    if is_private(&IpNet::from(addr)) {
+        return true;
+    }
+    match addr {
+        IpAddr::V4(a) => special_v4(a),
+        IpAddr::V6(a) => {
+            a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.to_ipv4_mapped().is_some_and(special_v4)
+        }
+    }
+}
+
+fn special_v4(a: Ipv4Addr) -> bool {
+    a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast()
 }
 
 #[cfg(test)]

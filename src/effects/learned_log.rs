@@ -101,3 +101,80 @@ pub fn read_learned(path: &std::path::Path) -> Vec<LearnedRecord> {
         })
         .unwrap_or_default()
 }
+
+/// Empty `learned.jsonl` in place (`reset`) and return what it held, so a failed reset can
+/// put it back ([`restore_learned`]). Truncated rather than replaced: the resolver (or the
+/// dnsmasq supervisor) keeps the file open for appending and must go on writing to it.
+/// A missing file holds nothing.
+pub fn take_learned(path: &std::path::Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => other?,
+    };
+    let limit = crate::effects::state::MAX_STATE_FILE;
+    let mut held = Vec::new();
+    (&mut file).take(limit + 1).read_to_end(&mut held)?;
+    if held.len() as u64 > limit {
+        return Err(io::Error::other(format!(
+            "it is larger than {limit} bytes, too large to keep for an undo"
+        )));
+    }
+    file.set_len(0)?;
+    Ok(held)
+}
+
+/// Append records taken by [`take_learned`] back (one write; newer records stay too).
+pub fn restore_learned(path: &std::path::Path, records: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if records.is_empty() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_empties_in_place_and_restore_appends_back() {
+        let dir = std::env::temp_dir().join(format!("terok-learned-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(LEARNED_FILE);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            take_learned(&path).unwrap(),
+            b"",
+            "a missing file holds nothing"
+        );
+        let mut log = LearnedLog::new(path.clone());
+        log.append(b"{\"old\":1}\n", 0);
+        let inode = |p: &std::path::Path| {
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+        };
+        let before = inode(&path);
+        assert_eq!(take_learned(&path).unwrap(), b"{\"old\":1}\n");
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        assert_eq!(
+            inode(&path),
+            before,
+            "the same file, so its writer keeps appending to it"
+        );
+        // The writer's next record lands in the emptied file.
+        log.append(b"{\"new\":2}\n", 0);
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"new\":2}\n");
+        restore_learned(&path, b"{\"old\":1}\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"new\":2}\n{\"old\":1}\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

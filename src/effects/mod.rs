@@ -6,6 +6,7 @@ pub mod dnsmasq;
 pub mod firewall;
 pub mod hooks;
 pub mod learned_log;
+pub mod live;
 pub mod netns;
 pub mod nfnetlink;
 pub mod nft;
