@@ -16,7 +16,7 @@ use super::policy::{AllowRule, HostLoopback, Mode, Policy};
 use super::target::{DomainName, Host, Target};
 
 /// On-disk format of `state.json` this binary writes; bump on any incompatible change and
-/// teach [`super::bundle_format`] to migrate the previous one.
+/// teach `bundle_format.rs` to migrate the previous one.
 pub const BUNDLE_FORMAT: u32 = 2;
 
 /// Problems with names and bundles.
