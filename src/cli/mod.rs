@@ -79,6 +79,10 @@ pub enum Command {
         name: String,
         upstreams: Vec<std::net::IpAddr>,
     },
+    /// Internal: the static tier's event reader (refused packets to the audit log), started
+    /// by the hook inside the container's network namespace.
+    #[command(hide = true, name = "internal-events")]
+    InternalEvents { bundle_dir: PathBuf, name: String },
     /// Internal: cut the flows a container's policy refuses (run inside its namespaces).
     #[command(hide = true, name = "internal-conntrack-revoke")]
     InternalConntrackRevoke { bundle_dir: PathBuf, name: String },
@@ -347,6 +351,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::effects::resolver::serve(settings, report_ready)?;
         return Ok(());
     }
+    if let Command::InternalEvents { bundle_dir, name } = &cli.command {
+        let name = crate::core::bundle::ContainerName::new(name)?;
+        let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
+        let settings = crate::effects::events::Settings::from_bundle(bundle_dir, &bundle);
+        drop(bundle);
+        let (reader, _no_dns_events) =
+            crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?;
+        report_ready()?;
+        return Err(reader.run()).context("the event reader failed");
+    }
     if let Command::InternalConntrackRevoke { bundle_dir, name } = &cli.command {
         let name = crate::core::bundle::ContainerName::new(name)?;
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
@@ -390,6 +404,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Block(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
         Command::Hook(_)
         | Command::InternalConntrackRevoke { .. }
+        | Command::InternalEvents { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),
     }
 }

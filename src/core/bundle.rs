@@ -142,10 +142,18 @@ pub struct Bundle {
     /// Container ports published with `run -- -p`: inbound connections to them are accepted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub published: Vec<super::policy::InboundPort>,
+    /// Size cap of audit.jsonl (config `audit.max_bytes`): the event writer rotates it to
+    /// audit.jsonl.1 before it would grow past this.
+    #[serde(default = "default_audit_max_bytes")]
+    pub audit_max_bytes: u64,
 }
 
 fn default_ttl_bounds() -> [u32; 2] {
     [60, 3600]
+}
+
+fn default_audit_max_bytes() -> u64 {
+    super::config::AuditConfig::default().max_bytes
 }
 
 /// Facts about the running container that the hook discovers (not stored in the bundle).
@@ -352,6 +360,7 @@ pub(crate) fn test_bundle(entries: &[&str], deny: &[&str], mode: Mode, tier: Dns
         upstream_dns: None,
         ttl_bounds: [60, 3600],
         published: vec![],
+        audit_max_bytes: 1 << 20,
     }
 }
 

@@ -477,7 +477,10 @@ mod tests {
         // the event reader blind: the exact comparison catches it.
         let mut v = base.clone();
         let i = find(&|o| o["rule"]["chain"] == "denied");
-        assert_eq!(v["nftables"][i]["rule"]["expr"][0]["log"]["group"], json!(100));
+        assert_eq!(
+            v["nftables"][i]["rule"]["expr"][0]["log"]["group"],
+            json!(100)
+        );
         v["nftables"][i]["rule"]["expr"][0]["log"]["group"] = json!(7);
         assert!(verify(&rs, &v).unwrap_err().to_string().contains("denied"));
         v["nftables"][i]["rule"]["expr"][0]["log"]
