@@ -190,3 +190,105 @@ fn dnsmasq_tier_logs_refused_packets() {
     assert_eq!(h.shield_state(&name), "up");
     h.podman(&["rm", "-f", &name]).expect_ok();
 }
+
+/// CPU time (user + system, clock ticks) a process has used.
+fn cpu_ticks(pid: i64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+}
+
+#[test]
+fn a_flood_neither_grows_the_log_nor_stalls_dns() {
+    const FLOOD_MAX: u32 = 2_000_000;
+    const FLOOD_FOR: Duration = Duration::from_secs(4);
+    let mut h = e2e!();
+    h.set_config(&dns_config("builtin", ""));
+    h.profile("e2e-events-flood", "svc.e2e.test\n");
+    let name = h.name("events-flood");
+    h.run_detached(&name, "e2e-events-flood").expect_ok();
+    let runtime: Value = serde_json::from_str(&h.read(&h.bundle_dir(&name).join("runtime.json")))
+        .expect("runtime.json is JSON");
+    let resolver = runtime["resolver"][0].as_i64().expect("resolver pid");
+    let cpu_before = cpu_ticks(resolver);
+
+    let pid = pid_of(&h, &name);
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    let flood = std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(
+            ns.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("setns into the container's netns");
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let t = Instant::now();
+        // Long enough to overlap every DNS question below; bounded in time and count.
+        let (mut sent, mut refused) = (0u32, 0u32);
+        while sent < FLOOD_MAX && t.elapsed() < FLOOD_FOR {
+            sent += 1;
+            if sock.send_to(b"flood", (BLOCKED4, 9)).is_err() {
+                refused += 1;
+            }
+        }
+        (sent, refused, t.elapsed())
+    });
+    // Meanwhile the workload asks DNS: every answer must still come, and come soon.
+    let out = h.exec(
+        &name,
+        &format!(
+            "t() {{ read u _ </proc/uptime; echo ${{u/./}}; }}\n\
+             for i in 1 2 3 4 5 6 7 8; do a=$(t); n=$(timeout 5 nslookup svc.e2e.test 2>&1 | grep -c {NAMED4}); b=$(t); echo \"DNS $n $((b-a))\"; done\n"
+        ),
+    );
+    let (sent, refused, took) = flood.join().unwrap();
+    assert_eq!(refused, sent, "every flood datagram is refused");
+    let times: Vec<u32> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("DNS "))
+        .map(|l| {
+            let (n, cs) = l.split_once(' ').unwrap();
+            assert_eq!(
+                n, "1",
+                "an allowed name did not resolve during the flood: {out}"
+            );
+            cs.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(times.len(), 8, "{out}");
+    assert!(
+        times.iter().all(|cs| *cs < 200),
+        "a DNS answer took 2 s or more during the flood (centiseconds: {times:?})"
+    );
+
+    let first = wait_record(&h, &name, "the flood's first event", |r| {
+        is_blocked(r, BLOCKED4, "udp", 9)
+    });
+    assert_eq!(first["detail"]["first"], true, "{first}");
+    std::thread::sleep(terok_shield::effects::events::INTERVAL + Duration::from_millis(1500));
+    let records = h.audit(&name);
+    let flood_lines: Vec<&Value> = records
+        .iter()
+        .filter(|r| is_blocked(r, BLOCKED4, "udp", 9))
+        .collect();
+    let counted: u64 = flood_lines
+        .iter()
+        .map(|r| r["detail"]["count"].as_u64().unwrap())
+        .sum();
+    let cpu = cpu_ticks(resolver).saturating_sub(cpu_before);
+    eprintln!(
+        "E2E FLOOD packets={sent} send_ms={} lines={} counted={counted} dns_cs={times:?} resolver_cpu_ticks={cpu}",
+        took.as_millis(),
+        flood_lines.len()
+    );
+    assert!(
+        flood_lines.len() <= 10,
+        "{} lines for one flooded destination",
+        flood_lines.len()
+    );
+    assert!(counted <= u64::from(sent) && counted > 0);
+    h.podman(&["rm", "-f", &name]).expect_ok();
+}
