@@ -153,7 +153,7 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         let resolv_conf = resolv_conf.context(
             "refusing to start the container: its /etc/resolv.conf mount was not found, so DNS cannot be pointed at the shield's resolver",
         )?;
-        let started = start_resolver(dir, &input.name, pid, &upstreams)
+        let started = start_resolver(dir, &input.name, pid, "internal-resolver", &upstreams)
             .context("refusing to start the container: the DNS resolver did not start")?;
         // Rewritten in place: the container sees this file through a bind mount of its inode.
         std::fs::write(
@@ -163,7 +163,12 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         .context("refusing to start the container: cannot point its resolv.conf at the resolver")?;
         Some(started)
     } else {
-        None
+        // No resolver in the static tier, but the event reader (refused packets to the audit
+        // log) runs all the same, recorded in the same place so status and poststop see it.
+        Some(
+            start_resolver(dir, &input.name, pid, "internal-events", &[])
+                .context("refusing to start the container: the event reader did not start")?,
+        )
     };
     // The bundle belongs to a container again (one prepared by hand may be started anew).
     let _ = std::fs::remove_file(dir.join(REMOVED_MARKER));
@@ -205,12 +210,14 @@ pub fn loopback_resolv_conf(original: &str) -> String {
     out
 }
 
-/// Start the resolver inside the container's network namespace and wait (bounded) until it
-/// has bound its sockets. It runs in its own session, detached from the hook.
+/// Start the resolver (or, with `command` `internal-events`, the static tier's event reader)
+/// inside the container's network namespace and wait (bounded) until it has bound its
+/// sockets. It runs in its own session, detached from the hook.
 fn start_resolver(
     dir: &Path,
     name: &crate::core::bundle::ContainerName,
     pid: u32,
+    command: &str,
     upstreams: &[std::net::IpAddr],
 ) -> anyhow::Result<(u32, u64)> {
     use std::os::unix::process::CommandExt;
@@ -226,7 +233,7 @@ fn start_resolver(
     let mut cmd = std::process::Command::new(
         std::env::current_exe().context("cannot find this program's path")?,
     );
-    cmd.arg("internal-resolver").arg(dir).arg(name.as_str());
+    cmd.arg(command).arg(dir).arg(name.as_str());
     for u in upstreams {
         cmd.arg(u.to_string());
     }

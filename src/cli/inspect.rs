@@ -123,17 +123,19 @@ fn state_of(name: &ContainerName, ctx: &Context) -> anyhow::Result<Report> {
         bundle.dns_tier,
         crate::core::bundle::DnsTier::Builtin | crate::core::bundle::DnsTier::Dnsmasq
     );
-    if runs_resolver
-        && (!runtime
-            .resolver
-            .is_some_and(|(pid, start)| is_same_process(pid, start))
-            || dir.join(crate::effects::dnsmasq::FAILED_MARKER).exists())
+    // Every tier runs a process in the container's netns: the resolver (or dnsmasq's
+    // supervisor), or in the static tier the event reader alone.
+    if !runtime
+        .resolver
+        .is_some_and(|(pid, start)| is_same_process(pid, start))
+        || dir.join(crate::effects::dnsmasq::FAILED_MARKER).exists()
     {
-        return Ok(Report::new(
-            "error",
-            Some("the container's DNS resolver is not running: DNS fails closed; restart the container".into()),
-            Some(bundle),
-        ));
+        let problem = if runs_resolver {
+            "the container's DNS resolver is not running: DNS fails closed; restart the container"
+        } else {
+            "the container's event reader is not running: refused packets are not logged; restart the container"
+        };
+        return Ok(Report::new("error", Some(problem.into()), Some(bundle)));
     }
     let live = live(name, ctx)?;
     let facts = runtime.facts();

@@ -85,6 +85,10 @@ pub enum Command {
         name: String,
         upstreams: Vec<std::net::IpAddr>,
     },
+    /// Internal: the static tier's event reader (refused packets to the audit log), started
+    /// by the hook inside the container's network namespace.
+    #[command(hide = true, name = "internal-events")]
+    InternalEvents { bundle_dir: PathBuf, name: String },
     /// Internal: cut the flows a container's policy refuses (run inside its namespaces).
     #[command(hide = true, name = "internal-conntrack-revoke")]
     InternalConntrackRevoke { bundle_dir: PathBuf, name: String },
@@ -360,6 +364,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::effects::resolver::serve(settings, report_ready)?;
         return Ok(());
     }
+    if let Command::InternalEvents { bundle_dir, name } = &cli.command {
+        let name = crate::core::bundle::ContainerName::new(name)?;
+        let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
+        let settings = crate::effects::events::Settings::from_bundle(bundle_dir, &bundle);
+        drop(bundle);
+        let (reader, _no_dns_events) =
+            crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?;
+        report_ready()?;
+        return Err(reader.run()).context("the event reader failed");
+    }
     if let Command::InternalConntrackRevoke { bundle_dir, name } = &cli.command {
         let name = crate::core::bundle::ContainerName::new(name)?;
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
@@ -405,6 +419,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reset(a) => live::run(&a.name, live::Change::Reset, a.json, &ctx),
         Command::Hook(_)
         | Command::InternalConntrackRevoke { .. }
+        | Command::InternalEvents { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),
     }
 }

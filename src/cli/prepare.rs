@@ -149,6 +149,7 @@ pub fn prepare(
         upstream_dns: ctx.config.upstream_dns,
         ttl_bounds: [ctx.config.dns.min_ttl, ctx.config.dns.max_ttl],
         published: published.to_vec(),
+        audit_max_bytes: ctx.config.audit.max_bytes,
     };
     if bundle.dns_tier == DnsTier::Dnsmasq {
         check_dnsmasq_tier(&bundle, ctx, &mut warnings)?;

@@ -3,7 +3,8 @@
 //! Schema (documented in docs/audit-log.md):
 //! `{"v":1,"ts":"2026-11-28T12:00:00.123Z","container":"NAME","event":"...","ok":true,"detail":{...}}`
 //! where `event` is one of `prepare`, `apply`, `verify`, `failure`, `stop`, `allow`, `deny`,
-//! `mode`, `resolve`. Pure: the effect module only appends the rendered line.
+//! `mode`, `resolve`, and the packet and DNS events of [`super::events`] (`blocked`, `bypass`,
+//! `dns_refused`, `events_dropped`). Pure: the effect module only appends the rendered line.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

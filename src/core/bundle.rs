@@ -139,6 +139,9 @@ pub struct Bundle {
     /// Container ports published with `run -- -p`: inbound connections to them are accepted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub published: Vec<super::policy::InboundPort>,
+    /// Size cap of audit.jsonl (config `audit.max_bytes`): the event writer rotates it to
+    /// audit.jsonl.1 before it would grow past this.
+    pub audit_max_bytes: u64,
 }
 
 /// Facts about the running container that the hook discovers (not stored in the bundle).
@@ -331,6 +334,7 @@ pub(crate) fn test_bundle(entries: &[&str], deny: &[&str], mode: Mode, tier: Dns
         upstream_dns: None,
         ttl_bounds: [60, 3600],
         published: vec![],
+        audit_max_bytes: 1 << 20,
     }
 }
 

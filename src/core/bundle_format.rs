@@ -12,7 +12,8 @@
 //!   (so any upgrade stopped every prepared container); `upstream_dns` and `ttl_bounds` were
 //!   optional (early writers left them out).
 //! - 2: `shield_version` became `written_by`, for information only; `upstream_dns` and
-//!   `ttl_bounds` are always written.
+//!   `ttl_bounds` are always written; `audit_max_bytes` (the audit log's rotation size) is
+//!   new.
 
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -81,6 +82,10 @@ fn from_v1(object: &mut Map<String, Value>) {
     object
         .entry("ttl_bounds")
         .or_insert_with(|| Value::from(vec![60u32, 3600]));
+    object.insert(
+        "audit_max_bytes".into(),
+        Value::from(super::config::AuditConfig::default().max_bytes),
+    );
     object.insert("format".into(), Value::from(2u32));
 }
 
@@ -120,6 +125,10 @@ mod tests {
         assert_eq!(shown(&b.live_allow), ["198.18.4.4"]);
         assert_eq!(shown(&b.live_deny), ["198.51.100.7"]);
         assert_eq!(b.ttl_bounds, [30, 600]);
+        assert_eq!(
+            b.audit_max_bytes,
+            crate::core::config::AuditConfig::default().max_bytes
+        );
 
         let early = decode(V1_EARLY.as_bytes(), "9.9.9").unwrap();
         assert_eq!(early.ttl_bounds, [60, 3600], "defaults of format 1");

@@ -73,15 +73,24 @@ impl DnsTier {
     }
 }
 
-/// The `audit:` section: whether per-container JSON-lines audit logs are written.
+/// The `audit:` section: whether per-container JSON-lines audit logs are written, and how
+/// large one grows before it is rotated (`max_bytes`, ours; the Python tool has no cap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuditConfig {
     pub enabled: bool,
+    /// audit.jsonl is rotated to audit.jsonl.1 before it grows past this many bytes.
+    pub max_bytes: u64,
 }
+
+/// Smallest accepted `audit.max_bytes`: room for a good number of lines.
+pub const MIN_AUDIT_MAX_BYTES: u64 = 64 * 1024;
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { enabled: true }
+        AuditConfig {
+            enabled: true,
+            max_bytes: 8 << 20,
+        }
     }
 }
 
@@ -143,7 +152,7 @@ impl Default for Config {
 pub enum ConfigError {
     /// YAML syntax, an unknown key or a value of the wrong type (serde's message names the
     /// key and the line).
-    #[error("{path}: {message}; fix or remove that key (accepted keys: mode, default_profiles, loopback_ports, audit.enabled, upstream_dns, dns.tier, dns.min_ttl, dns.max_ttl, dns.cache_max_age)")]
+    #[error("{path}: {message}; fix or remove that key (accepted keys: mode, default_profiles, loopback_ports, audit.enabled, audit.max_bytes, upstream_dns, dns.tier, dns.min_ttl, dns.max_ttl, dns.cache_max_age)")]
     Syntax { path: String, message: String },
     /// A well-typed value that is still not acceptable.
     #[error("{path}: `{key}`: {problem}; {fix}")]
@@ -171,12 +180,15 @@ struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 struct RawAudit {
     enabled: bool,
+    max_bytes: u64,
 }
 
 impl Default for RawAudit {
     fn default() -> Self {
+        let d = AuditConfig::default();
         RawAudit {
-            enabled: AuditConfig::default().enabled,
+            enabled: d.enabled,
+            max_bytes: d.max_bytes,
         }
     }
 }
@@ -292,12 +304,21 @@ pub fn parse_config(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ));
     }
 
+    if raw.audit.max_bytes < MIN_AUDIT_MAX_BYTES {
+        return Err(invalid(
+            "audit.max_bytes".to_string(),
+            format!("{} bytes is too small", raw.audit.max_bytes),
+            "use at least 65536 (the default is 8388608, 8 MiB)",
+        ));
+    }
+
     Ok(Config {
         mode: raw.mode,
         default_profiles,
         loopback_ports,
         audit: AuditConfig {
             enabled: raw.audit.enabled,
+            max_bytes: raw.audit.max_bytes,
         },
         upstream_dns,
         dns: DnsConfig {
@@ -352,7 +373,7 @@ mod tests {
             "mode: hook\n\
              default_profiles: [base, dev-python, base]\n\
              loopback_ports:\n  - 8080\n  - 5432\n  - 8080\n\
-             audit:\n  enabled: false\n\
+             audit:\n  enabled: false\n  max_bytes: 1048576\n\
              upstream_dns: 2001:db8::53\n\
              dns:\n  tier: dnsmasq\n  min_ttl: 5\n  max_ttl: 600\n  cache_max_age: 120\n",
         )
@@ -362,6 +383,7 @@ mod tests {
         assert_eq!(names, ["base", "dev-python"]);
         assert_eq!(c.loopback_ports, [8080, 5432]);
         assert!(!c.audit.enabled);
+        assert_eq!(c.audit.max_bytes, 1 << 20);
         assert_eq!(c.upstream_dns, Some("2001:db8::53".parse().unwrap()));
         assert_eq!(c.dns.tier, DnsTier::Dnsmasq);
         assert_eq!(
@@ -376,11 +398,20 @@ mod tests {
         assert_eq!(c.dns.tier, DnsTier::Static);
         assert_eq!(c.dns.max_ttl, 3600);
         assert!(c.audit.enabled);
+        assert_eq!(c.audit.max_bytes, AuditConfig::default().max_bytes);
         assert_eq!(c.default_profiles, Config::default().default_profiles);
         for tier in ["auto", "builtin", "dnsmasq", "static"] {
             let c = parse(&format!("dns: {{tier: {tier}}}\n")).unwrap();
             assert_eq!(c.dns.tier.as_str(), tier);
         }
+    }
+
+    #[test]
+    fn a_tiny_audit_cap_is_refused() {
+        let msg = err("audit: {max_bytes: 100}\n");
+        assert!(msg.contains("audit.max_bytes"), "{msg}");
+        assert!(msg.contains("at least 65536"), "{msg}");
+        assert!(err("audit: {max_bytes: -1}\n").contains("max_bytes"));
     }
 
     #[test]

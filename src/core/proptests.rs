@@ -226,7 +226,7 @@ mod interpret {
                             return Some(v);
                         }
                     }
-                    Stmt::Log(_) | Stmt::Limit { .. } => {}
+                    Stmt::Log(_) | Stmt::NfLog(_) | Stmt::Limit { .. } => {}
                 }
             }
         }

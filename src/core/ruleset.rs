@@ -10,7 +10,10 @@
 //! - `output` (hook, policy per mode) and `input` (hook, policy drop);
 //! - verdict chains `allowed`, `denied`, `private`, `blocked`, `bypass`, each a rate-limited
 //!   log with its `TEROK_SHIELD_*` prefix followed by the verdict, so every refusal is logged
-//!   the same way and rejects are fast (TCP reset, ICMP admin-prohibited for the rest);
+//!   the same way and rejects are fast (TCP reset, ICMP admin-prohibited for the rest). The
+//!   refusing chains and `bypass` first send every packet to NFLOG group [`NFLOG_GROUP`] with
+//!   the same prefix: a rootless container's kernel log reaches no one, but the shield's event
+//!   reader in the container's namespace reads NFLOG (and aggregates floods itself);
 //! - named sets: literal allows (`allow_*`, no timeouts: they never expire), DNS-learned
 //!   allows (`dns_*`, per-element timeouts), persistent denies (`deny_*`).
 
@@ -40,6 +43,10 @@ pub mod prefix {
 
 /// Log rate limit (per second, burst): a flooding workload must not flood the host's log.
 const LOG_RATE: (u32, u32) = (10, 20);
+
+/// NFLOG group of the refusal and bypass events (the Python original's number). Groups are
+/// per network namespace, so every container has its own group 100.
+pub const NFLOG_GROUP: u16 = 100;
 
 /// ICMPv6 types the container must send for IPv6 to work (neighbour and router discovery, MLD).
 const ICMPV6_OUT: &[&str] = &[
@@ -112,7 +119,11 @@ pub enum Stmt {
     Jump(&'static str),
     RejectTcpReset,
     RejectAdminProhibited,
+    /// Kernel log line (reaches the host's log only where `nf_log_all_netns=1`).
     Log(&'static str),
+    /// NFLOG to [`NFLOG_GROUP`], unlimited: the event reader aggregates floods itself, so
+    /// the first packet to a new destination is never lost to a rate limit.
+    NfLog(&'static str),
     Limit {
         rate: u32,
         burst: u32,
@@ -252,15 +263,19 @@ fn m(key: Key, val: Val) -> Stmt {
     Stmt::Match(key, val)
 }
 
-/// A verdict chain: rate-limited log line, then the verdict(s).
-fn verdict_chain(name: &'static str, log: &'static str, accept: bool) -> Chain {
-    let mut rules = vec![rule([
+/// A verdict chain: NFLOG event (`events`), rate-limited log line, then the verdict(s).
+fn verdict_chain(name: &'static str, log: &'static str, accept: bool, events: bool) -> Chain {
+    let mut rules = Vec::new();
+    if events {
+        rules.push(rule([Stmt::NfLog(log)]));
+    }
+    rules.push(rule([
         Stmt::Limit {
             rate: LOG_RATE.0,
             burst: LOG_RATE.1,
         },
         Stmt::Log(log),
-    ])];
+    ]));
     if accept {
         rules.push(rule([Stmt::Accept]));
     } else {
@@ -406,11 +421,11 @@ impl Ruleset {
                 rules: input_rules(policy),
             },
         ];
-        chains.push(verdict_chain("allowed", prefix::ALLOWED, true));
-        chains.push(verdict_chain("denied", prefix::DENIED, false));
-        chains.push(verdict_chain("private", prefix::PRIVATE, false));
-        chains.push(verdict_chain("blocked", prefix::BLOCKED, false));
-        chains.push(verdict_chain("bypass", prefix::BYPASS, true));
+        chains.push(verdict_chain("allowed", prefix::ALLOWED, true, false));
+        chains.push(verdict_chain("denied", prefix::DENIED, false, true));
+        chains.push(verdict_chain("private", prefix::PRIVATE, false, true));
+        chains.push(verdict_chain("blocked", prefix::BLOCKED, false, true));
+        chains.push(verdict_chain("bypass", prefix::BYPASS, true, true));
         Ruleset { sets, chains }
     }
 
@@ -890,6 +905,9 @@ impl Stmt {
             Stmt::Log(p) => {
                 let _ = write!(out, "log prefix \"{p}\"");
             }
+            Stmt::NfLog(p) => {
+                let _ = write!(out, "log prefix \"{p}\" group {NFLOG_GROUP}");
+            }
             Stmt::Limit { rate, burst } => {
                 let _ = write!(out, "limit rate {rate}/second burst {burst} packets");
             }
@@ -914,6 +932,7 @@ impl Stmt {
                 json!({"reject": {"type": "icmpx", "expr": "admin-prohibited"}})
             }
             Stmt::Log(p) => json!({"log": {"prefix": p}}),
+            Stmt::NfLog(p) => json!({"log": {"prefix": p, "group": NFLOG_GROUP}}),
             Stmt::Limit { rate, burst } => {
                 json!({"limit": {"rate": rate, "burst": burst, "per": "second"}})
             }

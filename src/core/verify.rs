@@ -473,6 +473,22 @@ mod tests {
         v["nftables"][i]["set"]["flags"] = json!([]);
         assert!(verify(&rs, &v).is_err());
 
+        // An NFLOG statement sent to another group (or turned into a plain log) would leave
+        // the event reader blind: the exact comparison catches it.
+        let mut v = base.clone();
+        let i = find(&|o| o["rule"]["chain"] == "denied");
+        assert_eq!(
+            v["nftables"][i]["rule"]["expr"][0]["log"]["group"],
+            json!(100)
+        );
+        v["nftables"][i]["rule"]["expr"][0]["log"]["group"] = json!(7);
+        assert!(verify(&rs, &v).unwrap_err().to_string().contains("denied"));
+        v["nftables"][i]["rule"]["expr"][0]["log"]
+            .as_object_mut()
+            .unwrap()
+            .remove("group");
+        assert!(verify(&rs, &v).is_err());
+
         let mut v = base;
         v["nftables"]
             .as_array_mut()

@@ -9,6 +9,8 @@
 //! - dnsmasq's death: bind its query port at once, so no workload socket can take the port
 //!   the ruleset trusts for DNS, write the failure marker that `status` reports, and stay
 //!   until SIGTERM. DNS then fails closed: nothing answers on loopback.
+//!
+//! It also runs the container's event reader ([`crate::effects::events`]) on a thread.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -284,6 +286,13 @@ pub fn supervise(
     let at_start = DnsPolicy::from_bundle(&bundle);
     write_servers(dir, &at_start, upstreams)?;
     let signals = block_signals()?;
+    // After block_signals: the reader's thread inherits the mask, so sigwait below still
+    // gets every signal.
+    let (reader, _no_dns_events) = crate::effects::events::EventReader::bind(
+        crate::effects::events::Settings::from_bundle(dir, &bundle),
+    )
+    .context("cannot read NFLOG")?;
+    reader.spawn().context("cannot start the event reader")?;
     let mut child = spawn(&program, dir, &at_start)?;
     follow_log(
         &mut child,

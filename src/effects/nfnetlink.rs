@@ -393,7 +393,7 @@ fn timed_out() -> io::Error {
 
 /// The `(sequence, errno)` of each `NLMSG_ERROR` in a datagram (errno 0 is an ack). A reply
 /// truncated by our buffer (an error echoes the whole request) still has its header and errno.
-fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
+pub(crate) fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
     std::iter::from_fn(move || loop {
         if data.len() < NLMSG_HDRLEN {
             return None;
@@ -416,7 +416,14 @@ fn align4(n: usize) -> usize {
 
 /// Append a netlink header and an `nfgenmsg`; returns where the message starts so that
 /// [`finish`] can fill in its length.
-fn start_msg(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> usize {
+pub(crate) fn start_msg(
+    out: &mut Vec<u8>,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+) -> usize {
     let start = out.len();
     out.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, patched by `finish`
     out.extend_from_slice(&kind.to_ne_bytes());
@@ -433,7 +440,7 @@ fn start_msg(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res
 
 /// Write the length of the message or nested attribute that starts at `start`: a u32 for a
 /// message, a u16 for an attribute (`nla_len`, which excludes the trailing padding).
-fn finish(out: &mut [u8], start: usize, message: bool) {
+pub(crate) fn finish(out: &mut [u8], start: usize, message: bool) {
     let len = out.len() - start;
     if message {
         out[start..start + 4].copy_from_slice(&(len as u32).to_ne_bytes());
@@ -443,7 +450,7 @@ fn finish(out: &mut [u8], start: usize, message: bool) {
 }
 
 /// Append an attribute (`nla_len`, `nla_type`, payload, zero padding to 4 bytes).
-fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+pub(crate) fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     let start = out.len();
     out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());

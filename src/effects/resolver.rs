@@ -7,6 +7,9 @@
 //! ruleset lets only marked sockets reach a DNS server), then puts every learned address into
 //! the DNS-learned sets *before* the answer goes back: the first connection never races the
 //! set update. One thread per question, bounded; upstream waits are bounded.
+//!
+//! The container's event reader ([`crate::effects::events`]) runs as a thread of this
+//! process; refused questions are handed to it without waiting.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -27,6 +30,7 @@ use crate::core::dns_policy::{
     with_id, Answer, AnswerDecision, DnsPolicy, QueryDecision, Request,
 };
 use crate::core::target::Protocol;
+use crate::effects::events::{DnsEvents, EventReader};
 use crate::effects::learned_log::{LearnedLog, LEARNED_FILE};
 use crate::effects::nfnetlink::{NfSock, SetKey};
 use crate::effects::state::{load_bundle, STATE_FILE};
@@ -82,6 +86,8 @@ struct Shared {
     in_flight: AtomicUsize,
     urandom: Mutex<std::fs::File>,
     learned: Mutex<LearnedLog>,
+    /// Refused questions go to the event reader (never blocks).
+    events: DnsEvents,
 }
 
 impl Shared {
@@ -112,7 +118,14 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
     let stamp = stamp(&state_path);
     let bundle = load_bundle(&settings.bundle_dir, &settings.name)
         .map_err(|e| io::Error::other(e.to_string()))?;
+    let (reader, events) = EventReader::bind(crate::effects::events::Settings::from_bundle(
+        &settings.bundle_dir,
+        &bundle,
+    ))
+    .map_err(|e| io::Error::new(e.kind(), format!("cannot read NFLOG: {e}")))?;
+    reader.spawn()?;
     let shared = Arc::new(Shared {
+        events,
         policy: Mutex::new(PolicyCache {
             stamp,
             policy: Arc::new(DnsPolicy::from_bundle(&bundle)),
@@ -387,7 +400,8 @@ impl EventLoop {
                 return;
             }
         };
-        if let QueryDecision::Refuse(_) = policy.decide_query(&req.qname, req.qtype) {
+        if let QueryDecision::Refuse(why) = policy.decide_query(&req.qname, req.qtype) {
+            self.shared.events.refused(&req.qname, req.qtype, &why);
             self.reply(listener, from, refused_response(&req, raw));
             return;
         }
@@ -985,7 +999,8 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
         Err(m) => return m.reply().map(<[u8]>::to_vec),
     };
     let policy = shared.policy();
-    if let QueryDecision::Refuse(_) = policy.decide_query(&req.qname, req.qtype) {
+    if let QueryDecision::Refuse(why) = policy.decide_query(&req.qname, req.qtype) {
+        shared.events.refused(&req.qname, req.qtype, &why);
         return Some(refused_response(&req, raw));
     }
     let upstream_id = worker.next_id(shared);

@@ -82,7 +82,8 @@ pub struct RuntimeRecord {
     pub gateway: Option<std::net::IpAddr>,
     /// When the firewall was applied (unix milliseconds).
     pub applied_at: u64,
-    /// The builtin resolver serving this container: (pid, start time).
+    /// The process the hook started in the container's netns (builtin resolver, dnsmasq's
+    /// supervisor, or the static tier's event reader): (pid, start time).
     #[serde(default)]
     pub resolver: Option<(u32, u64)>,
 }
@@ -371,6 +372,7 @@ mod tests {
             upstream_dns: None,
             ttl_bounds: [60, 3600],
             published: vec![],
+            audit_max_bytes: 1 << 20,
         }
     }
 
