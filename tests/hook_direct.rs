@@ -96,8 +96,40 @@ struct Prepared {
     instance: String,
 }
 
+impl Prepared {
+    /// Run the poststop hook, as the runtime does when the container stops: it stops the
+    /// resolver or event reader the createRuntime hook started.
+    fn poststop(&self) {
+        let state = serde_json::json!({
+            "ociVersion": "1.0.2", "id": "x", "status": "stopped", "bundle": "/nonexistent",
+            "annotations": {
+                "terok.shield.name": "hooked",
+                "terok.shield.state_dir": self.dir,
+                "terok.shield.instance": self.instance,
+            }
+        });
+        let mut child = Command::new(BIN)
+            .args(["hook", "poststop"])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(state.to_string().as_bytes());
+        let _ = child.wait();
+    }
+}
+
 impl Drop for Prepared {
     fn drop(&mut self) {
+        if self.dir.join("runtime.json").exists() {
+            self.poststop();
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -269,6 +301,7 @@ fn hook_applies_with_an_empty_environment() {
         .unwrap();
     assert!(added.success());
     assert!(c.tables_text().contains("198.51.100.99"));
+    p.poststop();
     let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
     assert!(ok, "a start in a namespace holding our table failed: {err}");
     let text = c.tables_text();
