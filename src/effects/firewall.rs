@@ -11,13 +11,15 @@ use thiserror::Error;
 use super::nft::{Nft, NftError};
 use crate::core::policy::Policy;
 use crate::core::ruleset::Ruleset;
-use crate::core::verify::{verify, VerifyError};
+use crate::core::verify::{reread_after, verify, VerifyError};
 
 /// What an apply did and how long each phase took (reported by benchmarks and the audit log).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ApplyReport {
     pub transactions: usize,
     pub elements: usize,
+    /// Listings of the table taken to verify it: 1, more when a listing came back torn.
+    pub reads: usize,
     #[serde(with = "millis")]
     pub generate: Duration,
     #[serde(with = "millis")]
@@ -53,6 +55,12 @@ pub enum FirewallError {
     Missing,
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    #[error("the firewall was loaded, but nft listed it inconsistently on {reads} reads in a row (sets {}), so it could not be verified and the container stays refused; this happens while the kernel resizes a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
+    Unverifiable {
+        reads: usize,
+        #[source]
+        source: VerifyError,
+    },
 }
 
 /// Replace the shield's table with `policy`'s ruleset and verify the result.
@@ -94,10 +102,11 @@ fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, 
     let load = t1.elapsed();
 
     let t2 = Instant::now();
-    read_back(nft, &ruleset)?;
+    let reads = read_back(nft, &ruleset)?;
     Ok(ApplyReport {
         transactions: total,
         elements: ruleset.element_count(),
+        reads,
         generate,
         load,
         verify: t2.elapsed(),
@@ -130,13 +139,14 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
     }
     let load = t1.elapsed();
     let t2 = Instant::now();
-    match read_back(nft, &target) {
+    let reads = match read_back(nft, &target) {
         Err(FirewallError::Verify(_)) => return apply(nft, new),
         other => other?,
-    }
+    };
     Ok(ApplyReport {
         transactions: total,
         elements: target.element_count(),
+        reads,
         generate,
         load,
         verify: t2.elapsed(),
@@ -145,16 +155,32 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
 
 /// Verify what is live against `policy` without changing anything.
 pub fn check(nft: &Nft, policy: &Policy) -> Result<(), FirewallError> {
-    read_back(nft, &Ruleset::generate(policy))
+    read_back(nft, &Ruleset::generate(policy)).map(|_| ())
 }
 
-/// Read our table back from the kernel and verify it against `expected`.
-fn read_back(nft: &Nft, expected: &Ruleset) -> Result<(), FirewallError> {
-    let live = nft
-        .list_table_json()
-        .map_err(FirewallError::Read)?
-        .ok_or(FirewallError::Missing)?;
-    Ok(verify(expected, &live)?)
+/// Read our table back from the kernel and verify it against `expected`; return how many
+/// listings that took. A listing that came back torn (see `core::verify`) is taken again,
+/// a few times; any other difference fails at once. Nothing is ever passed unverified.
+fn read_back(nft: &Nft, expected: &Ruleset) -> Result<usize, FirewallError> {
+    let mut reads = 0;
+    loop {
+        let live = nft
+            .list_table_json()
+            .map_err(FirewallError::Read)?
+            .ok_or(FirewallError::Missing)?;
+        reads += 1;
+        let Err(err) = verify(expected, &live) else {
+            return Ok(reads);
+        };
+        drop(live);
+        match reread_after(reads, &err) {
+            Some(pause) => std::thread::sleep(pause),
+            None if err.listing_torn() => {
+                return Err(FirewallError::Unverifiable { reads, source: err })
+            }
+            None => return Err(err.into()),
+        }
+    }
 }
 
 #[cfg(test)]
