@@ -55,7 +55,9 @@ pub enum FirewallError {
     Missing,
     #[error(transparent)]
     Verify(#[from] VerifyError),
-    #[error("the firewall was loaded, but nft listed it inconsistently on {reads} reads in a row (sets {}), so it could not be verified and the container stays refused; this happens while the kernel resizes a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
+    /// Every listing came back torn (see `core::verify`): nothing could be verified, so the
+    /// firewall counts as wrong (a starting container is refused).
+    #[error("nft listed the firewall inconsistently on {reads} reads in a row (repeated elements in set {}), so it could not be verified and is treated as wrong; this happens while the kernel is still resizing a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
     Unverifiable {
         reads: usize,
         #[source]
@@ -329,6 +331,72 @@ mod tests {
         check(&nft, &bypass).unwrap();
     }
 
+    /// An nft that runs the real one, but whose first `torn` JSON listings show `allow_v4` as
+    /// a torn dump does: 198.51.100.10 twice, 198.51.100.99 not at all.
+    fn torn_nft(dir: &std::path::Path, ns: &TempNetns, torn: u32) -> Nft {
+        use std::os::unix::fs::PermissionsExt;
+        let real = Nft::locate().unwrap().program().display().to_string();
+        let count = dir.join("listings");
+        let script = dir.join("nft-torn");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n\
+                 if [ \"$1\" != -j ]; then exec {real} \"$@\"; fi\n\
+                 n=$(cat {c} 2>/dev/null || echo 0); echo $((n + 1)) >{c}\n\
+                 out=$({real} \"$@\") || exit $?\n\
+                 if [ \"$n\" -lt {torn} ]; then\n\
+                 \x20 printf '%s\\n' \"$out\" | sed 's/\"198\\.51\\.100\\.99\"/\"198.51.100.10\"/'\n\
+                 else\n\
+                 \x20 printf '%s\\n' \"$out\"\n\
+                 fi\n",
+                c = count.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _ = std::fs::remove_file(&count);
+        Nft::at(script).in_netns(ns.path())
+    }
+
+    #[test]
+    fn a_torn_listing_is_read_again_and_never_passed() {
+        let Some(ns) = TempNetns::new("torn") else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("tsr-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut policy = rich_policy(Mode::DenyAll);
+        policy.allow.push(AllowRule {
+            net: "198.51.100.99/32".parse().unwrap(),
+            scope: None,
+        });
+        // Torn twice, then faithful: applied, verified on the third listing.
+        let report = apply(&torn_nft(&dir, &ns, 2), &policy).unwrap();
+        assert_eq!(report.reads, 3, "{report:?}");
+        // Torn every time: never passed; fails closed after a bounded number of listings.
+        let err = check(&torn_nft(&dir, &ns, 99), &policy).unwrap_err();
+        assert!(
+            matches!(err, FirewallError::Unverifiable { reads: 5, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("allow_v4"), "{err}");
+        // A listing that lacks an element without repeating one is a difference: no re-read.
+        let mut fewer = policy.clone();
+        fewer
+            .allow
+            .retain(|r| r.net.addr().to_string() != "198.51.100.10");
+        let nft = torn_nft(&dir, &ns, 0);
+        assert!(matches!(check(&nft, &fewer), Err(FirewallError::Verify(_))));
+        let listings: u32 = std::fs::read_to_string(dir.join("listings"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(listings, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn missing_nft_binary_is_a_clear_error() {
         let err = apply(&Nft::at("/nonexistent/nft"), &Policy::new(Mode::DenyAll)).unwrap_err();
@@ -388,9 +456,11 @@ pub(crate) mod tests_netns {
         }
 
         pub fn nft(&self) -> Nft {
-            Nft::locate()
-                .unwrap()
-                .in_netns(format!("/run/netns/{}", self.0))
+            Nft::locate().unwrap().in_netns(self.path())
+        }
+
+        pub fn path(&self) -> std::path::PathBuf {
+            format!("/run/netns/{}", self.0).into()
         }
     }
 
