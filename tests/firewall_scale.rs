@@ -7,13 +7,13 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use terok_shield::core::policy::{AllowRule, Mode, Policy};
 use terok_shield::core::ruleset::Ruleset;
-use terok_shield::effects::firewall::{apply, ApplyReport};
+use terok_shield::effects::firewall::{apply, apply_fresh, check, ApplyReport, FirewallError};
 use terok_shield::effects::nft::Nft;
 
 use common::bed::Bed;
@@ -116,7 +116,7 @@ fn publish(line: &str) {
 
 fn report_line(n: u32, ns: &str, r: &ApplyReport, total: Duration) -> String {
     format!(
-        "SCALE n={n} ns={ns} profile={} generate_ms={:.1} load_ms={:.1} verify_ms={:.1} total_ms={:.1} transactions={} elements={}",
+        "SCALE n={n} ns={ns} profile={} generate_ms={:.1} load_ms={:.1} verify_ms={:.1} total_ms={:.1} transactions={} elements={} reads={}",
         if cfg!(debug_assertions) { "debug" } else { "release" },
         r.generate.as_secs_f64() * 1e3,
         r.load.as_secs_f64() * 1e3,
@@ -124,6 +124,7 @@ fn report_line(n: u32, ns: &str, r: &ApplyReport, total: Duration) -> String {
         total.as_secs_f64() * 1e3,
         r.transactions,
         r.elements,
+        r.reads,
     )
 }
 
@@ -269,4 +270,230 @@ fn scale_10k_entries_in_a_rootless_user_namespace_joined_by_root() {
         .unwrap()
         .in_namespaces(Some(holder.user_ns()), holder.net_ns());
     publish(&rootless_10k(&nft, "rootless-from-root"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 100,000 IPv4 + 100,000 IPv6 literal addresses in a rootless user namespace
+// ---------------------------------------------------------------------------------------
+
+/// How the 100,000 addresses of each family lie.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// 400 runs of 250 consecutive addresses (run i starts at base + 256 i).
+    Runs,
+    /// No two addresses adjacent (every other address).
+    Scattered,
+}
+
+const BIG: u32 = 100_000;
+const RUN_LEN: u32 = 250;
+const RUN_STRIDE: u32 = 256;
+/// IPv4 runs: 400 x 256 addresses fit in 198.18.0.0/15.
+const RUNS_V4: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+/// Scattered IPv4: every other address of 198.18.0.0/15 (65,536), then every other
+/// address from 240.0.0.0 (class E, reserved: never routed, and never sent to here).
+const SCATTER_V4: [(u32, u32); 2] = [
+    (u32::from_be_bytes([198, 18, 0, 0]), 65_536),
+    (u32::from_be_bytes([240, 0, 0, 0]), u32::MAX),
+];
+const RUNS_V6: u128 = 0x2001_0db8_5ca1_0001_0000_0000_0000_0000;
+const SCATTER_V6: u128 = 0x2001_0db8_5ca1_0002_0000_0000_0000_0000;
+
+/// Which families a big list holds: 100,000 addresses each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Families {
+    V4,
+    V6,
+    Both,
+}
+
+/// The policy: 100,000 single addresses of each family in `families`, laid out as `layout`.
+fn big_policy(layout: Layout, families: Families) -> Policy {
+    let mut policy = Policy::new(Mode::DenyAll);
+    let mut push = |net: IpNet| {
+        let keep = match families {
+            Families::V4 => net.addr().is_ipv4(),
+            Families::V6 => net.addr().is_ipv6(),
+            Families::Both => true,
+        };
+        if keep {
+            policy.allow.push(AllowRule { net, scope: None });
+        }
+    };
+    match layout {
+        Layout::Runs => {
+            for i in 0..BIG {
+                let offset = (i / RUN_LEN) * RUN_STRIDE + i % RUN_LEN;
+                push(
+                    Ipv4Net::new(Ipv4Addr::from(RUNS_V4 + offset), 32)
+                        .unwrap()
+                        .into(),
+                );
+                push(
+                    Ipv6Net::new(Ipv6Addr::from(RUNS_V6 + u128::from(offset)), 128)
+                        .unwrap()
+                        .into(),
+                );
+            }
+        }
+        Layout::Scattered => {
+            let mut left = BIG;
+            for (base, room) in SCATTER_V4 {
+                let n = left.min(room);
+                for k in 0..n {
+                    push(
+                        Ipv4Net::new(Ipv4Addr::from(base + 2 * k), 32)
+                            .unwrap()
+                            .into(),
+                    );
+                }
+                left -= n;
+            }
+            for k in 0..BIG {
+                let a = Ipv6Addr::from(SCATTER_V6 + 2 * u128::from(k));
+                push(Ipv6Net::new(a, 128).unwrap().into());
+            }
+        }
+    }
+    policy
+}
+
+/// Load one big list into a fresh rootless namespace the way a hook does (fresh table),
+/// then again over the live table (replace path); return the SCALE line.
+fn rootless_big(nft: &Nft, layout: Layout, families: Families) -> String {
+    let policy = big_policy(layout, families);
+    let n = policy.allow.len();
+    nft.delete_table().unwrap();
+    let start = Instant::now();
+    let report = apply_fresh(nft, &policy).unwrap_or_else(|e| {
+        panic!("fresh apply of {n} ({layout:?} {families:?}) in the rootless namespace: {e}")
+    });
+    let total = start.elapsed();
+    assert_eq!(report.elements, n, "{report:?}");
+    let again =
+        apply(nft, &policy).unwrap_or_else(|e| panic!("re-apply ({layout:?} {families:?}): {e}"));
+    check(nft, &policy).unwrap_or_else(|e| panic!("check ({layout:?} {families:?}): {e}"));
+    format!(
+        "{} layout={layout:?} families={families:?} reapply_load_ms={:.1} reapply_verify_ms={:.1} reapply_reads={}",
+        report_line(n as u32, "rootless", &report, total),
+        again.load.as_secs_f64() * 1e3,
+        again.verify.as_secs_f64() * 1e3,
+        again.reads,
+    )
+}
+
+/// 100,000 IPv4 alone (the list of the bug report: its set is the first one nft lists, so
+/// the listing follows the load at once), 100,000 IPv6 alone, then both, 200,000 entries,
+/// each loaded fresh; then verification is shown to be strict at that size: one element
+/// missing from the middle of each set, or one extra, fails. Returns the SCALE lines.
+fn rootless_200k(nft: &Nft, layout: Layout) -> Vec<String> {
+    let mut lines: Vec<String> = [Families::V4, Families::V6, Families::Both]
+        .into_iter()
+        .map(|f| rootless_big(nft, layout, f))
+        .collect();
+    let policy = big_policy(layout, Families::Both);
+
+    // Strict at scale: one element gone from the middle of each set, or one added, is a
+    // difference (not a torn listing), and fails.
+    let (mid4, mid6) = match layout {
+        Layout::Runs => ("198.18.100.100", "2001:db8:5ca1:1::6464"),
+        Layout::Scattered => ("198.18.100.100", "2001:db8:5ca1:2::1:0"),
+    };
+    for (set, elem) in [("allow_v4", mid4), ("allow_v6", mid6)] {
+        assert!(
+            policy
+                .allow
+                .iter()
+                .any(|r| r.net.addr().to_string() == elem),
+            "{elem} should be in the {layout:?} list"
+        );
+        nft.run_script(&format!(
+            "delete element inet terok_shield {set} {{ {elem} }}\n"
+        ))
+        .unwrap();
+        match check(nft, &policy) {
+            Err(FirewallError::Verify(e)) => {
+                assert!(!e.listing_torn(), "{e}");
+                assert!(e.to_string().contains(set), "{e}");
+            }
+            other => panic!("{set} without {elem}: expected a verification error, got {other:?}"),
+        }
+        nft.run_script(&format!(
+            "add element inet terok_shield {set} {{ {elem} }}\n"
+        ))
+        .unwrap();
+        check(nft, &policy).unwrap_or_else(|e| panic!("{set} restored: {e}"));
+    }
+    nft.run_script("add element inet terok_shield allow_v4 { 198.19.255.255 }\n")
+        .unwrap();
+    assert!(
+        matches!(check(nft, &policy), Err(FirewallError::Verify(_))),
+        "an extra element in allow_v4 must fail verification"
+    );
+    lines.push(format!(
+        "strict layout={layout:?}: missing and extra elements caught"
+    ));
+    lines
+}
+
+/// Env var naming the layout for the child test.
+const LAYOUT_ENV: &str = "TEROK_SHIELD_IT_LAYOUT";
+
+fn rootless_200k_as_user(layout: Layout) {
+    if !require_privileges() {
+        return;
+    }
+    let holder = RootlessNs::spawn();
+    let out = common::userns::run_test_as(
+        &holder.user,
+        "rootless_200k_child",
+        &[
+            (CHILD_ENV, holder.pid().to_string()),
+            (LAYOUT_ENV, format!("{layout:?}")),
+        ],
+        Duration::from_secs(600),
+    );
+    let lines: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.find("SCALE ").map(|i| &l[i..]))
+        .collect();
+    assert_eq!(lines.len(), 3, "child printed no SCALE lines:\n{out}");
+    assert!(out.contains("strict layout="), "{out}");
+    for line in lines {
+        publish(line);
+    }
+}
+
+/// 100,000 IPv4 and 100,000 IPv6 addresses in 400 runs of 250 consecutive addresses each.
+#[test]
+fn scale_100k_v4_and_100k_v6_runs_in_a_rootless_user_namespace() {
+    rootless_200k_as_user(Layout::Runs);
+}
+
+/// 100,000 IPv4 and 100,000 IPv6 addresses, no two adjacent.
+#[test]
+fn scale_100k_v4_and_100k_v6_scattered_in_a_rootless_user_namespace() {
+    rootless_200k_as_user(Layout::Scattered);
+}
+
+/// Runs only as the child of the two tests above (as the unprivileged user).
+#[test]
+#[ignore = "run by scale_100k_v4_and_100k_v6_* as an unprivileged user"]
+fn rootless_200k_child() {
+    let (Ok(pid), Ok(layout)) = (std::env::var(CHILD_ENV), std::env::var(LAYOUT_ENV)) else {
+        return;
+    };
+    assert!(!rustix::process::geteuid().is_root());
+    let layout = match layout.as_str() {
+        "Runs" => Layout::Runs,
+        "Scattered" => Layout::Scattered,
+        other => panic!("unknown layout {other}"),
+    };
+    let nft = Nft::locate().unwrap().in_namespaces(
+        Some(format!("/proc/{pid}/ns/user").into()),
+        format!("/proc/{pid}/ns/net").into(),
+    );
+    for line in rootless_200k(&nft, layout) {
+        println!("{line}");
+    }
 }

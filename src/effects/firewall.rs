@@ -11,13 +11,15 @@ use thiserror::Error;
 use super::nft::{Nft, NftError};
 use crate::core::policy::Policy;
 use crate::core::ruleset::Ruleset;
-use crate::core::verify::{verify, VerifyError};
+use crate::core::verify::{reread_after, verify, VerifyError};
 
 /// What an apply did and how long each phase took (reported by benchmarks and the audit log).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ApplyReport {
     pub transactions: usize,
     pub elements: usize,
+    /// Listings of the table taken to verify it: 1, more when a listing came back torn.
+    pub reads: usize,
     #[serde(with = "millis")]
     pub generate: Duration,
     #[serde(with = "millis")]
@@ -53,6 +55,14 @@ pub enum FirewallError {
     Missing,
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// Every listing came back torn (see `core::verify`): nothing could be verified, so the
+    /// firewall counts as wrong (a starting container is refused).
+    #[error("nft listed the firewall inconsistently on {reads} reads in a row (repeated elements in set {}), so it could not be verified and is treated as wrong; this happens while the kernel is still resizing a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
+    Unverifiable {
+        reads: usize,
+        #[source]
+        source: VerifyError,
+    },
 }
 
 /// Replace the shield's table with `policy`'s ruleset and verify the result.
@@ -104,10 +114,11 @@ fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, 
     let load = t1.elapsed();
 
     let t2 = Instant::now();
-    read_back(nft, &ruleset)?;
+    let reads = read_back(nft, &ruleset)?;
     Ok(ApplyReport {
         transactions: total,
         elements: ruleset.element_count(),
+        reads,
         generate,
         load,
         verify: t2.elapsed(),
@@ -140,13 +151,14 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
     }
     let load = t1.elapsed();
     let t2 = Instant::now();
-    match read_back(nft, &target) {
+    let reads = match read_back(nft, &target) {
         Err(FirewallError::Verify(_)) => return apply(nft, new),
         other => other?,
-    }
+    };
     Ok(ApplyReport {
         transactions: total,
         elements: target.element_count(),
+        reads,
         generate,
         load,
         verify: t2.elapsed(),
@@ -155,16 +167,32 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
 
 /// Verify what is live against `policy` without changing anything.
 pub fn check(nft: &Nft, policy: &Policy) -> Result<(), FirewallError> {
-    read_back(nft, &Ruleset::generate(policy))
+    read_back(nft, &Ruleset::generate(policy)).map(|_| ())
 }
 
-/// Read our table back from the kernel and verify it against `expected`.
-fn read_back(nft: &Nft, expected: &Ruleset) -> Result<(), FirewallError> {
-    let live = nft
-        .list_table_json()
-        .map_err(FirewallError::Read)?
-        .ok_or(FirewallError::Missing)?;
-    Ok(verify(expected, &live)?)
+/// Read our table back from the kernel and verify it against `expected`; return how many
+/// listings that took. A listing that came back torn (see `core::verify`) is taken again,
+/// a few times; any other difference fails at once. Nothing is ever passed unverified.
+fn read_back(nft: &Nft, expected: &Ruleset) -> Result<usize, FirewallError> {
+    let mut reads = 0;
+    loop {
+        let live = nft
+            .list_table_json()
+            .map_err(FirewallError::Read)?
+            .ok_or(FirewallError::Missing)?;
+        reads += 1;
+        let Err(err) = verify(expected, &live) else {
+            return Ok(reads);
+        };
+        drop(live);
+        match reread_after(reads, &err) {
+            Some(pause) => std::thread::sleep(pause),
+            None if err.listing_torn() => {
+                return Err(FirewallError::Unverifiable { reads, source: err })
+            }
+            None => return Err(err.into()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +341,72 @@ mod tests {
         check(&nft, &bypass).unwrap();
     }
 
+    /// An nft that runs the real one, but whose first `torn` JSON listings show `allow_v4` as
+    /// a torn dump does: 198.51.100.10 twice, 198.51.100.99 not at all.
+    fn torn_nft(dir: &std::path::Path, ns: &TempNetns, torn: u32) -> Nft {
+        use std::os::unix::fs::PermissionsExt;
+        let real = Nft::locate().unwrap().program().display().to_string();
+        let count = dir.join("listings");
+        let script = dir.join("nft-torn");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n\
+                 if [ \"$1\" != -j ]; then exec {real} \"$@\"; fi\n\
+                 n=$(cat {c} 2>/dev/null || echo 0); echo $((n + 1)) >{c}\n\
+                 out=$({real} \"$@\") || exit $?\n\
+                 if [ \"$n\" -lt {torn} ]; then\n\
+                 \x20 printf '%s\\n' \"$out\" | sed 's/\"198\\.51\\.100\\.99\"/\"198.51.100.10\"/'\n\
+                 else\n\
+                 \x20 printf '%s\\n' \"$out\"\n\
+                 fi\n",
+                c = count.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _ = std::fs::remove_file(&count);
+        Nft::at(script).in_netns(ns.path())
+    }
+
+    #[test]
+    fn a_torn_listing_is_read_again_and_never_passed() {
+        let Some(ns) = TempNetns::new("torn") else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("tsr-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut policy = rich_policy(Mode::DenyAll);
+        policy.allow.push(AllowRule {
+            net: "198.51.100.99/32".parse().unwrap(),
+            scope: None,
+        });
+        // Torn twice, then faithful: applied, verified on the third listing.
+        let report = apply(&torn_nft(&dir, &ns, 2), &policy).unwrap();
+        assert_eq!(report.reads, 3, "{report:?}");
+        // Torn every time: never passed; fails closed after a bounded number of listings.
+        let err = check(&torn_nft(&dir, &ns, 99), &policy).unwrap_err();
+        assert!(
+            matches!(err, FirewallError::Unverifiable { reads: 5, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("allow_v4"), "{err}");
+        // A listing that lacks an element without repeating one is a difference: no re-read.
+        let mut fewer = policy.clone();
+        fewer
+            .allow
+            .retain(|r| r.net.addr().to_string() != "198.51.100.10");
+        let nft = torn_nft(&dir, &ns, 0);
+        assert!(matches!(check(&nft, &fewer), Err(FirewallError::Verify(_))));
+        let listings: u32 = std::fs::read_to_string(dir.join("listings"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(listings, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn missing_nft_binary_is_a_clear_error() {
         let err = apply(&Nft::at("/nonexistent/nft"), &Policy::new(Mode::DenyAll)).unwrap_err();
@@ -372,9 +466,11 @@ pub(crate) mod tests_netns {
         }
 
         pub fn nft(&self) -> Nft {
-            Nft::locate()
-                .unwrap()
-                .in_netns(format!("/run/netns/{}", self.0))
+            Nft::locate().unwrap().in_netns(self.path())
+        }
+
+        pub fn path(&self) -> std::path::PathBuf {
+            format!("/run/netns/{}", self.0).into()
         }
     }
 

@@ -134,8 +134,15 @@ impl Drop for RootlessNs {
 /// fails or overruns `limit`.
 pub fn run_test_as(user: &str, test: &str, env: &[(&str, String)], limit: Duration) -> String {
     use std::os::unix::fs::PermissionsExt;
-    let dir =
-        std::env::temp_dir().join(format!("terok-shield-it-{}-as-{user}", std::process::id()));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // One directory per call: tests of one binary run in parallel, and a copy over a binary
+    // that another call is running fails (ETXTBSY).
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "terok-shield-it-{}-{}-as-{user}",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
     let exe = dir.join("test-binary");
     let mode =
         |p: &std::path::Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
