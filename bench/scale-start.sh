@@ -96,8 +96,13 @@ BIG_LINES=$(grep -vc '^#' "$BIG_FILE")
 [ "$BIG_LINES" -eq 200000 ] || die "generated $BIG_LINES entries, expected 200000"
 BUNDLE=$E2E_HOME/.local/state/terok/shield/containers/$NAME
 cleanup_start() { as_user podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true; rm -rf "$BUNDLE"; }
+# The first shielded run installs the user's OCI hooks; take them out again unless they were
+# there before the bench.
+HAD_HOOKS=no
+[ -f "$E2E_HOME/.config/terok/shield/hooks.d/terok-shield-createRuntime.json" ] && HAD_HOOKS=yes
 cleanup() {
     cleanup_start
+    [ "$HAD_HOOKS" = no ] && as_user "$BIN" setup --remove --force >/dev/null 2>&1
     rm -f "$SMALL_FILE" "$BIG_FILE"
 }
 trap cleanup EXIT
