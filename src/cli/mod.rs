@@ -108,7 +108,16 @@ pub enum Command {
     /// Print a shell completion script: `terok-shield completions bash > /etc/bash_completion.d/terok-shield`.
     Completions(CompletionsArgs),
     /// Print the manual page (roff): `terok-shield man > terok-shield.1; man ./terok-shield.1`.
-    Man,
+    Man(ManArgs),
+}
+
+/// Arguments of `man`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ManArgs {
+    /// Write terok-shield.1 and a page per subcommand (terok-shield-run.1, ...) into DIR
+    /// instead of printing the main page.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Arguments of `doctor`.
@@ -420,7 +429,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Doctor(a) => return doctor::run(a, cli.state_dir.clone()),
         Command::Completions(a) => return generated::completions(a.shell),
-        Command::Man => return generated::man(),
+        Command::Man(a) => return generated::man(a.dir.as_deref()),
         _ => {}
     }
     let ctx = Context::from_process_env(cli.state_dir)?;
@@ -452,7 +461,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hook(_)
         | Command::Doctor(_)
         | Command::Completions(_)
-        | Command::Man
+        | Command::Man(_)
         | Command::InternalConntrackRevoke { .. }
         | Command::InternalEvents { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),

@@ -346,11 +346,11 @@ fn config(f: &Facts) -> Check {
         Ok(c) => Check::ok(
             "config",
             format!(
-                "{} (dns.tier: {})",
+                "{}; dns.tier: {}",
                 if c.exists {
-                    c.file.display().to_string()
+                    format!("{} is valid", c.file.display())
                 } else {
-                    format!("defaults ({} does not exist)", c.file.display())
+                    format!("no {}, so the defaults apply", c.file.display())
                 },
                 c.tier.as_str()
             ),
