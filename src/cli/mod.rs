@@ -425,7 +425,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts), &learned)?;
         return Ok(());
     }
-    // Neither needs a valid configuration: doctor reports a broken one as a finding.
+    // None of these needs a valid configuration: doctor reports a broken one as a finding.
     match &cli.command {
         Command::Doctor(a) => return doctor::run(a, cli.state_dir.clone()),
         Command::Completions(a) => return generated::completions(a.shell),
