@@ -4,6 +4,8 @@
 //! `Context`, so locating files and reading `config.yml` happens once, in one place, and
 //! fails with one clear message before any command starts working.
 
+pub mod doctor;
+pub mod generated;
 pub mod hook;
 pub mod inspect;
 pub mod live;
@@ -99,6 +101,38 @@ pub enum Command {
     Profiles(ProfilesArgs),
     /// Print the ruleset a container would get, without touching any container.
     Preview(PreviewArgs),
+    /// Check that this host can shield containers (nft, podman, rootless setup, OCI hooks):
+    /// one ok/warn/fail line per check with its fix; exit 1 when something blocks shielding.
+    #[command(visible_alias = "check-environment")]
+    Doctor(DoctorArgs),
+    /// Print a shell completion script: `terok-shield completions bash > /etc/bash_completion.d/terok-shield`.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff): `terok-shield man > terok-shield.1; man ./terok-shield.1`.
+    Man(ManArgs),
+}
+
+/// Arguments of `man`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ManArgs {
+    /// Write terok-shield.1 and a page per subcommand (terok-shield-run.1, ...) into DIR
+    /// instead of printing the main page.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// Arguments of `doctor`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DoctorArgs {
+    /// Print one JSON object (`checks` with name/status/detail/fix, and `overall`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for (bash, zsh, fish; also elvish and powershell).
+    pub shell: clap_complete::Shell,
 }
 
 /// Arguments of `status`.
@@ -391,6 +425,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts), &learned)?;
         return Ok(());
     }
+    // None of these needs a valid configuration: doctor reports a broken one as a finding.
+    match &cli.command {
+        Command::Doctor(a) => return doctor::run(a, cli.state_dir.clone()),
+        Command::Completions(a) => return generated::completions(a.shell),
+        Command::Man(a) => return generated::man(a.dir.as_deref()),
+        _ => {}
+    }
     let ctx = Context::from_process_env(cli.state_dir)?;
     match &cli.command {
         Command::Status(args) => match &args.name {
@@ -418,6 +459,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quarantine(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
         Command::Reset(a) => live::run(&a.name, live::Change::Reset, a.json, &ctx),
         Command::Hook(_)
+        | Command::Doctor(_)
+        | Command::Completions(_)
+        | Command::Man(_)
         | Command::InternalConntrackRevoke { .. }
         | Command::InternalEvents { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),

@@ -10,6 +10,7 @@ pub mod bundled;
 pub mod config;
 pub mod dns_policy;
 pub mod dnsmasq;
+pub mod doctor;
 pub mod events;
 pub mod learned;
 pub mod live;

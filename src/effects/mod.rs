@@ -3,6 +3,7 @@ pub mod audit;
 pub mod conntrack;
 pub mod dns_client;
 pub mod dnsmasq;
+pub mod doctor;
 pub mod events;
 pub mod firewall;
 pub mod hooks;
