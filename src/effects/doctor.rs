@@ -4,7 +4,6 @@
 //! decides ok/warn/fail (that is [`crate::core::doctor`]).
 
 use std::ffi::CString;
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +18,7 @@ use crate::core::doctor::{
 use crate::effects::hooks::{
     descriptor_binary, find_installed, Installed, SYSTEM_HOOK_DIRS, SYSTEM_INSTALL_DIR,
 };
-use crate::effects::nft::{find_program, wait_bounded, Nft};
+use crate::effects::nft::{communicate, find_program, Nft};
 
 /// `--version` answers at once; anything slower is broken.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,24 +139,7 @@ fn run_bounded(
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
-    let mut out_pipe = child.stdout.take().expect("piped");
-    let mut err_pipe = child.stderr.take().expect("piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err_pipe.read_to_end(&mut buf);
-        buf
-    });
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        let _ = pipe.write_all(data);
-    }
-    let status = wait_bounded(&mut child, limit).map_err(RunError::Wait)?;
-    let out = out_reader.join().unwrap_or_default();
-    let err = err_reader.join().unwrap_or_default();
+    let (status, out, err) = communicate(&mut child, stdin, limit).map_err(RunError::Wait)?;
     if status.success() {
         Ok(String::from_utf8_lossy(&out).into_owned())
     } else {

@@ -231,29 +231,8 @@ pub fn remove_user(
     containers_conf: &Path,
 ) -> Result<Vec<PathBuf>, HookInstallError> {
     let mut removed = remove_descriptors(user_hooks_dir)?;
-    let text = match fs::read_to_string(containers_conf) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(source) => {
-            return Err(HookInstallError::Io {
-                action: "read",
-                path: containers_conf.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let updated = drop_hooks_dir(&text, user_hooks_dir).map_err(|reason| {
-        HookInstallError::BadContainersConf {
-            path: containers_conf.to_path_buf(),
-            reason,
-        }
-    })?;
-    if updated != text {
-        write_atomic(containers_conf, updated.as_bytes())?;
-        let _ = fs::set_permissions(
-            containers_conf,
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
-        );
+    if let Some(text) = planned_conf_edit(containers_conf, |t| drop_hooks_dir(t, user_hooks_dir))? {
+        write_containers_conf(containers_conf, &text)?;
         removed.push(containers_conf.to_path_buf());
     }
     let _ = fs::remove_dir(user_hooks_dir); // only if empty
@@ -307,6 +286,20 @@ pub fn setup_user(
     containers_conf: &Path,
     binary: &Path,
 ) -> Result<(), HookInstallError> {
+    let change = planned_conf_edit(containers_conf, |t| add_hooks_dir(t, user_hooks_dir))?;
+    write_descriptors(user_hooks_dir, binary)?;
+    if let Some(text) = change {
+        write_containers_conf(containers_conf, &text)?;
+    }
+    Ok(())
+}
+
+/// containers.conf as `edit` would leave it, or `None` when that changes nothing (a missing
+/// file reads as empty). Nothing is written.
+fn planned_conf_edit(
+    containers_conf: &Path,
+    edit: impl FnOnce(&str) -> Result<String, String>,
+) -> Result<Option<String>, HookInstallError> {
     let text = match fs::read_to_string(containers_conf) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -318,31 +311,31 @@ pub fn setup_user(
             })
         }
     };
-    let updated = add_hooks_dir(&text, user_hooks_dir).map_err(|reason| {
-        HookInstallError::BadContainersConf {
-            path: containers_conf.to_path_buf(),
-            reason,
-        }
+    let updated = edit(&text).map_err(|reason| HookInstallError::BadContainersConf {
+        path: containers_conf.to_path_buf(),
+        reason,
     })?;
-    write_descriptors(user_hooks_dir, binary)?;
-    if updated != text {
-        if let Some(parent) = containers_conf.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent)
-                .map_err(|source| HookInstallError::Io {
-                    action: "create",
-                    path: parent.to_path_buf(),
-                    source,
-                })?;
-        }
-        write_atomic(containers_conf, updated.as_bytes())?;
-        let _ = fs::set_permissions(
-            containers_conf,
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
-        );
+    Ok((updated != text).then_some(updated))
+}
+
+/// Replace containers.conf atomically (its directory made if needed), readable by podman.
+fn write_containers_conf(containers_conf: &Path, text: &str) -> Result<(), HookInstallError> {
+    if let Some(parent) = containers_conf.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(|source| HookInstallError::Io {
+                action: "create",
+                path: parent.to_path_buf(),
+                source,
+            })?;
     }
+    write_atomic(containers_conf, text.as_bytes())?;
+    let _ = fs::set_permissions(
+        containers_conf,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    );
     Ok(())
 }
 

@@ -173,25 +173,7 @@ impl Nft {
             program: self.program.clone(),
             source,
         })?;
-        let mut out_pipe = child.stdout.take().expect("piped");
-        let mut err_pipe = child.stderr.take().expect("piped");
-        let out_reader = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = out_pipe.read_to_end(&mut buf);
-            buf
-        });
-        let err_reader = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = err_pipe.read_to_end(&mut buf);
-            buf
-        });
-        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // nft reads its whole input before acting; a write error shows up as its exit.
-            let _ = pipe.write_all(data);
-        }
-        let status = wait_bounded(&mut child, NFT_TIMEOUT)?;
-        let out = out_reader.join().unwrap_or_default();
-        let err = err_reader.join().unwrap_or_default();
+        let (status, out, err) = communicate(&mut child, stdin, NFT_TIMEOUT)?;
         if status.success() {
             Ok(out)
         } else {
@@ -249,6 +231,36 @@ fn summarise_stderr(err: &[u8]) -> String {
 ///
 /// Sleeps in poll(2) on a pidfd, so the caller wakes the instant the child exits (no polling
 /// interval added to every nft call).
+/// Feed a spawned child (stdin, stdout and stderr piped) its input, collect both outputs
+/// (read on their own threads, so neither pipe can fill up and stall it) and wait for it
+/// within `limit`. Returns the exit status, stdout and stderr.
+pub(crate) fn communicate(
+    child: &mut std::process::Child,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), NftError> {
+    fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out_reader = drain(child.stdout.take());
+    let err_reader = drain(child.stderr.take());
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // The programs we run read their whole input before acting; a write error shows up
+        // as their exit status.
+        let _ = pipe.write_all(data);
+    }
+    let status = wait_bounded(child, limit)?;
+    let out = out_reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    Ok((status, out, err))
+}
+
 pub(crate) fn wait_bounded(
     child: &mut std::process::Child,
     limit: Duration,

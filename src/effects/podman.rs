@@ -65,17 +65,19 @@ pub fn binary() -> Result<PathBuf, PodmanError> {
         .ok_or(PodmanError::NotFound)
 }
 
-/// The container called `name`, or `None` when podman has no such container.
-pub fn inspect(name: &str) -> Result<Option<PodmanContainer>, PodmanError> {
+/// Run `podman ARGS` to completion (no input).
+fn podman(args: &[&str]) -> Result<std::process::Output, PodmanError> {
     let program = binary()?;
-    let out = Command::new(&program)
-        .args(["container", "inspect", "--", name])
+    Command::new(&program)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|source| PodmanError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+        .map_err(|source| PodmanError::Spawn { program, source })
+}
+
+/// The container called `name`, or `None` when podman has no such container.
+pub fn inspect(name: &str) -> Result<Option<PodmanContainer>, PodmanError> {
+    let out = podman(&["container", "inspect", "--", name])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         if stderr.contains("no such container") || stderr.contains("no such object") {
@@ -91,15 +93,7 @@ pub fn inspect(name: &str) -> Result<Option<PodmanContainer>, PodmanError> {
 
 /// Names of every container podman has for this user, running or not.
 pub fn container_names() -> Result<Vec<String>, PodmanError> {
-    let program = binary()?;
-    let out = Command::new(&program)
-        .args(["ps", "--all", "--format", "{{.Names}}"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|source| PodmanError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+    let out = podman(&["ps", "--all", "--format", "{{.Names}}"])?;
     if !out.status.success() {
         return Err(PodmanError::Failed {
             name: "--all".into(),
