@@ -5,6 +5,7 @@ pub mod dns_client;
 pub mod dnsmasq;
 pub mod events;
 pub mod firewall;
+pub mod follow;
 pub mod hooks;
 pub mod learned_log;
 pub mod live;
