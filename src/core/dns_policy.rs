@@ -536,6 +536,10 @@ pub struct Answer {
     /// so a client cache never outlives the set element). Check the size against
     /// [`Request::udp_payload`] before sending over UDP.
     pub response: Vec<u8>,
+    /// The addresses the client gets for the name (its CNAME chain's, less those removed),
+    /// each once: which name led to an address the firewall logs, when nothing is learned
+    /// (bypass modes).
+    pub named: Vec<IpAddr>,
     /// Addresses removed from the answer by the rebinding rule, each once.
     pub removed: Vec<IpAddr>,
 }
@@ -615,6 +619,7 @@ pub fn extract_answer(
         }
     }
 
+    let chain_addrs: Vec<IpAddr> = learned.iter().map(|(addr, _)| *addr).collect();
     let mut inserts = Vec::new();
     if msg.metadata.response_code == ResponseCode::NoError {
         for (addr, ttl) in learned {
@@ -675,9 +680,14 @@ pub fn extract_answer(
             Err(_) => return AnswerDecision::Reject(Mismatch::Unencodable),
         }
     };
+    let named = chain_addrs
+        .into_iter()
+        .filter(|addr| !removed.contains(addr))
+        .collect();
     AnswerDecision::Answer(Answer {
         inserts,
         response,
+        named,
         removed,
     })
 }
