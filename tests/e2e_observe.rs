@@ -379,6 +379,7 @@ fn watch_and_logs_follow_show_refusals_within_a_second_and_end_cleanly() {
     );
     all.signal(libc::SIGTERM);
     let status = all.wait_exit(Duration::from_secs(5));
+    eprintln!("E2E WATCH lines:\n{}", all.seen.join("\n"));
     assert!(
         status.success() && status.signal().is_none(),
         "watch after SIGTERM: {status:?}"
@@ -487,6 +488,7 @@ fn clearance_driven_by_a_pipe_allows_saves_and_denies() {
     c.close_input();
     let status = c.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}: {:#?}", c.seen);
+    eprintln!("E2E CLEARANCE lines:\n{}", c.seen.join("\n"));
     assert!(
         c.seen
             .iter()
