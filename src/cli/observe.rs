@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io::{IsTerminal as _, Write as _};
 use std::os::fd::AsFd as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
@@ -306,11 +307,14 @@ struct Tally {
 /// whether it succeeded.
 fn run_self(state_dir: &Path, args: &[&str]) -> anyhow::Result<bool> {
     let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    // A process group of its own: Ctrl-C at the terminal ends the session after the change,
+    // never in the middle of it.
     let out = Process::new(exe)
         .arg("--state-dir")
         .arg(state_dir)
         .args(args)
         .stdin(Stdio::null())
+        .process_group(0)
         .output()
         .context("cannot run terok-shield for the answer")?;
     let mut stdout = std::io::stdout().lock();
@@ -477,4 +481,72 @@ fn settle(
         }
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::super::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("terok-shield").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn logs_follow_since_and_event_filters() {
+        let Command::Logs(a) = parse(&[
+            "logs",
+            "-f",
+            "--since",
+            "10m",
+            "--event",
+            "blocked,dns_refused",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert!(a.follow && !a.json && !a.refused);
+        assert_eq!(a.since.as_deref(), Some("10m"));
+        assert_eq!(a.event, ["blocked", "dns_refused"]);
+        for bad in [
+            &["logs", "-f", "--json"][..],
+            &["logs", "--refused", "--event", "stop"],
+            &["watch", "--refused", "--event", "stop"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn watch_learn_clearance_and_allow_save_to() {
+        let Command::Watch(a) = parse(&["watch", "c1", "--json"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((a.name.as_deref(), a.json), (Some("c1"), true));
+        assert!(
+            matches!(parse(&["watch"]).unwrap().command, Command::Watch(w) if w.name.is_none())
+        );
+        let Command::Learn(a) = parse(&["learn", "c1", "--since", "2h"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(a.since.as_deref(), Some("2h"));
+        for alias in ["clearance", "simple-clearance"] {
+            let Command::Clearance(a) = parse(&[alias, "c1", "--profile", "p"]).unwrap().command
+            else {
+                panic!("{alias}")
+            };
+            assert_eq!((a.name.as_str(), a.profile.as_deref()), ("c1", Some("p")));
+        }
+        let Command::Allow(a) = parse(&["allow", "c1", "x.example", "--save-to", "p"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.save_to.as_deref(), Some("p"));
+        assert!(parse(&["deny", "c1", "x.example", "--save-to", "p"]).is_err());
+    }
 }

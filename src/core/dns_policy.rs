@@ -1100,6 +1100,11 @@ mod tests {
         assert!(!forwards(&p, "evil.example"), "denies hold in bypass too");
         let ans = run(&p, "other.net", vec![a("other.net", 300, "198.51.100.1")]);
         assert!(ans.inserts.is_empty(), "unlisted names teach nothing");
+        assert_eq!(
+            ans.named,
+            vec![ip("198.51.100.1")],
+            "but name their addresses"
+        );
     }
 
     #[test]
@@ -1478,6 +1483,11 @@ mod tests {
         assert_eq!(
             addrs_in(&ans.response),
             vec![ip("198.51.100.1"), ip("10.1.2.3"), ip("2001:db8::1")]
+        );
+        assert_eq!(
+            ans.named,
+            addrs_in(&ans.response),
+            "named: what the client gets"
         );
     }
 
