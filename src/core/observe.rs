@@ -72,11 +72,6 @@ impl RecordFilter {
         })
     }
 
-    /// The events this filter lets through, or `None` for all.
-    pub fn events(&self) -> Option<&[String]> {
-        self.events.as_deref()
-    }
-
     /// Whether `record` passes. A record whose time cannot be read fails a `since` filter.
     pub fn matches(&self, record: &AuditRecord) -> bool {
         let event_ok = self

@@ -316,13 +316,12 @@ impl LogFollower {
                 .unwrap_or_default(),
         };
         for name in names {
-            if self.logs.contains_key(&name) {
-                continue;
-            }
             let dir = self.containers_dir.join(&name);
             if !dir.is_dir() {
                 continue; // `only` before its directory exists: looked for again later
             }
+            // Watched again every time: a directory removed and made again (a name reused)
+            // is a new inode, and adding the watch of a watched one changes nothing.
             if let Some(fd) = &self.inotify {
                 let flags = inotify::WatchFlags::MODIFY
                     | inotify::WatchFlags::CREATE
@@ -332,7 +331,8 @@ impl LogFollower {
                 let _ = inotify::add_watch(fd, &dir, flags);
             }
             self.logs
-                .insert(name, ContainerLog::new(dir, skip_existing));
+                .entry(name)
+                .or_insert_with(|| ContainerLog::new(dir, skip_existing));
         }
     }
 
