@@ -1,4 +1,4 @@
-//! `status NAME`, `rules NAME`, `logs`: looking at shielded containers.
+//! `status NAME`, `rules NAME`: looking at shielded containers (`logs` is in `observe`).
 //!
 //! The container is reached directly: the PID the hook recorded (checked against its start
 //! time, so a reused PID is never mistaken for the container), then nft run inside the
@@ -12,7 +12,6 @@ use serde_json::json;
 use super::{print, Context};
 use crate::core::bundle::{Bundle, ContainerName};
 use crate::core::status::{without_live_shield, PodmanView, Verdict};
-use crate::effects::audit;
 use crate::effects::firewall::{check, FirewallError};
 use crate::effects::nft::Nft;
 use crate::effects::procfs::is_same_process;
@@ -234,34 +233,4 @@ pub fn rules(name: &str, json_out: bool, ctx: &Context) -> anyhow::Result<()> {
         live.bundle.mode.status_name(),
         live.runtime.pid
     ))?)
-}
-
-/// `logs [--container NAME] [-n N] [--json]`.
-pub fn logs(
-    container: Option<&str>,
-    n: usize,
-    json_out: bool,
-    ctx: &Context,
-) -> anyhow::Result<()> {
-    let store = StateStore::new(&ctx.paths.containers_dir);
-    let names = match container {
-        Some(c) => vec![ContainerName::new(c)?],
-        None => store.names(),
-    };
-    let mut records: Vec<_> = names
-        .iter()
-        .flat_map(|n| audit::read(&store.dir(n)))
-        .collect();
-    records.sort_by(|a, b| a.ts.cmp(&b.ts));
-    let skip = records.len().saturating_sub(n);
-    let records = &records[skip..];
-    if json_out {
-        return Ok(print(&format!("{}\n", serde_json::to_string(records)?))?);
-    }
-    let mut out = String::new();
-    for r in records {
-        out.push_str(&serde_json::to_string(r)?);
-        out.push('\n');
-    }
-    Ok(print(&out)?)
 }

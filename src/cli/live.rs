@@ -18,15 +18,22 @@ use super::{print, Context};
 use crate::core::bundle::{ContainerName, Resolved};
 use crate::core::live::{lookup_needed, plan, LiveChange, Observed};
 use crate::core::policy::Mode;
+use crate::core::profile::ProfileName;
 use crate::core::target::{DomainName, Target};
 use crate::core::verify::learned_elements;
 use crate::effects::dns_client::{resolve_all, ResolverConfig};
 use crate::effects::live::{execute, report_fields, Container};
+use crate::effects::profiles::ProfileStore;
 use crate::effects::state::{load_bundle, lock_dir};
 
 /// A live command as typed.
 pub enum Change {
     Allow(String),
+    /// `allow TARGET --save-to PROFILE`.
+    AllowAndSave {
+        target: String,
+        profile: String,
+    },
     Deny(String),
     Mode(Mode),
     Reset,
@@ -64,7 +71,15 @@ fn parse_target(typed: &str) -> anyhow::Result<Target> {
 pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow::Result<()> {
     let name = ContainerName::new(name)?;
     // Parse before anything else: bad input changes nothing.
+    let mut save_to = None;
     let change = match change {
+        Change::AllowAndSave { target, profile } => {
+            save_to = Some(ProfileName::new(&profile)?);
+            LiveChange::Allow {
+                target: parse_target(&target)?,
+                typed: target,
+            }
+        }
         Change::Allow(typed) => LiveChange::Allow {
             target: parse_target(&typed)?,
             typed,
@@ -96,8 +111,33 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
             .map(|t| learned_elements(&t).into_iter().map(|(a, _)| a).collect())
             .unwrap_or_default();
     }
+    // `--save-to`: the profile with the entry is prepared (not written) so that the plan can
+    // include it; it is written once the plan stands, before the change is made.
+    let mut edit = None;
+    let change = match (change, save_to) {
+        (LiveChange::Allow { target, typed }, Some(profile)) => {
+            let store = ProfileStore::new(&ctx.paths.profiles_dir);
+            let comment = format!(
+                "saved for {name} on {}",
+                crate::core::audit::rfc3339_utc(crate::effects::audit::unix_millis())
+            );
+            let prepared = store.add_entry(&profile, &target, &comment)?;
+            let change = LiveChange::SaveAllow {
+                target,
+                typed,
+                profile_entries: prepared.profile.entries.clone(),
+                profile,
+            };
+            edit = Some(prepared);
+            change
+        }
+        (change, _) => change,
+    };
     let plan = plan(&old, &running.runtime.facts(), &change, &observed)?;
-    execute(
+    if let Some(edit) = &edit {
+        edit.write()?;
+    }
+    let executed = execute(
         &plan,
         &old,
         &Container {
@@ -107,7 +147,15 @@ pub fn run(name: &str, change: Change, json_out: bool, ctx: &Context) -> anyhow:
             nft: &running.nft,
             resolver: running.runtime.resolver,
         },
-    )?;
+    );
+    if let (Err(e), Some(edit)) = (executed.as_ref(), &edit) {
+        bail!(
+            "{}; the entry was saved in {} all the same: remove its line there if it should not stay",
+            super::render_error(e),
+            edit.path.display()
+        );
+    }
+    executed?;
     if json_out {
         let mut v = Map::new();
         v.insert("container".into(), Value::from(name.as_str()));

@@ -9,6 +9,7 @@ pub mod generated;
 pub mod hook;
 pub mod inspect;
 pub mod live;
+pub mod observe;
 pub mod prepare;
 pub mod preview;
 pub mod profiles;
@@ -59,13 +60,23 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// Show the live nftables ruleset inside a running container.
     Rules(NameArgs),
-    /// Show audit log entries (JSON lines).
+    /// Show audit log entries (JSON lines); -f follows them as they are written.
     Logs(LogsArgs),
+    /// Stream refused packets, refused DNS questions and bypass traffic as they happen, for
+    /// one container (until it stops) or all.
+    Watch(WatchArgs),
+    /// Print a profile of what a container tried to reach and was refused (after a session
+    /// in `down` mode: of everything it used).
+    Learn(LearnArgs),
+    /// Answer each refused destination as it happens: allow, allow and save in a profile,
+    /// deny, or ignore (answers read line by line from stdin).
+    #[command(alias = "simple-clearance")]
+    Clearance(ClearanceArgs),
     /// Install the OCI hooks where podman always looks (run/prepare do it on first use), or
     /// take them out with --remove.
     Setup(SetupArgs),
     /// Allow an IP, CIDR, domain (resolved now) on a running container; `:PORT[/tcp|udp]` scopes it.
-    Allow(TargetArgs),
+    Allow(AllowArgs),
     /// Deny an IP, CIDR or domain on a running container; persists across up/down and restarts.
     Deny(TargetArgs),
     /// Bypass mode: public egress accepted and logged (private ranges and denies still blocked).
@@ -234,6 +245,65 @@ pub struct TargetArgs {
     pub json: bool,
 }
 
+/// Arguments of `allow`.
+#[derive(Debug, Clone, Args)]
+pub struct AllowArgs {
+    /// Container name.
+    pub name: String,
+    /// IP, CIDR, domain or *.domain, optionally with :PORT or :PORT/tcp|udp.
+    pub target: String,
+    /// Also keep the target in the user profile PROFILE (PROFILE.txt in the profiles
+    /// directory, created when missing), which joins the container's profiles.
+    #[arg(long, value_name = "PROFILE")]
+    pub save_to: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `watch`.
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Only this container, and end when it stops; omit for every container, including
+    /// those started later.
+    pub name: Option<String>,
+    /// One JSON object (the audit record) per line instead of readable text.
+    #[arg(long)]
+    pub json: bool,
+    /// Only these events (comma separated; default blocked,bypass,dns_refused,events_dropped).
+    #[arg(
+        long,
+        value_name = "EVENT",
+        value_delimiter = ',',
+        conflicts_with = "refused"
+    )]
+    pub event: Vec<String>,
+    /// Only refusals: the same as --event blocked,dns_refused.
+    #[arg(long)]
+    pub refused: bool,
+}
+
+/// Arguments of `learn`.
+#[derive(Debug, Clone, Args)]
+pub struct LearnArgs {
+    /// Container name.
+    pub name: String,
+    /// Only events at or after this time: RFC 3339 (2026-11-30T14:00:00Z) or an age (10m, 2h, 1d).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+}
+
+/// Arguments of `clearance`.
+#[derive(Debug, Clone, Args)]
+pub struct ClearanceArgs {
+    /// A running shielded container.
+    pub name: String,
+    /// The user profile `s` saves into when no PROFILE is typed after it (default: the
+    /// container's name).
+    #[arg(long, value_name = "PROFILE")]
+    pub profile: Option<String>,
+}
+
 /// Arguments of `down`.
 #[derive(Debug, Clone, Args)]
 pub struct DownArgs {
@@ -257,8 +327,25 @@ pub struct LogsArgs {
     #[arg(short = 'n', default_value_t = 50)]
     pub n: usize,
     /// Print one JSON array instead of JSON lines.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     pub json: bool,
+    /// Keep printing entries as they are written (JSON lines), until Ctrl-C.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only entries at or after this time: RFC 3339 (2026-11-30T14:00:00Z) or an age (10m, 2h, 1d).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only these events (comma separated), e.g. blocked,dns_refused.
+    #[arg(
+        long,
+        value_name = "EVENT",
+        value_delimiter = ',',
+        conflicts_with = "refused"
+    )]
+    pub event: Vec<String>,
+    /// Only refusals: the same as --event blocked,dns_refused.
+    #[arg(long)]
+    pub refused: bool,
 }
 
 /// Arguments of `setup`.
@@ -444,10 +531,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => prepare::run_container(&a.name, &a.profiles, &a.podman_args, &ctx),
         Command::Resolve(a) => prepare::run_resolve(&a.name, a.force, a.json, &ctx),
         Command::Rules(a) => inspect::rules(&a.name, a.json, &ctx),
-        Command::Logs(a) => inspect::logs(a.container.as_deref(), a.n, a.json, &ctx),
+        Command::Logs(a) => observe::logs(a, &ctx),
+        Command::Watch(a) => observe::watch(a, &ctx),
+        Command::Learn(a) => observe::learn(a, &ctx),
+        Command::Clearance(a) => observe::clearance(a, &ctx),
         Command::Setup(a) => setup::run(a, &ctx),
         Command::Allow(a) => {
-            live::run(&a.name, live::Change::Allow(a.target.clone()), a.json, &ctx)
+            let change = match &a.save_to {
+                Some(profile) => live::Change::AllowAndSave {
+                    target: a.target.clone(),
+                    profile: profile.clone(),
+                },
+                None => live::Change::Allow(a.target.clone()),
+            };
+            live::run(&a.name, change, a.json, &ctx)
         }
         Command::Deny(a) => live::run(&a.name, live::Change::Deny(a.target.clone()), a.json, &ctx),
         Command::Down(a) => {

@@ -174,6 +174,21 @@ impl Bundle {
         }
     }
 
+    /// Record that the user profile `name`, holding `entries`, now belongs to the container
+    /// (`allow --save-to`): it joins the profiles, its entries the composed entries, and
+    /// live allows those entries now cover are dropped as redundant.
+    pub fn add_profile(&mut self, name: &str, entries: &[Target]) {
+        if !self.profiles.iter().any(|p| p == name) {
+            self.profiles.push(name.to_string());
+        }
+        for entry in entries {
+            if !self.entries.contains(entry) {
+                self.entries.push(entry.clone());
+            }
+        }
+        self.live_allow.retain(|t| !entries.contains(t));
+    }
+
     /// Record a live `deny` of a host (ports are not part of a deny): drops live allows of the
     /// same host and remembers the deny, which persists across mode changes and restarts.
     pub fn live_deny(&mut self, target: Target) {

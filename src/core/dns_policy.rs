@@ -536,6 +536,10 @@ pub struct Answer {
     /// so a client cache never outlives the set element). Check the size against
     /// [`Request::udp_payload`] before sending over UDP.
     pub response: Vec<u8>,
+    /// The addresses the client gets for the name (its CNAME chain's, less those removed),
+    /// each once: which name led to an address the firewall logs, when nothing is learned
+    /// (bypass modes).
+    pub named: Vec<IpAddr>,
     /// Addresses removed from the answer by the rebinding rule, each once.
     pub removed: Vec<IpAddr>,
 }
@@ -615,6 +619,7 @@ pub fn extract_answer(
         }
     }
 
+    let chain_addrs: Vec<IpAddr> = learned.iter().map(|(addr, _)| *addr).collect();
     let mut inserts = Vec::new();
     if msg.metadata.response_code == ResponseCode::NoError {
         for (addr, ttl) in learned {
@@ -675,9 +680,14 @@ pub fn extract_answer(
             Err(_) => return AnswerDecision::Reject(Mismatch::Unencodable),
         }
     };
+    let named = chain_addrs
+        .into_iter()
+        .filter(|addr| !removed.contains(addr))
+        .collect();
     AnswerDecision::Answer(Answer {
         inserts,
         response,
+        named,
         removed,
     })
 }
@@ -1090,6 +1100,11 @@ mod tests {
         assert!(!forwards(&p, "evil.example"), "denies hold in bypass too");
         let ans = run(&p, "other.net", vec![a("other.net", 300, "198.51.100.1")]);
         assert!(ans.inserts.is_empty(), "unlisted names teach nothing");
+        assert_eq!(
+            ans.named,
+            vec![ip("198.51.100.1")],
+            "but name their addresses"
+        );
     }
 
     #[test]
@@ -1468,6 +1483,11 @@ mod tests {
         assert_eq!(
             addrs_in(&ans.response),
             vec![ip("198.51.100.1"), ip("10.1.2.3"), ip("2001:db8::1")]
+        );
+        assert_eq!(
+            ans.named,
+            addrs_in(&ans.response),
+            "named: what the client gets"
         );
     }
 

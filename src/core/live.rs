@@ -23,6 +23,7 @@ use super::bundle::{Bundle, ContainerName, DnsTier, Resolved, RuntimeFacts};
 use super::dns_policy::DnsPolicy;
 use super::dnsmasq::{self, DnsmasqError};
 use super::policy::{Mode, Policy};
+use super::profile::ProfileName;
 use super::ruleset::{sets, Element, Ruleset, FAMILY, TABLE};
 use super::target::{display_net, DomainName, Host, Target};
 
@@ -31,6 +32,16 @@ use super::target::{display_net, DomainName, Host, Target};
 pub enum LiveChange {
     /// `allow TARGET`; `typed` is the target as the user wrote it, echoed back in reports.
     Allow { target: Target, typed: String },
+    /// `allow TARGET --save-to PROFILE` (and clearance's `s`): allowed as by `Allow`, and
+    /// kept in the user profile `profile`, whose file the caller has already written
+    /// (`profile_entries` is what it holds now). The profile joins the container's profiles
+    /// and its entries the composed entries, so the bundle says where the allow came from.
+    SaveAllow {
+        target: Target,
+        typed: String,
+        profile: ProfileName,
+        profile_entries: Vec<Target>,
+    },
     /// `deny TARGET` (a whole host: ports are refused).
     Deny { target: Target, typed: String },
     /// `up`, `down [--all]`, `block` / `quarantine`.
@@ -137,6 +148,8 @@ pub struct Report {
     pub addresses: Vec<String>,
     /// The container's mode after the change.
     pub mode: Mode,
+    /// The user profile the allowed target was saved in (`SaveAllow`).
+    pub profile: Option<ProfileName>,
     /// The line printed without `--json`.
     pub message: String,
 }
@@ -198,7 +211,7 @@ pub fn lookup_needed(
     change: &LiveChange,
 ) -> Result<Option<DomainName>, LiveError> {
     match change {
-        LiveChange::Allow { target, .. } => {
+        LiveChange::Allow { target, .. } | LiveChange::SaveAllow { target, .. } => {
             if let (DnsTier::Dnsmasq, Host::Domain(d)) = (bundle.dns_tier, &target.host) {
                 dnsmasq::check_live_allow(
                     &DnsPolicy::from_bundle(bundle),
@@ -251,13 +264,21 @@ pub fn plan(
     };
     let mut new = bundle.clone();
     let (event, target, addresses) = match change {
-        LiveChange::Allow { target, typed } => {
+        LiveChange::Allow { target, typed } | LiveChange::SaveAllow { target, typed, .. } => {
             let addresses = match (&target.host, &resolved) {
                 (_, Some(r)) => r.addrs.iter().map(ToString::to_string).collect(),
                 (Host::Net(n), None) => vec![display_net(n)],
                 (Host::Domain(_), None) => Vec::new(),
             };
             new.live_allow(target.clone(), resolved);
+            if let LiveChange::SaveAllow {
+                profile,
+                profile_entries,
+                ..
+            } = change
+            {
+                new.add_profile(profile.as_str(), profile_entries);
+            }
             ("allow", Some(typed.clone()), addresses)
         }
         LiveChange::Deny { target, typed } => {
@@ -301,6 +322,10 @@ pub fn plan(
             target,
             addresses,
             mode: new.mode,
+            profile: match change {
+                LiveChange::SaveAllow { profile, .. } => Some(profile.clone()),
+                _ => None,
+            },
             message,
         },
         bundle: new,
@@ -314,7 +339,7 @@ pub fn plan(
 /// policy (bypass modes only widen).
 fn revokes(change: &LiveChange) -> bool {
     match change {
-        LiveChange::Allow { .. } => false,
+        LiveChange::Allow { .. } | LiveChange::SaveAllow { .. } => false,
         LiveChange::Deny { .. } | LiveChange::Reset => true,
         LiveChange::Mode(mode) => !matches!(mode, Mode::Bypass | Mode::BypassAll),
     }
@@ -396,6 +421,12 @@ fn message(change: &LiveChange, new: &Bundle, addresses: &[String]) -> String {
             "Allowed {typed} for {name} (its addresses open as the container's resolver answers for it)\n"
         ),
         LiveChange::Allow { typed, .. } => format!("Allowed {typed} -> {listed} for {name}\n"),
+        LiveChange::SaveAllow { typed, profile, .. } if addresses.is_empty() => format!(
+            "Allowed {typed} for {name} and saved it in profile {profile} (its addresses open as the container's resolver answers for it)\n"
+        ),
+        LiveChange::SaveAllow { typed, profile, .. } => format!(
+            "Allowed {typed} -> {listed} for {name} and saved it in profile {profile}\n"
+        ),
         LiveChange::Deny { typed, .. } if addresses.is_empty() => {
             format!("Denied {typed} for {name}\n")
         }

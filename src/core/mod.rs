@@ -7,15 +7,18 @@ pub mod audit;
 pub mod bundle;
 pub mod bundle_format;
 pub mod bundled;
+pub mod clearance;
 pub mod config;
 pub mod dns_policy;
 pub mod dnsmasq;
 pub mod doctor;
 pub mod events;
+pub mod learn;
 pub mod learned;
 pub mod live;
 #[cfg(test)]
 mod module_graph;
+pub mod observe;
 pub mod oci;
 pub mod podman_args;
 pub mod policy;

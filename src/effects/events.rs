@@ -63,10 +63,20 @@ impl Settings {
     }
 }
 
+/// What the resolver hands to the event writer.
+#[derive(Debug)]
+enum FromResolver {
+    /// A refused question, to be logged.
+    Refused(EventKey),
+    /// A name was answered with these addresses but nothing was learned (bypass modes):
+    /// bypass events to them can still say which name led there.
+    Named { name: String, addrs: Vec<IpAddr> },
+}
+
 /// The resolver's side of the DNS hand-off: never blocks.
 #[derive(Debug, Clone)]
 pub struct DnsEvents {
-    tx: SyncSender<EventKey>,
+    tx: SyncSender<FromResolver>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -83,16 +93,28 @@ impl DnsEvents {
             qtype: qtype.to_string(),
             reason: refuse_reason_code(why),
         };
-        if self.tx.try_send(key).is_err() {
+        if self.tx.try_send(FromResolver::Refused(key)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A name answered with `addrs` that the resolver did not learn (learned addresses are
+    /// named from learned.jsonl). Only a hint for the `name` field: a full queue drops it.
+    pub fn answered_unlearned(&self, name: &DomainName, addrs: &[IpAddr]) {
+        if addrs.is_empty() {
+            return;
+        }
+        let _ = self.tx.try_send(FromResolver::Named {
+            name: name.as_str().to_string(),
+            addrs: addrs.to_vec(),
+        });
     }
 }
 
 /// Reads NFLOG and the DNS queue, aggregates, writes.
 pub struct EventReader {
     sock: NflogSocket,
-    dns: Receiver<EventKey>,
+    dns: Receiver<FromResolver>,
     dns_dropped: Arc<AtomicU64>,
     aggregator: Aggregator,
     seq: SeqTracker,
@@ -161,8 +183,15 @@ impl EventReader {
             lines.extend(self.aggregator.observe(EventKey::Packet(packet), now));
         }
         // Bounded: at most one queue's worth per round, however fast the resolver refills it.
-        for key in self.dns.try_iter().take(DNS_QUEUE) {
-            lines.extend(self.aggregator.observe(key, now));
+        for message in self.dns.try_iter().take(DNS_QUEUE) {
+            match message {
+                FromResolver::Refused(key) => lines.extend(self.aggregator.observe(key, now)),
+                FromResolver::Named { name, addrs } => {
+                    for addr in addrs {
+                        self.writer.names.index.insert(addr, &name);
+                    }
+                }
+            }
         }
         let lost = self.dns_dropped.swap(0, Ordering::Relaxed);
         self.aggregator

@@ -111,6 +111,9 @@ pub fn report_fields<const N: usize>(
     }
     fields.insert("addresses".into(), Value::from(report.addresses.clone()));
     fields.insert("mode".into(), Value::from(report.mode.status_name()));
+    if let Some(profile) = &report.profile {
+        fields.insert("profile".into(), Value::from(profile.as_str()));
+    }
     for (key, value) in extra {
         fields.insert(key.into(), value);
     }

@@ -6,6 +6,7 @@ pub mod dnsmasq;
 pub mod doctor;
 pub mod events;
 pub mod firewall;
+pub mod follow;
 pub mod hooks;
 pub mod learned_log;
 pub mod live;

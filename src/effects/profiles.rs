@@ -8,6 +8,7 @@
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -59,6 +60,14 @@ pub enum ProfileStoreError {
     /// The profiles directory exists but cannot be listed.
     #[error("cannot list the profiles directory {path}: {source}; make it readable or remove it")]
     ListDir { path: PathBuf, source: io::Error },
+    /// A user profile could not be written (`allow --save-to`).
+    #[error(
+        "cannot write profile file {path}: {source}; check that the profiles directory is writable"
+    )]
+    Write { path: PathBuf, source: io::Error },
+    /// Saving into a name only the binary ships would shadow the whole bundled profile.
+    #[error("`{0}` is a bundled profile, and a user file of that name would replace it entirely; save into another profile name")]
+    ShadowsBundled(ProfileName),
     /// Several profiles failed at once (`load_many`); every failure is kept.
     #[error("{}", render_several(.0))]
     Several(Vec<ProfileStoreError>),
@@ -73,6 +82,46 @@ fn render_several(errors: &[ProfileStoreError]) -> String {
         }
     }
     out
+}
+
+/// A user profile with one entry more, not yet written ([`ProfileStore::add_entry`]).
+#[derive(Debug, Clone)]
+pub struct ProfileEdit {
+    dir: PathBuf,
+    /// The profile's file.
+    pub path: PathBuf,
+    /// The profile as it is after the edit.
+    pub profile: Profile,
+    /// The new file content; `None` when the profile lists the entry already.
+    text: Option<String>,
+}
+
+impl ProfileEdit {
+    /// Write the file (and its directory, when missing): a temporary sibling renamed into
+    /// place, so a crash leaves the old or the new version.
+    pub fn write(&self) -> Result<(), ProfileStoreError> {
+        let Some(text) = &self.text else {
+            return Ok(());
+        };
+        let write_err = |source| ProfileStoreError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(write_err)?;
+        let tmp = self
+            .path
+            .with_extension(format!("txt.tmp.{}", std::process::id()));
+        fs::write(&tmp, text)
+            .and_then(|()| fs::rename(&tmp, &self.path))
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                write_err(e)
+            })
+    }
 }
 
 /// The bundled profiles plus a user profiles directory (which need not exist).
@@ -184,6 +233,47 @@ impl ProfileStore {
             1 => Err(errors.pop().expect("one error")),
             _ => Err(ProfileStoreError::Several(errors)),
         }
+    }
+
+    /// Prepare adding `target` to the user profile `name` (a new file when there is none):
+    /// the profile as it would be, written only by [`ProfileEdit::write`], so a caller can
+    /// check the change before anything is on disk. A file that does not parse is never
+    /// added to, and a bundled profile is never shadowed by a one-entry file of its name.
+    pub fn add_entry(
+        &self,
+        name: &ProfileName,
+        target: &Target,
+        comment: &str,
+    ) -> Result<ProfileEdit, ProfileStoreError> {
+        let path = self.user_path(name);
+        let before = read_if_present(&path)?;
+        if before.is_none() && bundled::bundled_text(name.as_str()).is_some() {
+            return Err(ProfileStoreError::ShadowsBundled(name.clone()));
+        }
+        let before = before.unwrap_or_default();
+        let source = path.display().to_string();
+        let profile = profile::parse_profile(&source, &before)?;
+        if profile.entries.contains(target) {
+            return Ok(ProfileEdit {
+                dir: self.dir.clone(),
+                path,
+                profile,
+                text: None,
+            });
+        }
+        let mut text = before;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let comment: String = comment.chars().filter(|c| !c.is_control()).collect();
+        text.push_str(&format!("{target}  # {comment}\n"));
+        let profile = profile::parse_profile(&source, &text)?;
+        Ok(ProfileEdit {
+            dir: self.dir.clone(),
+            path,
+            profile,
+            text: Some(text),
+        })
     }
 
     /// `(name, path)` of every `NAME.txt` in the directory with a valid name.
@@ -319,6 +409,40 @@ mod tests {
 
     fn shown(targets: &[Target]) -> Vec<String> {
         targets.iter().map(|t| t.to_string()).collect()
+    }
+
+    #[test]
+    fn add_entry_creates_appends_once_and_never_shadows_a_bundled_profile() {
+        let tmp = TempDir::new();
+        let store = ProfileStore::new(tmp.0.join("profiles"));
+        let svc = Target::parse("svc.example.com").unwrap();
+        let edit = store
+            .add_entry(&name("c1"), &svc, "from clearance")
+            .unwrap();
+        assert!(!edit.path.exists(), "nothing written before `write`");
+        edit.write().unwrap();
+        let (path, p) = (edit.path, edit.profile);
+        assert_eq!(shown(&p.entries), ["svc.example.com"]);
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "svc.example.com  # from clearance\n"
+        );
+        let p = store.add_entry(&name("c1"), &svc, "again").unwrap().profile;
+        assert_eq!(p.entries.len(), 1, "listed once");
+        fs::write(&path, "# mine\n198.51.100.7").unwrap();
+        let edit = store.add_entry(&name("c1"), &svc, "line\nbreak").unwrap();
+        edit.write().unwrap();
+        let p = edit.profile;
+        assert_eq!(shown(&p.entries), ["198.51.100.7", "svc.example.com"]);
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "# mine\n198.51.100.7\nsvc.example.com  # linebreak\n"
+        );
+        fs::write(&path, "bad..name\n").unwrap();
+        assert!(store.add_entry(&name("c1"), &svc, "").is_err());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "bad..name\n");
+        let err = store.add_entry(&name("base"), &svc, "").unwrap_err();
+        assert!(err.to_string().contains("another profile name"), "{err}");
     }
 
     #[test]

@@ -671,6 +671,13 @@ impl EventLoop {
             .filter(|(_, f)| !**f)
             .flat_map(|((_, a), _)| a.inserts.iter());
         record_learned(&self.shared, &mut self.worker.lines, learned);
+        for (p, a) in &self.done {
+            if a.inserts.is_empty() {
+                self.shared
+                    .events
+                    .answered_unlearned(&p.req.qname, &a.named);
+            }
+        }
         for ((p, a), failed) in std::mem::take(&mut self.done).into_iter().zip(failed) {
             let msg = if failed {
                 servfail_response(&p.req, &p.raw)
@@ -1020,7 +1027,9 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
                     // Never hand out an address the firewall would refuse.
                     return Some(servfail_response(&req, raw));
                 }
-                if !a.inserts.is_empty() {
+                if a.inserts.is_empty() {
+                    shared.events.answered_unlearned(&req.qname, &a.named);
+                } else {
                     record_learned(shared, &mut worker.lines, &a.inserts);
                 }
                 if !over_tcp && a.response.len() > usize::from(req.udp_payload) {

@@ -654,3 +654,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn save_allow_is_planned_as_an_allow_and_the_profile_joins_the_bundle() {
+    let b = bundle(DnsTier::Builtin);
+    let saved = LiveChange::SaveAllow {
+        target: t("198.51.100.7"),
+        typed: "198.51.100.7".into(),
+        profile: crate::core::profile::ProfileName::new("c1").unwrap(),
+        profile_entries: vec![t("other.example"), t("198.51.100.7")],
+    };
+    let p = plan_of(&b, &saved).unwrap();
+    let plain = plan_of(&b, &allow("198.51.100.7")).unwrap();
+    assert_eq!(p.steps, plain.steps, "the same firewall change as `allow`");
+    assert_eq!(p.bundle.profiles, ["c1"]);
+    assert!(p.bundle.entries.contains(&t("198.51.100.7")));
+    assert!(p.bundle.entries.contains(&t("other.example")));
+    assert!(p.bundle.live_allow.is_empty(), "the profile holds it now");
+    assert_eq!(p.report.event, "allow");
+    assert_eq!(p.report.profile.as_ref().unwrap().as_str(), "c1");
+    assert!(
+        p.report.message.contains("saved it in profile c1"),
+        "{}",
+        p.report.message
+    );
+    // A saved allow lifts a deny of the host, as `allow` does.
+    let denied = plan_of(&b, &deny("198.51.100.7")).unwrap().bundle;
+    let p = plan_of(&denied, &saved).unwrap();
+    assert!(p.bundle.live_deny.is_empty());
+    // The static tier looks the name up first, as for `allow`.
+    let s = bundle(DnsTier::Static);
+    let named = LiveChange::SaveAllow {
+        target: t("new.example"),
+        typed: "new.example".into(),
+        profile: crate::core::profile::ProfileName::new("c1").unwrap(),
+        profile_entries: vec![t("new.example")],
+    };
+    assert_eq!(
+        lookup_needed(&s, &named).unwrap().map(|d| d.to_string()),
+        Some("new.example".to_string())
+    );
+}
