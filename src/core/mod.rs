@@ -11,6 +11,7 @@ pub mod config;
 pub mod dns_policy;
 pub mod dnsmasq;
 pub mod events;
+pub mod export;
 pub mod learned;
 pub mod live;
 #[cfg(test)]
