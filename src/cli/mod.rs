@@ -4,6 +4,7 @@
 //! `Context`, so locating files and reading `config.yml` happens once, in one place, and
 //! fails with one clear message before any command starts working.
 
+pub mod annotated;
 pub mod export;
 pub mod hook;
 pub mod inspect;

@@ -3,6 +3,7 @@
 //! Effects (nft, namespaces, podman, files, sockets) live in `crate::effects` and only carry
 //! out what this module computed, which keeps the security-relevant logic testable in memory.
 
+pub mod annotated;
 pub mod audit;
 pub mod bundle;
 pub mod bundle_format;
