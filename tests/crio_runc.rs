@@ -414,6 +414,11 @@ fn a_pod_is_shielded_from_its_annotations_alone() {
         audit.contains(&format!("\"joined\":\"{}\"", sandbox.id)),
         "{audit}"
     );
+    let resolv = std::fs::read_to_string(app.bundle.join("resolv.conf")).unwrap();
+    assert!(
+        resolv.contains("nameserver 127.0.0.1"),
+        "the member's own resolv.conf was not pointed at the pod's resolver: {resolv}"
+    );
     // The workload itself, inside the container: allowed reached, others refused (a reset:
     // "Connection refused", never a timeout).
     // (busybox nc: a static glibc wget crashes in a root without NSS files.)
@@ -430,6 +435,16 @@ fn a_pod_is_shielded_from_its_annotations_alone() {
         String::from_utf8_lossy(&out.stderr)
     );
     bed.expect_tcp_ok(world::PUB_B, 80);
+    // The live allow is part of the pod's effective allowlist, as exported.
+    let out = node.shield(&["export", "web", "--format", "cilium"]);
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && yaml.contains("198.51.100.20/32")
+            && yaml.contains("198.51.100.10/32"),
+        "export: {yaml} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = node.shield(&["status", "web"]);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("up"),
