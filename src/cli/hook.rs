@@ -15,7 +15,7 @@ use serde_json::json;
 use super::prepare::VERSION;
 use crate::core::audit::rfc3339_utc;
 use crate::core::bundle::{BundleError, DnsTier, RuntimeFacts};
-use crate::core::oci::{parse_hook_input, HookInput, MAX_STATE_BYTES};
+use crate::core::oci::{parse_hook_input_with, HookInput, MAX_STATE_BYTES};
 use crate::effects::audit;
 use crate::effects::firewall::apply_at_start;
 use crate::effects::nft::Nft;
@@ -42,7 +42,8 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
         .take(MAX_STATE_BYTES as u64 + 1)
         .read_to_end(&mut raw)
         .context("failed to read the OCI state from stdin")?;
-    let input = match parse_hook_input(&raw, stage == Stage::CreateRuntime) {
+    let settings = super::annotated::node_paths()?.settings;
+    let input = match parse_hook_input_with(&raw, stage == Stage::CreateRuntime, &settings) {
         Ok(input) => input,
         Err(e) => {
             // No trustworthy bundle directory to log into: stderr is all we have.
@@ -92,6 +93,14 @@ fn log_dir_for_refusal(dir: &Path, name: &crate::core::bundle::ContainerName) ->
 
 fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     let pid = input.pid.context("OCI state has no pid")?;
+    // Annotation-only (CRI-O): write the bundle first, or join the pod's shield and stop here.
+    if let Some(request) = &input.annotated {
+        if super::annotated::prepare_or_join(input, request, pid)?
+            == super::annotated::Attached::Joined
+        {
+            return Ok(());
+        }
+    }
     let dir = &input.state_dir;
     if !dir.join(crate::effects::state::STATE_FILE).is_file() {
         bail!(
@@ -279,6 +288,9 @@ fn poststop(input: &HookInput) -> anyhow::Result<()> {
         return Ok(()); // nothing was held
     }
     let _lock = lock_dir(dir)?;
+    if super::annotated::member_stopping(input) {
+        return Ok(()); // the pod's shield stays with its owner
+    }
     let enabled = load_bundle(dir, &input.name)
         .map(|b| b.audit_enabled)
         .unwrap_or(true);

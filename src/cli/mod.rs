@@ -4,7 +4,9 @@
 //! `Context`, so locating files and reading `config.yml` happens once, in one place, and
 //! fails with one clear message before any command starts working.
 
+pub mod annotated;
 pub mod doctor;
+pub mod export;
 pub mod generated;
 pub mod hook;
 pub mod inspect;
@@ -112,6 +114,9 @@ pub enum Command {
     Profiles(ProfilesArgs),
     /// Print the ruleset a container would get, without touching any container.
     Preview(PreviewArgs),
+    /// Print a container's allowlist (or profiles) as a CiliumNetworkPolicy or a Kubernetes
+    /// NetworkPolicy.
+    Export(ExportArgs),
     /// Check that this host can shield containers (nft, podman, rootless setup, OCI hooks):
     /// one ok/warn/fail line per check with its fix; exit 1 when something blocks shielding.
     #[command(visible_alias = "check-environment")]
@@ -182,6 +187,23 @@ pub struct PreviewArgs {
     /// Print JSON instead of nft text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Arguments of `export`: whose allowlist, in which format, for which pods.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["name", "profiles"])))]
+pub struct ExportArgs {
+    /// A shielded container: its effective allowlist (profiles, live allows, live denies).
+    pub name: Option<String>,
+    /// Or these profiles, composed (space or comma separated).
+    #[arg(long, value_name = "PROFILE", num_args = 1.., value_delimiter = ',')]
+    pub profiles: Vec<String>,
+    /// Policy language: cilium (CiliumNetworkPolicy) or kubernetes (NetworkPolicy).
+    #[arg(long, value_enum)]
+    pub format: export::Format,
+    /// Pod label the policy selects, KEY=VALUE (repeatable); none selects every pod.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub selector: Vec<String>,
 }
 
 /// Arguments of `prepare`.
@@ -527,6 +549,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Profiles(args) => profiles::run(args, &ctx),
         Command::Preview(args) => preview::run(args, &ctx),
+        Command::Export(a) => {
+            export::run(a.name.as_deref(), &a.profiles, a.format, &a.selector, &ctx)
+        }
         Command::Prepare(a) => prepare::run_prepare(&a.name, &a.profiles, a.json, &ctx),
         Command::Run(a) => prepare::run_container(&a.name, &a.profiles, &a.podman_args, &ctx),
         Command::Resolve(a) => prepare::run_resolve(&a.name, a.force, a.json, &ctx),

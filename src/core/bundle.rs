@@ -272,6 +272,19 @@ impl Bundle {
         })
     }
 
+    /// Profile entries and live allows, minus the names a live deny switched off, in order
+    /// and without repeats: the allowlist as a policy outside this host (`export`) sees it.
+    /// Denied addresses are not subtracted here; they stay denies (see `live_deny`).
+    pub fn effective_allow(&self) -> Vec<Target> {
+        let mut out: Vec<Target> = Vec::new();
+        for target in self.entries.iter().chain(&self.live_allow) {
+            if !self.denied_domain(target) && !out.contains(target) {
+                out.push(target.clone());
+            }
+        }
+        out
+    }
+
     /// The policy for this container: (profile ∪ live allows) − denies, in the bundle's mode.
     ///
     /// A denied address or network goes into the deny sets and wins over everything. A denied

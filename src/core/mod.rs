@@ -3,6 +3,7 @@
 //! Effects (nft, namespaces, podman, files, sockets) live in `crate::effects` and only carry
 //! out what this module computed, which keeps the security-relevant logic testable in memory.
 
+pub mod annotated;
 pub mod audit;
 pub mod bundle;
 pub mod bundle_format;
@@ -13,6 +14,7 @@ pub mod dns_policy;
 pub mod dnsmasq;
 pub mod doctor;
 pub mod events;
+pub mod export;
 pub mod learn;
 pub mod learned;
 pub mod live;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::annotated::{check_container_id, parse_request, AnnotatedError, Request};
 use super::bundle::ContainerName;
 
 /// Annotation names, shared with the Python original so tooling keeps working.
@@ -37,7 +38,7 @@ pub enum OciError {
     TooLarge,
     #[error("OCI state has no usable container pid (got {0:?}); the runtime must run this hook at createRuntime")]
     Pid(Option<i64>),
-    #[error("annotation {0} is missing; start the container with `terok-shield run` or the flags from `terok-shield prepare`")]
+    #[error("annotation {0} is missing; start the container with `terok-shield run` or the flags from `terok-shield prepare` (or, under CRI-O, give the pod terok.shield.profiles)")]
     Missing(&'static str),
     #[error("annotation {name} has an invalid value `{value}`: {why}")]
     Invalid {
@@ -45,7 +46,34 @@ pub enum OciError {
         value: String,
         why: String,
     },
+    #[error(transparent)]
+    Annotated(#[from] AnnotatedError),
+    #[error("annotation terok.shield.state_dir is refused on this node: its hooks shield containers from their annotations only (terok.shield.name and terok.shield.profiles); remove terok.shield.state_dir")]
+    StateDirRefused,
 }
+
+/// How this node's hook treats containers without a prepared bundle (from the descriptor's
+/// environment, never from the container).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookSettings {
+    /// Root of annotation-only state: `RUN_DIR/containers/NAME`.
+    pub run_dir: PathBuf,
+    /// Refuse `terok.shield.state_dir`: on a Kubernetes node a pod must not point the root
+    /// hook at a directory of its choosing.
+    pub annotations_only: bool,
+}
+
+impl Default for HookSettings {
+    fn default() -> Self {
+        HookSettings {
+            run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+            annotations_only: false,
+        }
+    }
+}
+
+/// Where annotation-only containers keep their state unless the descriptor says otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/terok-shield";
 
 #[derive(Deserialize)]
 struct RawState {
@@ -73,10 +101,24 @@ pub struct HookInput {
     pub instance: Option<String>,
     /// Podman removes the container when it stops (`--rm`).
     pub autoremove: bool,
+    /// Annotation-only mode (no prepared bundle): what the pod asked for. `state_dir` is then
+    /// under the run directory and `instance` is the container id.
+    pub annotated: Option<Request>,
 }
 
 /// Parse and validate the OCI state. `need_pid` is true for createRuntime.
 pub fn parse_hook_input(bytes: &[u8], need_pid: bool) -> Result<HookInput, OciError> {
+    parse_hook_input_with(bytes, need_pid, &HookSettings::default())
+}
+
+/// [`parse_hook_input`] under this node's `settings`: a container with a prepared bundle
+/// (`terok.shield.state_dir`) is read exactly as before; one with `terok.shield.profiles`
+/// and no state dir is an annotation-only container.
+pub fn parse_hook_input_with(
+    bytes: &[u8],
+    need_pid: bool,
+    settings: &HookSettings,
+) -> Result<HookInput, OciError> {
     if bytes.len() > MAX_STATE_BYTES {
         return Err(OciError::TooLarge);
     }
@@ -93,7 +135,28 @@ pub fn parse_hook_input(bytes: &[u8], need_pid: bool) -> Result<HookInput, OciEr
         value: name_raw.clone(),
         why: e.to_string(),
     })?;
-    let state_raw = get(annotation::STATE_DIR).ok_or(OciError::Missing(annotation::STATE_DIR))?;
+    let state_raw = match (get(annotation::STATE_DIR), get(annotation::PROFILES)) {
+        (Some(_), _) if settings.annotations_only => return Err(OciError::StateDirRefused),
+        (Some(dir), _) => dir,
+        (None, Some(profiles)) => {
+            let request = parse_request(&profiles, &raw.annotations)?;
+            let id = check_container_id(&raw.id)?;
+            return Ok(HookInput {
+                pid,
+                oci_bundle: raw.bundle,
+                state_dir: settings.run_dir.join("containers").join(name.as_str()),
+                name,
+                // Nothing prepared it: no preparing version, and the instance is the
+                // container itself.
+                version: None,
+                instance: Some(id.clone()),
+                container_id: id,
+                autoremove: false,
+                annotated: Some(request),
+            });
+        }
+        (None, None) => return Err(OciError::Missing(annotation::STATE_DIR)),
+    };
     let state_dir = PathBuf::from(&state_raw);
     let clean = state_dir.is_absolute()
         && state_dir.components().all(|c| {
@@ -119,6 +182,7 @@ pub fn parse_hook_input(bytes: &[u8], need_pid: bool) -> Result<HookInput, OciEr
         instance: get(annotation::INSTANCE),
         autoremove: get(annotation::PODMAN_AUTOREMOVE)
             .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        annotated: None,
     })
 }
 
@@ -191,9 +255,53 @@ mod tests {
         )
         .is_err());
         assert!(parse_hook_input(b"not json", true).is_err());
+        assert!(parse_hook_input(
+            &state(
+                "7",
+                r#""terok.shield.name":"c","terok.shield.profiles":"../p""#
+            ),
+            true
+        )
+        .is_err());
         assert!(matches!(
             parse_hook_input(&vec![b' '; MAX_STATE_BYTES + 1], true),
             Err(OciError::TooLarge)
+        ));
+    }
+
+    #[test]
+    fn annotation_only_containers_live_under_the_run_dir() {
+        let ann = r#""terok.shield.name":"pod-a","terok.shield.profiles":"base dev-node","terok.shield.instance":"forged","terok.shield.version":"0.0.1""#;
+        let settings = HookSettings {
+            run_dir: PathBuf::from("/run/ts"),
+            annotations_only: true,
+        };
+        let input = parse_hook_input_with(&state("42", ann), true, &settings).unwrap();
+        assert_eq!(input.state_dir, PathBuf::from("/run/ts/containers/pod-a"));
+        assert_eq!(
+            input.instance.as_deref(),
+            Some("abc"),
+            "the id, not the annotation"
+        );
+        assert_eq!(input.version, None);
+        let request = input.annotated.unwrap();
+        assert_eq!(request.profiles.len(), 2);
+        // A prepared container is read exactly as before, unless the node refuses state dirs.
+        let prepared = r#""terok.shield.name":"c1","terok.shield.state_dir":"/s/c1","terok.shield.profiles":"p""#;
+        let input = parse_hook_input(&state("42", prepared), true).unwrap();
+        assert_eq!(input.state_dir, PathBuf::from("/s/c1"));
+        assert!(input.annotated.is_none());
+        assert_eq!(
+            parse_hook_input_with(&state("42", prepared), true, &settings),
+            Err(OciError::StateDirRefused)
+        );
+        // A hostile id is refused, as is a hostile mode.
+        let bad_id = format!(r#"{{"id":"../../x","pid":42,"annotations":{{{ann}}}}}"#);
+        assert!(parse_hook_input_with(bad_id.as_bytes(), true, &settings).is_err());
+        let bad_mode = format!(r#"{ann},"terok.shield.mode":"open""#);
+        assert!(matches!(
+            parse_hook_input_with(&state("42", &bad_mode), true, &settings),
+            Err(OciError::Annotated(_))
         ));
     }
 }

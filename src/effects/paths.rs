@@ -22,6 +22,49 @@ pub const ENV_CONFIG_DIR: &str = "TEROK_SHIELD_CONFIG_DIR";
 /// Overrides the state directory (per-container state lives beneath it).
 pub const ENV_STATE_DIR: &str = "TEROK_SHIELD_STATE_DIR";
 
+/// The hook's run directory for annotation-only containers (CRI-O); set in the descriptor.
+pub const ENV_RUN_DIR: &str = "TEROK_SHIELD_RUN_DIR";
+/// Set to `1` in a node's descriptor: refuse prepared bundles (`terok.shield.state_dir`).
+pub const ENV_ANNOTATIONS_ONLY: &str = "TEROK_SHIELD_ANNOTATIONS_ONLY";
+/// Configuration and profiles of annotation-only containers, unless
+/// `TEROK_SHIELD_CONFIG_DIR` says otherwise: the hook runs as root with no HOME.
+pub const SYSTEM_CONFIG_DIR: &str = "/etc/terok/shield";
+
+/// Where an annotation-only container's policy comes from and its state goes, worked out
+/// from the hook's environment (the descriptor's `env`, never the container's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePaths {
+    pub settings: crate::core::oci::HookSettings,
+    /// `config.yml` and `profiles/` of the node.
+    pub config_dir: PathBuf,
+}
+
+impl NodePaths {
+    /// Pure: `lookup` stands in for the environment. Relative overrides are errors.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<NodePaths, PathsError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        let absolute = |var: &'static str, default: &str| -> Result<PathBuf, PathsError> {
+            match get(var) {
+                None => Ok(PathBuf::from(default)),
+                Some(v) if Path::new(&v).is_absolute() => Ok(PathBuf::from(v)),
+                Some(v) => Err(PathsError::RelativeOverride { var, value: v }),
+            }
+        };
+        Ok(NodePaths {
+            settings: crate::core::oci::HookSettings {
+                run_dir: absolute(ENV_RUN_DIR, crate::core::oci::DEFAULT_RUN_DIR)?,
+                annotations_only: get(ENV_ANNOTATIONS_ONLY).as_deref() == Some("1"),
+            },
+            config_dir: absolute(ENV_CONFIG_DIR, SYSTEM_CONFIG_DIR)?,
+        })
+    }
+
+    /// `from_env` over the hook's real environment.
+    pub fn from_process_env() -> Result<NodePaths, PathsError> {
+        NodePaths::from_env(|name| std::env::var(name).ok())
+    }
+}
+
 /// Why no usable location could be worked out; each message says which variable to set.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PathsError {
@@ -135,6 +178,33 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Paths::from_env(|k| map.get(k).cloned(), flag.map(PathBuf::from))
+    }
+
+    #[test]
+    fn node_paths_for_annotation_only_containers() {
+        let node = |vars: &[(&str, &str)]| {
+            let map: HashMap<String, String> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            NodePaths::from_env(|k| map.get(k).cloned())
+        };
+        let n = node(&[]).unwrap();
+        assert_eq!(n.settings.run_dir, Path::new("/run/terok-shield"));
+        assert_eq!(n.config_dir, Path::new("/etc/terok/shield"));
+        assert!(!n.settings.annotations_only);
+        let n = node(&[
+            (ENV_RUN_DIR, "/tmp/r"),
+            (ENV_CONFIG_DIR, "/tmp/c"),
+            (ENV_ANNOTATIONS_ONLY, "1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (n.settings.run_dir.as_path(), n.config_dir.as_path()),
+            (Path::new("/tmp/r"), Path::new("/tmp/c"))
+        );
+        assert!(n.settings.annotations_only);
+        assert!(node(&[(ENV_RUN_DIR, "run")]).is_err());
     }
 
     #[test]
