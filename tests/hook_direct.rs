@@ -155,9 +155,16 @@ fn prepare_with(tag: &str, config: &str) -> Prepared {
     std::fs::write(root.join("config/config.yml"), config).unwrap();
     std::fs::write(profiles.join("t.txt"), "198.51.100.10\n2001:db8::10\n").unwrap();
     let bin = root.join("terok-shield");
-    std::fs::copy(BIN, &bin).unwrap();
+    // Copied by a child process: a write descriptor held by this (multi-threaded) process
+    // would be inherited by another test's fork and make executing the copy fail (ETXTBSY).
+    let copied = Command::new("install")
+        .args(["-m", "0755", BIN])
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "install {BIN}");
     std::fs::create_dir_all(root.join("state")).unwrap();
-    for path in [root.clone(), profiles.clone(), bin.clone()] {
+    for path in [root.clone(), profiles.clone()] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     for owned in ["home", "config", "state"] {

@@ -136,7 +136,9 @@ pub fn run_test_as(user: &str, test: &str, env: &[(&str, String)], limit: Durati
     use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     // One directory per call: tests of one binary run in parallel, and a copy over a binary
-    // that another call is running fails (ETXTBSY).
+    // that another call is running fails (ETXTBSY). The copy is made by a child process: a
+    // write descriptor held by this multi-threaded process would be inherited by another
+    // test's fork and make executing the copy fail (ETXTBSY) as well.
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "terok-shield-it-{}-{}-as-{user}",
@@ -148,8 +150,20 @@ pub fn run_test_as(user: &str, test: &str, env: &[(&str, String)], limit: Durati
         |p: &std::path::Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
     std::fs::create_dir_all(&dir)
         .and_then(|()| mode(&dir, 0o755))
-        .and_then(|()| std::fs::copy(std::env::current_exe()?, &exe))
-        .and_then(|_| mode(&exe, 0o755))
+        .and_then(|()| {
+            let copied = std::process::Command::new("install")
+                .args(["-m", "0755"])
+                .arg(std::env::current_exe()?)
+                .arg(&exe)
+                .status()?;
+            if copied.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "install exited with {copied}"
+                )))
+            }
+        })
         .unwrap_or_else(|e| panic!("prepare {}: {e}", exe.display()));
     let args = [
         test,
