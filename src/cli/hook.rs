@@ -110,6 +110,7 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
             expected: found.unwrap_or("(none)").to_string(),
         }),
     }
+    check_container_config(input)?;
     let start_time = procfs::start_time(pid)?;
     let resolv_conf = procfs::resolv_conf_source(&input.oci_bundle);
     let resolv_text = resolv_conf
@@ -193,6 +194,19 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         json!({"mode": bundle.mode.status_name(), "pid": pid, "report": report, "container_id": input.container_id, "prepared_by": input.version, "shield_version": VERSION}),
     );
     Ok(())
+}
+
+/// Refuse a container whose OCI configuration grants what would undo its firewall, whatever
+/// flags started it (`prepare` + a hand-written `podman run`, a pod member).
+fn check_container_config(input: &HookInput) -> anyhow::Result<()> {
+    let path = input.oci_bundle.join("config.json");
+    let config = procfs::read_oci_config(&input.oci_bundle).with_context(|| {
+        format!(
+            "refusing to start the container: cannot read its OCI configuration {}",
+            path.display()
+        )
+    })?;
+    crate::core::oci_config::check_capabilities(&config).context("refusing to start the container")
 }
 
 /// resolv.conf text with every nameserver replaced by the shield's resolver on loopback.

@@ -16,6 +16,7 @@ pub mod live;
 #[cfg(test)]
 mod module_graph;
 pub mod oci;
+pub mod oci_config;
 pub mod podman_args;
 pub mod policy;
 pub mod private;

@@ -30,6 +30,10 @@ pub struct NsFiles {
 
 impl NsFiles {
     /// Open the namespace files (either may be absent).
+    ///
+    /// A user namespace this process already lives in is not joined: `setns()` into one's
+    /// own user namespace fails with EINVAL, which is the case of a rootful container (its
+    /// process shares root's initial user namespace) reached by root.
     pub fn open(user: Option<&Path>, net: Option<&Path>) -> Result<NsFiles, NsError> {
         let open = |p: &Path| {
             File::open(p).map_err(|source| NsError {
@@ -37,8 +41,12 @@ impl NsFiles {
                 source,
             })
         };
+        let user = match (user, user.map(open).transpose()?) {
+            (Some(path), Some(file)) if is_own_namespace(path, &file, "user")? => None,
+            (_, file) => file,
+        };
         Ok(NsFiles {
-            user: user.map(open).transpose()?,
+            user,
             net: net.map(open).transpose()?,
         })
     }
@@ -67,6 +75,17 @@ impl NsFiles {
     }
 }
 
+/// Whether the opened namespace file `file` is this process's own namespace of `kind`
+/// (`user`, `net`): same device and inode as `/proc/self/ns/KIND`.
+fn is_own_namespace(path: &Path, file: &File, kind: &str) -> Result<bool, NsError> {
+    use std::os::unix::fs::MetadataExt;
+    let own_path = PathBuf::from(format!("/proc/self/ns/{kind}"));
+    let failed = |path: PathBuf| move |source| NsError { path, source };
+    let theirs = file.metadata().map_err(failed(path.to_path_buf()))?;
+    let ours = std::fs::metadata(&own_path).map_err(failed(own_path.clone()))?;
+    Ok(theirs.dev() == ours.dev() && theirs.ino() == ours.ino())
+}
+
 /// Whether the network namespace at `path` is the one this process is in.
 ///
 /// The shield must never load its ruleset into the host's own namespace (a container on the
@@ -87,5 +106,19 @@ mod tests {
         assert!(is_own_netns(Path::new("/proc/self/ns/net")).unwrap());
         assert!(is_own_netns(Path::new(&format!("/proc/{}/ns/net", std::process::id()))).unwrap());
         assert!(is_own_netns(Path::new("/nonexistent")).is_err());
+    }
+
+    /// Root reaching a rootful container: the target's user namespace is our own, and
+    /// joining it would fail with EINVAL; it is left out, the network namespace is kept.
+    #[test]
+    fn own_user_namespace_is_not_joined() {
+        let own = Path::new("/proc/self/ns/user");
+        let ns = NsFiles::open(Some(own), Some(Path::new("/proc/self/ns/net"))).unwrap();
+        assert!(
+            ns.user.is_none(),
+            "would setns() into its own user namespace"
+        );
+        assert!(ns.net.is_some());
+        assert!(NsFiles::open(None, None).unwrap().is_empty());
     }
 }
