@@ -79,7 +79,7 @@ fn rootful_container_is_shielded_and_controlled_live() {
     let mut r = rootful!();
     r.profile("rootful", &format!("{ALLOWED4}\nsvc.e2e.test\n"));
     let name = r.name("life");
-    let script = "nc -lk -p 8080 -e echo published-port & nc -lk -p 8081 -e echo unpublished-port & sleep 600";
+    let script = "nc -ll -p 8080 -e echo published-port & nc -ll -p 8081 -e echo unpublished-port & sleep 600";
     let out = run_detached(&r, &name, "rootful", &["-p", "18080:8080"], script).expect_ok();
     assert!(
         out.stderr.contains("/etc/containers/oci/hooks.d"),
@@ -113,7 +113,7 @@ fn rootful_container_is_shielded_and_controlled_live() {
     let published = e2e::cmd::run_bounded(
         "ip",
         &[
-            "netns", "exec", WORLD_NS, "timeout", "5", "nc", HOST_LINK4, "18080",
+            "netns", "exec", WORLD_NS, "timeout", "5", "busybox", "nc", HOST_LINK4, "18080",
         ],
         e2e::SHORT,
     );
@@ -122,7 +122,11 @@ fn rootful_container_is_shielded_and_controlled_live() {
         "the published port did not answer from outside: {published}"
     );
     let address = r.address_of(&name);
-    let unpublished = e2e::cmd::run_bounded("timeout", &["3", "nc", &address, "8081"], e2e::SHORT);
+    let unpublished = e2e::cmd::run_bounded(
+        "timeout",
+        &["3", "busybox", "nc", &address, "8081"],
+        e2e::SHORT,
+    );
     assert!(
         !unpublished.stdout.contains("unpublished-port"),
         "an unpublished port let a connection in: {unpublished}"

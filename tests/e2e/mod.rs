@@ -911,6 +911,7 @@ impl Rootful {
         // A crashed rootful run may have left its hooks, network or HOME behind.
         r.remove_system_hooks();
         let _ = r.podman(&["network", "rm", "-f", ROOTFUL_NET]);
+        remove_rootful_bridge();
         let _ = fs::remove_dir_all(&r.home);
         fs::create_dir_all(r.profiles_dir()).expect("create root's test HOME");
         fs::write(
@@ -982,10 +983,15 @@ impl Rootful {
             "LANG=C.UTF-8",
             "unshare",
             "-m",
+            // Keep /run/netns shared with the host (podman's netns mounts must be seen by
+            // later podman calls); the root mount is made private so the resolv.conf bind
+            // mount stays here, whatever the host's propagation.
+            "--propagation",
+            "unchanged",
             "--",
             "sh",
             "-c",
-            "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+            "mount --make-private / && mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
             &resolv,
             program,
         ];
@@ -1068,6 +1074,7 @@ impl Drop for Rootful {
             let _ = self.podman(&["pod", "rm", "-f", "-t", "0", pod]);
         }
         let _ = self.podman(&["network", "rm", "-f", ROOTFUL_NET]);
+        remove_rootful_bridge();
         self.remove_system_hooks();
         if let Some(before) = &self.ip_forward_before {
             let _ = fs::write("/proc/sys/net/ipv4/ip_forward", before);
@@ -1079,6 +1086,22 @@ impl Drop for Rootful {
             );
         } else {
             let _ = fs::remove_dir_all(&self.home);
+        }
+    }
+}
+
+/// Delete a bridge still holding [`ROOTFUL_GATEWAY`] after its network was removed (left by
+/// a run that was killed before netavark could tear it down); podman refuses to create the
+/// network again while the subnet is in use on the host.
+fn remove_rootful_bridge() {
+    let Ok(out) = cmd::run("ip", &["-o", "-4", "addr", "show"], SHORT) else {
+        return;
+    };
+    let gateway = format!(" {ROOTFUL_GATEWAY}/");
+    for line in out.stdout.lines().filter(|l| l.contains(&gateway)) {
+        if let Some(link) = line.split_whitespace().nth(1) {
+            eprintln!("e2e: removing the leftover bridge {link} of {ROOTFUL_SUBNET}");
+            let _ = cmd::run("ip", &["link", "del", link], SHORT);
         }
     }
 }
