@@ -1092,8 +1092,10 @@ impl Drop for Rootful {
 
 /// Delete a bridge still holding [`ROOTFUL_GATEWAY`] after its network was removed (left by
 /// a run that was killed before netavark could tear it down); podman refuses to create the
-/// network again while the subnet is in use on the host.
+/// network again while the subnet is in use on the host. The network's aardvark-dns entry
+/// goes too.
 fn remove_rootful_bridge() {
+    let _ = fs::remove_file(Path::new("/run/containers/networks/aardvark-dns").join(ROOTFUL_NET));
     let Ok(out) = cmd::run("ip", &["-o", "-4", "addr", "show"], SHORT) else {
         return;
     };
@@ -1102,6 +1104,26 @@ fn remove_rootful_bridge() {
         if let Some(link) = line.split_whitespace().nth(1) {
             eprintln!("e2e: removing the leftover bridge {link} of {ROOTFUL_SUBNET}");
             let _ = cmd::run("ip", &["link", "del", link], SHORT);
+        }
+    }
+}
+
+/// The e2e locks and a fresh world, without podman: for tests that drive the hook against a
+/// network namespace of their own (tests/pasta.rs). Dropped in reverse order: world, locks.
+pub struct WorldOnly {
+    pub world: World,
+    _lock: MutexGuard<'static, ()>,
+    _machine_lock: fs::File,
+}
+
+impl WorldOnly {
+    pub fn up() -> WorldOnly {
+        let lock = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let machine_lock = machine_lock();
+        WorldOnly {
+            world: World::up(),
+            _lock: lock,
+            _machine_lock: machine_lock,
         }
     }
 }
