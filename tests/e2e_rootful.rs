@@ -256,3 +256,81 @@ fn rootless_prepared_container_with_net_admin_is_refused() {
         "{failures:?}"
     );
 }
+
+/// `terok-shield pod create`: two containers started with a plain `podman run --pod` share
+/// the pod's one shielded network namespace; live commands on the pod's name reach both; a
+/// member holding a forbidden capability is refused; the pod's firewall and resolver go when
+/// the pod stops.
+#[test]
+fn shielded_pod_members_share_the_policy_and_its_live_changes() {
+    let mut h = e2e!();
+    let pod = h.name("pod");
+    let _ = h.podman(&["pod", "rm", "-f", "-t", "0", &pod]);
+    let out = h
+        .shield(&["pod", "create", &pod, "--profiles", "e2e-basic"])
+        .expect_ok();
+    assert!(out.stderr.contains("podman run --pod"), "{out}");
+    let members = [h.name("pod-a"), h.name("pod-b")];
+    for m in &members {
+        h.podman(&[
+            "run", "-d", "--pod", &pod, "--name", m, IMAGE, "sleep", "600",
+        ])
+        .expect_ok();
+    }
+    assert_eq!(h.shield_state(&pod), "up");
+    let expect_all = |reached: &[(&str, u16)], refused: &[(&str, u16)]| {
+        for m in &members {
+            let targets: Vec<(&str, u16)> = reached.iter().chain(refused).copied().collect();
+            let mark = h.world.mark();
+            let out = h.exec(m, &probe_script(&targets)).expect_ok();
+            let p = Probes::of(&out, &h.world, mark);
+            for &(host, port) in reached {
+                p.reached(host, port);
+            }
+            for &(host, port) in refused {
+                p.refused_fast(host, port);
+            }
+        }
+    };
+    expect_all(&[(ALLOWED4, 80)], &[(BLOCKED4, 80)]);
+    h.shield(&["allow", &pod, BLOCKED4]).expect_ok();
+    expect_all(&[(ALLOWED4, 80), (BLOCKED4, 80)], &[]);
+    h.shield(&["deny", &pod, BLOCKED4]).expect_ok();
+    expect_all(&[(ALLOWED4, 80)], &[(BLOCKED4, 80)]);
+
+    let rogue = h.name("pod-rogue");
+    let out = h
+        .podman(&[
+            "run",
+            "--rm",
+            "--pod",
+            &pod,
+            "--name",
+            &rogue,
+            "--cap-add",
+            "SYS_ADMIN",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo WORKLOAD-RAN",
+        ])
+        .expect_fail();
+    assert!(
+        !out.stdout.contains(RAN) && out.stderr.contains("CAP_SYS_ADMIN"),
+        "a pod member holding SYS_ADMIN was not refused: {out}"
+    );
+
+    // The firewall lives as long as the pod's namespace: stopping the pod ends its resolver
+    // and runtime record; `status` then reports it inactive, not broken.
+    h.podman(&["pod", "stop", "-t", "0", &pod]).expect_ok();
+    let runtime = h.bundle_dir(&pod).join("runtime.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while runtime.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pod stopped, but its runtime record (and resolver) stayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    h.podman(&["pod", "rm", "-f", "-t", "0", &pod]).expect_ok();
+}

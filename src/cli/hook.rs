@@ -33,6 +33,9 @@ pub enum Stage {
     CreateRuntime,
     #[value(name = "poststop")]
     Poststop,
+    /// createRuntime of any container joining a pod (see `cli::pod`).
+    #[value(name = "podMember")]
+    PodMember,
 }
 
 /// Run a hook stage; any error is reported everywhere it can be and returned.
@@ -42,6 +45,9 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
         .take(MAX_STATE_BYTES as u64 + 1)
         .read_to_end(&mut raw)
         .context("failed to read the OCI state from stdin")?;
+    if stage == Stage::PodMember {
+        return super::pod::member_hook(&raw);
+    }
     let input = match parse_hook_input(&raw, stage == Stage::CreateRuntime) {
         Ok(input) => input,
         Err(e) => {
@@ -51,12 +57,12 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
     };
     let result = match stage {
         Stage::CreateRuntime => create_runtime(&input),
-        Stage::Poststop => poststop(&input),
+        Stage::Poststop | Stage::PodMember => poststop(&input),
     };
     if let Err(e) = &result {
         let stage_name = match stage {
             Stage::CreateRuntime => "createRuntime",
-            Stage::Poststop => "poststop",
+            Stage::Poststop | Stage::PodMember => "poststop",
         };
         let line = format!(
             "{} {stage_name}: {}\n",
@@ -90,7 +96,7 @@ fn log_dir_for_refusal(dir: &Path, name: &crate::core::bundle::ContainerName) ->
     named_after_it && parent_exists && std::fs::DirBuilder::new().mode(0o700).create(dir).is_ok()
 }
 
-fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
+pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     let pid = input.pid.context("OCI state has no pid")?;
     let dir = &input.state_dir;
     if !dir.join(crate::effects::state::STATE_FILE).is_file() {

@@ -7,6 +7,7 @@
 pub mod hook;
 pub mod inspect;
 pub mod live;
+pub mod pod;
 pub mod prepare;
 pub mod preview;
 pub mod profiles;
@@ -99,6 +100,40 @@ pub enum Command {
     Profiles(ProfilesArgs),
     /// Print the ruleset a container would get, without touching any container.
     Preview(PreviewArgs),
+    /// Shielded pods: `pod create NAME` makes a pod whose shared network is shielded once.
+    #[command(subcommand)]
+    Pod(PodCommand),
+    /// Internal: ends a shielded pod's resolver when the pod's infra process ends.
+    #[command(hide = true, name = "internal-pod-watch")]
+    InternalPodWatch {
+        bundle_dir: PathBuf,
+        name: String,
+        infra_pid: u32,
+        resolver_pid: u32,
+        infra_start: u64,
+        resolver_start: u64,
+    },
+}
+
+/// `pod` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PodCommand {
+    /// Create a pod whose shared network namespace is shielded; start its containers with
+    /// `podman run --pod NAME`, which the hook checks; live commands take the pod's name.
+    Create(RunPodArgs),
+}
+
+/// Arguments of `pod create`.
+#[derive(Debug, Clone, Args)]
+pub struct RunPodArgs {
+    /// Pod name.
+    pub name: String,
+    /// Profiles to apply instead of the configured default_profiles.
+    #[arg(long, value_name = "PROFILE", num_args = 1.., value_delimiter = ',')]
+    pub profiles: Vec<String>,
+    /// `-- [podman pod create flags]`
+    #[arg(last = true, value_name = "PODMAN_ARGS")]
+    pub podman_args: Vec<String>,
 }
 
 /// Arguments of `status`.
@@ -391,6 +426,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts), &learned)?;
         return Ok(());
     }
+    if let Command::InternalPodWatch {
+        bundle_dir,
+        infra_pid,
+        resolver_pid,
+        infra_start,
+        resolver_start,
+        ..
+    } = &cli.command
+    {
+        return pod::watch(
+            bundle_dir,
+            (*infra_pid, *infra_start),
+            (*resolver_pid, *resolver_start),
+        );
+    }
     let ctx = Context::from_process_env(cli.state_dir)?;
     match &cli.command {
         Command::Status(args) => match &args.name {
@@ -417,7 +467,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Block(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
         Command::Quarantine(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
         Command::Reset(a) => live::run(&a.name, live::Change::Reset, a.json, &ctx),
+        Command::Pod(PodCommand::Create(a)) => {
+            pod::create(&a.name, &a.profiles, &a.podman_args, &ctx)
+        }
         Command::Hook(_)
+        | Command::InternalPodWatch { .. }
         | Command::InternalConntrackRevoke { .. }
         | Command::InternalEvents { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),

@@ -58,6 +58,46 @@ fn describe(held: &[HeldCapability]) -> String {
 struct RawConfig {
     #[serde(default)]
     process: Option<RawProcess>,
+    #[serde(default)]
+    linux: Option<RawLinux>,
+}
+
+#[derive(Deserialize)]
+struct RawLinux {
+    #[serde(default)]
+    namespaces: Vec<RawNamespace>,
+}
+
+#[derive(Deserialize)]
+struct RawNamespace {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+/// The PID whose network namespace a container joins (`linux.namespaces`: `network` with
+/// `path` `/proc/PID/ns/net`, how podman puts a container into its pod's namespace), or
+/// `None` when it gets a namespace of its own (no path) or joins one by another path.
+pub fn joined_network_pid(config: &[u8]) -> Result<Option<u32>, OciConfigError> {
+    if config.len() > MAX_CONFIG_BYTES {
+        return Err(OciConfigError::TooLarge);
+    }
+    let raw: RawConfig =
+        serde_json::from_slice(config).map_err(|e| OciConfigError::Json(e.to_string()))?;
+    Ok(raw
+        .linux
+        .into_iter()
+        .flat_map(|l| l.namespaces)
+        .find(|n| n.kind == "network")
+        .and_then(|n| n.path)
+        .and_then(|p| {
+            p.strip_prefix("/proc/")?
+                .strip_suffix("/ns/net")?
+                .parse::<u32>()
+                .ok()
+        })
+        .filter(|pid| *pid > 1))
 }
 
 #[derive(Deserialize)]
@@ -171,6 +211,23 @@ mod tests {
             );
         }
         assert!(check_capabilities(&config(r#"{"effective":["CAP_NET_ADMINX"]}"#)).is_ok());
+    }
+
+    #[test]
+    fn the_joined_network_namespace_names_the_pods_infra_process() {
+        let member = br#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/proc/6103/ns/net"}]}}"#;
+        assert_eq!(joined_network_pid(member), Ok(Some(6103)));
+        let own = br#"{"linux":{"namespaces":[{"type":"network"}]}}"#;
+        assert_eq!(joined_network_pid(own), Ok(None));
+        for odd in [
+            r#"{"linux":{"namespaces":[{"type":"network","path":"/run/netns/x"}]}}"#,
+            r#"{"linux":{"namespaces":[{"type":"network","path":"/proc/1/ns/net"}]}}"#,
+            r#"{"linux":{"namespaces":[{"type":"network","path":"/proc/x/ns/net"}]}}"#,
+            r#"{}"#,
+        ] {
+            assert_eq!(joined_network_pid(odd.as_bytes()), Ok(None), "{odd}");
+        }
+        assert!(joined_network_pid(b"[").is_err());
     }
 
     #[test]

@@ -21,6 +21,10 @@ use crate::core::oci::annotation;
 /// Descriptor file names, as the Python original names them.
 pub const CREATE_RUNTIME_FILE: &str = "terok-shield-createRuntime.json";
 pub const POSTSTOP_FILE: &str = "terok-shield-poststop.json";
+/// The descriptor for containers joining a pod (`podman run --pod`): podman annotates them
+/// with the pod's infra container only, so this one fires for every pod member and the hook
+/// itself decides whether the pod is shielded (see `terok-shield pod create`).
+pub const POD_MEMBER_FILE: &str = "terok-shield-pod-member.json";
 
 /// Where podman looks for hooks when no `hooks_dir` is configured.
 pub const SYSTEM_HOOK_DIRS: &[&str] = &[
@@ -82,7 +86,19 @@ pub fn descriptor(binary: &Path, stage: &str) -> String {
     serde_json::to_string_pretty(&value).expect("descriptor serialises") + "\n"
 }
 
-/// Write both descriptors into `dir` (created if needed).
+/// The descriptor of [`POD_MEMBER_FILE`]: createRuntime of any container carrying podman's
+/// pod annotation.
+pub fn pod_member_descriptor(binary: &Path) -> String {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&descriptor(binary, "createRuntime")).expect("our own JSON");
+    value["hook"]["args"] = json!(["terok-shield", "hook", "podMember"]);
+    value["when"] = json!({ "annotations": {
+        format!("^{}$", annotation::POD_SANDBOX_ID.replace('.', "\\.")): ".+"
+    }});
+    serde_json::to_string_pretty(&value).expect("descriptor serialises") + "\n"
+}
+
+/// Write the descriptors into `dir` (created if needed).
 pub fn write_descriptors(dir: &Path, binary: &Path) -> Result<(), HookInstallError> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -101,7 +117,11 @@ pub fn write_descriptors(dir: &Path, binary: &Path) -> Result<(), HookInstallErr
         &dir.join(POSTSTOP_FILE),
         descriptor(binary, "poststop").as_bytes(),
     )?;
-    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE] {
+    write_atomic(
+        &dir.join(POD_MEMBER_FILE),
+        pod_member_descriptor(binary).as_bytes(),
+    )?;
+    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE, POD_MEMBER_FILE] {
         // Descriptors are public configuration; podman must be able to read them.
         let p = dir.join(f);
         let _ = fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644));
@@ -305,10 +325,10 @@ fn remove_listed(
     Ok(removed)
 }
 
-/// Delete our two descriptors from `dir` (nothing else). Returns the files removed.
+/// Delete our descriptors from `dir` (nothing else). Returns the files removed.
 pub fn remove_descriptors(dir: &Path) -> Result<Vec<PathBuf>, HookInstallError> {
     let mut removed = Vec::new();
-    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE] {
+    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE, POD_MEMBER_FILE] {
         let path = dir.join(f);
         match fs::remove_file(&path) {
             Ok(()) => removed.push(path),
