@@ -57,12 +57,14 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
     };
     let result = match stage {
         Stage::CreateRuntime => create_runtime(&input),
-        Stage::Poststop | Stage::PodMember => poststop(&input),
+        Stage::Poststop => poststop(&input),
+        Stage::PodMember => unreachable!("pod members are handled before parsing"),
     };
     if let Err(e) = &result {
         let stage_name = match stage {
             Stage::CreateRuntime => "createRuntime",
-            Stage::Poststop | Stage::PodMember => "poststop",
+            Stage::Poststop => "poststop",
+            Stage::PodMember => unreachable!("pod members are handled before parsing"),
         };
         let line = format!(
             "{} {stage_name}: {}\n",

@@ -19,6 +19,11 @@
 //!   pod's resolver.
 //!
 //! Live commands (`allow`, `deny`, `up`, ...) take the pod's name.
+//!
+//! Limits: the hook finds pods only in the default state directory of podman's HOME (so
+//! `pod create` refuses any other), and two members started at the very same moment may
+//! both apply the firewall (the second replaces the first's table whole, one resolver is
+//! left over until the pod stops).
 
 use std::path::{Path, PathBuf};
 
@@ -84,6 +89,15 @@ pub fn create(
 ) -> anyhow::Result<()> {
     check_pod_args(podman_args)?;
     let name = ContainerName::new(name)?;
+    // The member hook only sees podman's HOME: a pod kept anywhere else would never be found,
+    // and its containers would start unshielded.
+    let hook_sees = pods_dir()?;
+    if hook_sees != ctx.paths.containers_dir {
+        bail!(
+            "shielded pods must keep their state in the default state directory ({}), the only one the OCI hook can find; drop --state-dir / TEROK_SHIELD_STATE_DIR / XDG_STATE_HOME for `pod create`",
+            hook_sees.display()
+        );
+    }
     let podman = crate::effects::podman::binary()?;
     let prepared = super::prepare::prepare(name.as_str(), profiles, &[], ctx)?;
     for n in &prepared.notices {
@@ -156,6 +170,19 @@ fn ensure_pod_member_hook(ctx: &Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where shielded pods keep their bundles: the default state directory under HOME, the one
+/// thing of the user's environment that podman passes to its hooks.
+fn pods_dir() -> Result<PathBuf, crate::effects::paths::PathsError> {
+    let home_only = |var: &str| {
+        if var == "HOME" {
+            std::env::var(var).ok()
+        } else {
+            None
+        }
+    };
+    Ok(crate::effects::paths::Paths::from_env(home_only, None)?.containers_dir)
+}
+
 /// The shielded pod whose infra container is `infra_id`, among this user's bundles.
 fn find_pod(containers_dir: &Path, infra_id: &str) -> Option<(ContainerName, PathBuf)> {
     let store = StateStore::new(containers_dir);
@@ -170,11 +197,10 @@ fn find_pod(containers_dir: &Path, infra_id: &str) -> Option<(ContainerName, Pat
 /// `hook podMember`: a container is starting in some pod (see the module documentation).
 pub fn member_hook(raw: &[u8]) -> anyhow::Result<()> {
     let member = parse_pod_member(raw).context("refusing to start the container")?;
-    // The hook gets podman's HOME: the pods this user shielded are in its default state dir.
-    let Ok(paths) = crate::effects::paths::Paths::from_process_env(None) else {
+    let Ok(containers_dir) = pods_dir() else {
         return Ok(());
     };
-    let Some((name, dir)) = find_pod(&paths.containers_dir, &member.infra_id) else {
+    let Some((name, dir)) = find_pod(&containers_dir, &member.infra_id) else {
         return Ok(()); // a pod the shield was not asked to protect
     };
     let result = shield_member(&member, &name, &dir);

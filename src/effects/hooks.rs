@@ -624,7 +624,11 @@ mod tests {
         assert_eq!(descriptor_binary(&hooks), Some(moved));
 
         let removed = remove_user(&hooks, &conf).unwrap();
-        assert_eq!(removed.len(), 4, "three descriptors and the conf: {removed:?}");
+        assert_eq!(
+            removed.len(),
+            4,
+            "three descriptors and the conf: {removed:?}"
+        );
         assert!(find_installed_among(&hooks, &conf, &[]).is_none());
         assert!(!hooks.join(CREATE_RUNTIME_FILE).exists());
         assert!(!hooks.exists());
