@@ -236,7 +236,7 @@ fn rootful_prepared_container_with_a_forbidden_capability_is_refused() {
 
 /// The same refusal under rootless podman (`prepare` as the test user).
 #[test]
-fn rootless_prepared_container_with_net_admin_is_refused() {
+fn rootless_prepared_container_with_sys_admin_is_refused() {
     let mut h = e2e!();
     let name = h.name("caps-rootless");
     let flags = h.prepare(&name, "e2e-basic");
