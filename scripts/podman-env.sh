@@ -118,6 +118,29 @@ else
     say "wrote $CONF (runtime runc, cgroupfs, file events, ulimits)"
 fi
 
+# --- containers.conf for root (tests/e2e_rootful.rs) --------------------------------------
+# Rootful podman reads only the system file; it needs the same quirks. No hooks_dir: root's
+# hooks live in podman's default /etc/containers/oci/hooks.d.
+ROOT_CONF=/etc/containers/containers.conf
+WANT_ROOT_CONF='# Written by scripts/podman-env.sh: quirks of the test machine, not product settings.
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+'
+mkdir -p /etc/containers
+if [ -f "$ROOT_CONF" ] && [ "$(cat "$ROOT_CONF")" = "$(printf '%s' "$WANT_ROOT_CONF")" ]; then
+    say "$ROOT_CONF is up to date"
+else
+    [ -f "$ROOT_CONF" ] && cp -p "$ROOT_CONF" "$ROOT_CONF.before-podman-env" && say "previous $ROOT_CONF saved as $ROOT_CONF.before-podman-env"
+    printf '%s' "$WANT_ROOT_CONF" >"$ROOT_CONF"
+    chmod 644 "$ROOT_CONF"
+    say "wrote $ROOT_CONF (rootful podman: runtime runc, cgroupfs, file events, ulimits)"
+fi
+
 # --- /dev/net/tun --------------------------------------------------------------------------
 if [ ! -c /dev/net/tun ]; then
     mkdir -p /dev/net
@@ -164,10 +187,25 @@ else
     say "imported $E2E_IMAGE from a static busybox ($("$BUSYBOX" --list | wc -l) applets)"
 fi
 
+# --- the same image for root (rootful podman has its own storage) ---------------------------
+root_recipe=$(timeout 300 podman image inspect --format '{{index .Config.Labels "shield-test.recipe"}}' "$E2E_IMAGE" 2>/dev/null || true)
+if [ "$root_recipe" = "$IMAGE_RECIPE" ]; then
+    say "image $E2E_IMAGE is present for root (recipe $IMAGE_RECIPE)"
+else
+    # Copied from the user's storage: the same bytes, no second recipe to keep in step.
+    as_user podman save --quiet "$E2E_IMAGE" | timeout 300 podman load --quiet >/dev/null
+    say "loaded $E2E_IMAGE into root's storage (rootful e2e tests)"
+fi
+
 # --- smoke test ----------------------------------------------------------------------------
 if out=$(as_user podman run --rm "$E2E_IMAGE" sh -c 'echo podman-env-ok' 2>&1) && [[ "$out" == *podman-env-ok* ]]; then
     say "smoke test: rootless 'podman run --rm $E2E_IMAGE' works as $E2E_USER"
 else
     die "smoke test failed: rootless podman cannot run $E2E_IMAGE as $E2E_USER: $out"
+fi
+if out=$(cd / && timeout 300 podman run --rm --network none "$E2E_IMAGE" sh -c 'echo podman-env-ok' 2>&1) && [[ "$out" == *podman-env-ok* ]]; then
+    say "smoke test: rootful 'podman run --rm $E2E_IMAGE' works as root"
+else
+    die "smoke test failed: rootful podman cannot run $E2E_IMAGE: $out"
 fi
 say "ready: run podman as: runuser -u $E2E_USER -- env XDG_RUNTIME_DIR=$RUNTIME_DIR HOME=$E2E_HOME PATH=/usr/sbin:/usr/bin:/sbin:/bin podman ..."

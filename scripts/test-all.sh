@@ -16,7 +16,7 @@ die() { printf 'test-all.sh: %s\n' "$*" >&2; exit 1; }
 
 # Packages the tests (and later the end-to-end tests) need. Installed only when missing.
 PACKAGES=(nftables iproute2 podman runc slirp4netns uidmap busybox-static dnsmasq-base
-          conntrack socat ca-certificates time tmux)
+          conntrack socat ca-certificates time tmux passt)
 
 install_packages() {
     local missing=() p

@@ -199,9 +199,47 @@ fn prepare_with(tag: &str, config: &str) -> Prepared {
     }
 }
 
+/// The capabilities podman 4.3 gives a container started with the shield's flags.
+const PODMAN_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_CHROOT",
+];
+
+/// Write an OCI bundle (`config.json`, as a runtime has it) for the test whose state dir is
+/// `dir`, granting `caps` in the bounding, effective and permitted sets; returns its path.
+fn oci_bundle(dir: &Path, caps: &[&str]) -> PathBuf {
+    let root = dir.ancestors().nth(3).expect("ROOT/state/containers/NAME");
+    let bundle = root.join("oci");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": ["sleep", "60"],
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        },
+        "mounts": [],
+    });
+    std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+    bundle
+}
+
 fn oci_state(pid: u32, dir: &Path, instance: &str) -> String {
+    let bundle = oci_bundle(dir, PODMAN_CAPS);
+    oci_state_in(pid, dir, instance, &bundle)
+}
+
+fn oci_state_in(pid: u32, dir: &Path, instance: &str, bundle: &Path) -> String {
     serde_json::json!({
-        "ociVersion": "1.0.2", "id": "x", "status": "creating", "pid": pid, "bundle": "/nonexistent",
+        "ociVersion": "1.0.2", "id": "x", "status": "creating", "pid": pid, "bundle": bundle,
         "annotations": {
             "terok.shield.name": "hooked",
             "terok.shield.state_dir": dir,
@@ -452,4 +490,42 @@ fn hook_refuses_a_container_whose_bundle_was_deleted_and_logs_it() {
         !p.dir.join("state.json").exists(),
         "the hook must not make a bundle"
     );
+}
+
+/// A container prepared by the shield but started with a capability that undoes the
+/// firewall (`podman run --cap-add NET_ADMIN $(terok-shield prepare ...)`): its OCI
+/// configuration says so, and the hook refuses it before any table exists; a missing
+/// configuration is refused too.
+#[test]
+fn hook_refuses_a_container_holding_a_forbidden_capability() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare("caps");
+    for cap in ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_BPF"] {
+        let mut caps = PODMAN_CAPS.to_vec();
+        caps.push(cap);
+        let bundle = oci_bundle(&p.dir, &caps);
+        let (ok, err, _) = hook(&oci_state_in(c.pid(), &p.dir, &p.instance, &bundle));
+        assert!(!ok, "started a container holding {cap}");
+        assert!(
+            err.contains(&format!("{cap} (bounding, effective, permitted)"))
+                && err.contains("--cap-add"),
+            "{err}"
+        );
+        assert!(!c.tables().contains("terok_shield"), "{}", c.tables());
+    }
+    let audit = std::fs::read_to_string(p.dir.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"failure\"") && audit.contains("CAP_NET_ADMIN"),
+        "{audit}"
+    );
+    let missing = p.dir.join("no-such-bundle");
+    let (ok, err, _) = hook(&oci_state_in(c.pid(), &p.dir, &p.instance, &missing));
+    assert!(!ok && err.contains("OCI configuration"), "{err}");
+    // The podman defaults pass: the same container starts.
+    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    assert!(ok, "{err}");
+    assert!(c.tables().contains("table inet terok_shield"));
 }

@@ -33,6 +33,9 @@ pub enum Stage {
     CreateRuntime,
     #[value(name = "poststop")]
     Poststop,
+    /// createRuntime of any container joining a pod (see `cli::pod`).
+    #[value(name = "podMember")]
+    PodMember,
 }
 
 /// Run a hook stage; any error is reported everywhere it can be and returned.
@@ -42,6 +45,9 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
         .take(MAX_STATE_BYTES as u64 + 1)
         .read_to_end(&mut raw)
         .context("failed to read the OCI state from stdin")?;
+    if stage == Stage::PodMember {
+        return super::pod::member_hook(&raw);
+    }
     let settings = super::annotated::node_paths()?.settings;
     let input = match parse_hook_input_with(&raw, stage == Stage::CreateRuntime, &settings) {
         Ok(input) => input,
@@ -53,11 +59,13 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
     let result = match stage {
         Stage::CreateRuntime => create_runtime(&input),
         Stage::Poststop => poststop(&input),
+        Stage::PodMember => unreachable!("pod members are handled before parsing"),
     };
     if let Err(e) = &result {
         let stage_name = match stage {
             Stage::CreateRuntime => "createRuntime",
             Stage::Poststop => "poststop",
+            Stage::PodMember => unreachable!("pod members are handled before parsing"),
         };
         let line = format!(
             "{} {stage_name}: {}\n",
@@ -91,14 +99,16 @@ fn log_dir_for_refusal(dir: &Path, name: &crate::core::bundle::ContainerName) ->
     named_after_it && parent_exists && std::fs::DirBuilder::new().mode(0o700).create(dir).is_ok()
 }
 
-fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
+pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     let pid = input.pid.context("OCI state has no pid")?;
     // Annotation-only (CRI-O): write the bundle first, or join the pod's shield and stop here.
     if let Some(request) = &input.annotated {
         if super::annotated::prepare_or_join(input, request, pid)?
             == super::annotated::Attached::Joined
         {
-            return Ok(());
+            // A further container of a shielded pod: the namespace's firewall stands, but
+            // this container's own capabilities must not be able to undo it.
+            return check_container_config(input);
         }
     }
     let dir = &input.state_dir;
@@ -119,6 +129,7 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
             expected: found.unwrap_or("(none)").to_string(),
         }),
     }
+    check_container_config(input)?;
     let start_time = procfs::start_time(pid)?;
     let resolv_conf = procfs::resolv_conf_source(&input.oci_bundle);
     let resolv_text = resolv_conf
@@ -202,6 +213,19 @@ fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         json!({"mode": bundle.mode.status_name(), "pid": pid, "report": report, "container_id": input.container_id, "prepared_by": input.version, "shield_version": VERSION}),
     );
     Ok(())
+}
+
+/// Refuse a container whose OCI configuration grants what would undo its firewall, whatever
+/// flags started it (`prepare` + a hand-written `podman run`, a pod member).
+fn check_container_config(input: &HookInput) -> anyhow::Result<()> {
+    let path = input.oci_bundle.join("config.json");
+    let config = procfs::read_oci_config(&input.oci_bundle).with_context(|| {
+        format!(
+            "refusing to start the container: cannot read its OCI configuration {}",
+            path.display()
+        )
+    })?;
+    crate::core::oci_config::check_capabilities(&config).context("refusing to start the container")
 }
 
 /// resolv.conf text with every nameserver replaced by the shield's resolver on loopback.

@@ -12,6 +12,7 @@ pub mod hook;
 pub mod inspect;
 pub mod live;
 pub mod observe;
+pub mod pod;
 pub mod prepare;
 pub mod preview;
 pub mod profiles;
@@ -125,6 +126,19 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print the manual page (roff): `terok-shield man > terok-shield.1; man ./terok-shield.1`.
     Man(ManArgs),
+    /// Shielded pods: `pod create NAME` makes a pod whose shared network is shielded once.
+    #[command(subcommand)]
+    Pod(PodCommand),
+    /// Internal: ends a shielded pod's resolver when the pod's infra process ends.
+    #[command(hide = true, name = "internal-pod-watch")]
+    InternalPodWatch {
+        bundle_dir: PathBuf,
+        name: String,
+        infra_pid: u32,
+        resolver_pid: u32,
+        infra_start: u64,
+        resolver_start: u64,
+    },
 }
 
 /// Arguments of `man`.
@@ -149,6 +163,27 @@ pub struct DoctorArgs {
 pub struct CompletionsArgs {
     /// The shell to complete for (bash, zsh, fish; also elvish and powershell).
     pub shell: clap_complete::Shell,
+}
+
+/// `pod` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PodCommand {
+    /// Create a pod whose shared network namespace is shielded; start its containers with
+    /// `podman run --pod NAME`, which the hook checks; live commands take the pod's name.
+    Create(RunPodArgs),
+}
+
+/// Arguments of `pod create`.
+#[derive(Debug, Clone, Args)]
+pub struct RunPodArgs {
+    /// Pod name.
+    pub name: String,
+    /// Profiles to apply instead of the configured default_profiles.
+    #[arg(long, value_name = "PROFILE", num_args = 1.., value_delimiter = ',')]
+    pub profiles: Vec<String>,
+    /// `-- [podman pod create flags]`
+    #[arg(last = true, value_name = "PODMAN_ARGS")]
+    pub podman_args: Vec<String>,
 }
 
 /// Arguments of `status`.
@@ -534,6 +569,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts), &learned)?;
         return Ok(());
     }
+    if let Command::InternalPodWatch {
+        bundle_dir,
+        infra_pid,
+        resolver_pid,
+        infra_start,
+        resolver_start,
+        ..
+    } = &cli.command
+    {
+        return pod::watch(
+            bundle_dir,
+            (*infra_pid, *infra_start),
+            (*resolver_pid, *resolver_start),
+        );
+    }
     // None of these needs a valid configuration: doctor reports a broken one as a finding.
     match &cli.command {
         Command::Doctor(a) => return doctor::run(a, cli.state_dir.clone()),
@@ -580,10 +630,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Block(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
         Command::Quarantine(a) => live::run(&a.name, live::Change::Mode(Mode::Block), a.json, &ctx),
         Command::Reset(a) => live::run(&a.name, live::Change::Reset, a.json, &ctx),
+        Command::Pod(PodCommand::Create(a)) => {
+            pod::create(&a.name, &a.profiles, &a.podman_args, &ctx)
+        }
         Command::Hook(_)
         | Command::Doctor(_)
         | Command::Completions(_)
         | Command::Man(_)
+        | Command::InternalPodWatch { .. }
         | Command::InternalConntrackRevoke { .. }
         | Command::InternalEvents { .. }
         | Command::InternalResolver { .. } => unreachable!("handled above"),

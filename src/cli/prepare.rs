@@ -123,8 +123,9 @@ pub fn prepare(
                 user_containers_conf().display()
             ),
             Installed::System(dir) => format!(
-                "installed the OCI hooks in {}, so every start of a shielded container applies its firewall (`terok-shield setup --remove` takes them out)",
-                dir.display()
+                "installed the OCI hooks in {} and listed that directory in hooks_dir of {}, so every start of a shielded container applies its firewall (`terok-shield setup --remove` takes them out)",
+                dir.display(),
+                crate::effects::hooks::SYSTEM_CONTAINERS_CONF
             ),
         });
     }

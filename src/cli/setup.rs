@@ -9,8 +9,8 @@ use anyhow::bail;
 use super::prepare::{user_containers_conf, user_hooks_dir};
 use super::{print, Context, SetupArgs};
 use crate::effects::hooks::{
-    self, remove_descriptors, remove_user, self_binary, setup_user, write_descriptors,
-    SYSTEM_INSTALL_DIR,
+    self, remove_system, remove_user, self_binary, setup_system, setup_user,
+    SYSTEM_CONTAINERS_CONF, SYSTEM_INSTALL_DIR,
 };
 use crate::effects::state::{StateStore, STATE_FILE};
 
@@ -23,11 +23,11 @@ pub fn run(args: &SetupArgs, ctx: &Context) -> anyhow::Result<()> {
     let binary = self_binary()?;
     if system {
         let dir = std::path::Path::new(SYSTEM_INSTALL_DIR);
-        write_descriptors(dir, &binary).map_err(|e| {
+        setup_system(&binary).map_err(|e| {
             anyhow::anyhow!("{e}; `setup --system` must run as root (or use `setup --user`)")
         })?;
         print(&format!(
-            "Installed OCI hooks in {} (calling {}).\nEvery podman user on this machine now re-applies shields on container restart.\n",
+            "Installed OCI hooks in {} (calling {}) and listed that directory in hooks_dir of {SYSTEM_CONTAINERS_CONF}.\nEvery podman user on this machine now re-applies shields on container restart.\n",
             dir.display(),
             binary.display()
         ))?;
@@ -78,7 +78,7 @@ fn remove(system: bool, force: bool, ctx: &Context) -> anyhow::Result<()> {
         }
     }
     let removed = if system {
-        remove_descriptors(std::path::Path::new(SYSTEM_INSTALL_DIR))
+        remove_system()
             .map_err(|e| anyhow::anyhow!("{e}; `setup --system --remove` must run as root"))?
     } else {
         remove_user(&user_hooks_dir(ctx), &user_containers_conf())?

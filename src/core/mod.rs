@@ -22,6 +22,7 @@ pub mod live;
 mod module_graph;
 pub mod observe;
 pub mod oci;
+pub mod oci_config;
 pub mod podman_args;
 pub mod policy;
 pub mod private;

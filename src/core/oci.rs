@@ -24,6 +24,53 @@ pub mod annotation {
     pub const DNS_TIER: &str = "terok.shield.dns_tier";
     /// Set by podman for `--rm` containers: removed as soon as they stop.
     pub const PODMAN_AUTOREMOVE: &str = "io.podman.annotations.autoremove";
+    /// Set by podman on every container of a pod: the ID of the pod's infra container.
+    pub const POD_SANDBOX_ID: &str = "io.kubernetes.cri-o.SandboxID";
+}
+
+/// A container starting in a pod, as its OCI state tells (podman annotates every pod member
+/// with its infra container's ID, nothing of ours).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMember {
+    pub pid: u32,
+    pub container_id: String,
+    pub oci_bundle: PathBuf,
+    /// The pod's infra container ID: 64 lowercase hex digits.
+    pub infra_id: String,
+}
+
+/// Parse the OCI state of a pod member (createRuntime: the pid is required).
+pub fn parse_pod_member(bytes: &[u8]) -> Result<PodMember, OciError> {
+    if bytes.len() > MAX_STATE_BYTES {
+        return Err(OciError::TooLarge);
+    }
+    let raw: RawState = serde_json::from_slice(bytes).map_err(|e| OciError::Json(e.to_string()))?;
+    let pid = match raw.pid {
+        Some(p) if p > 1 && p <= i64::from(u32::MAX) => p as u32,
+        other => return Err(OciError::Pid(other)),
+    };
+    let infra_id = raw
+        .annotations
+        .get(annotation::POD_SANDBOX_ID)
+        .cloned()
+        .ok_or(OciError::Missing(annotation::POD_SANDBOX_ID))?;
+    if infra_id.len() != 64
+        || !infra_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(OciError::Invalid {
+            name: annotation::POD_SANDBOX_ID,
+            value: infra_id,
+            why: "must be a podman container ID (64 lowercase hex digits)".into(),
+        });
+    }
+    Ok(PodMember {
+        pid,
+        container_id: raw.id,
+        oci_bundle: raw.bundle,
+        infra_id,
+    })
 }
 
 /// Largest OCI state we read: a real one is a few KiB.
@@ -208,6 +255,27 @@ mod tests {
                 .unwrap()
                 .autoremove
         );
+    }
+
+    #[test]
+    fn pod_members_are_recognised_by_their_sandbox_id() {
+        let id = "562981adb4d5fbe9fc7ce136829e979cf846ca0cfee3910e5406d8fd75f8b3a5";
+        let ann = format!(r#""io.kubernetes.cri-o.SandboxID":"{id}""#);
+        let m = parse_pod_member(&state("77", &ann)).unwrap();
+        assert_eq!((m.pid, m.infra_id.as_str()), (77, id));
+        assert!(matches!(
+            parse_pod_member(&state("77", "")),
+            Err(OciError::Missing(_))
+        ));
+        for bad in ["../x", "ABC", &id[1..], &format!("{id}0")] {
+            let ann = format!(r#""io.kubernetes.cri-o.SandboxID":"{bad}""#);
+            assert!(parse_pod_member(&state("77", &ann)).is_err(), "{bad}");
+        }
+        assert!(parse_pod_member(&state(
+            "null",
+            &format!(r#""io.kubernetes.cri-o.SandboxID":"{id}""#)
+        ))
+        .is_err());
     }
 
     #[test]

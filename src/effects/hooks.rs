@@ -21,6 +21,10 @@ use crate::core::oci::annotation;
 /// Descriptor file names, as the Python original names them.
 pub const CREATE_RUNTIME_FILE: &str = "terok-shield-createRuntime.json";
 pub const POSTSTOP_FILE: &str = "terok-shield-poststop.json";
+/// The descriptor for containers joining a pod (`podman run --pod`): podman annotates them
+/// with the pod's infra container only, so this one fires for every pod member and the hook
+/// itself decides whether the pod is shielded (see `terok-shield pod create`).
+pub const POD_MEMBER_FILE: &str = "terok-shield-pod-member.json";
 
 /// Where podman looks for hooks when no `hooks_dir` is configured.
 pub const SYSTEM_HOOK_DIRS: &[&str] = &[
@@ -29,6 +33,12 @@ pub const SYSTEM_HOOK_DIRS: &[&str] = &[
 ];
 /// Where `setup --system` installs.
 pub const SYSTEM_INSTALL_DIR: &str = "/etc/containers/oci/hooks.d";
+/// The containers.conf root's podman reads last (a rootless user's podman reads it before
+/// the user's own): where [`SYSTEM_INSTALL_DIR`] is listed in `hooks_dir`.
+pub const SYSTEM_CONTAINERS_CONF: &str = "/etc/containers/containers.conf";
+/// Podman 4's `hooks_dir` when none is configured: /etc/containers/oci/hooks.d is *not* read
+/// by default (measured with Podman 4.3.1), so system hooks there must be listed.
+pub const PODMAN_DEFAULT_HOOK_DIRS: &[&str] = &["/usr/share/containers/oci/hooks.d"];
 
 /// Failures installing hooks.
 #[derive(Debug, Error)]
@@ -76,7 +86,19 @@ pub fn descriptor(binary: &Path, stage: &str) -> String {
     serde_json::to_string_pretty(&value).expect("descriptor serialises") + "\n"
 }
 
-/// Write both descriptors into `dir` (created if needed).
+/// The descriptor of [`POD_MEMBER_FILE`]: createRuntime of any container carrying podman's
+/// pod annotation.
+pub fn pod_member_descriptor(binary: &Path) -> String {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&descriptor(binary, "createRuntime")).expect("our own JSON");
+    value["hook"]["args"] = json!(["terok-shield", "hook", "podMember"]);
+    value["when"] = json!({ "annotations": {
+        format!("^{}$", annotation::POD_SANDBOX_ID.replace('.', "\\.")): ".+"
+    }});
+    serde_json::to_string_pretty(&value).expect("descriptor serialises") + "\n"
+}
+
+/// Write the descriptors into `dir` (created if needed).
 pub fn write_descriptors(dir: &Path, binary: &Path) -> Result<(), HookInstallError> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -95,7 +117,11 @@ pub fn write_descriptors(dir: &Path, binary: &Path) -> Result<(), HookInstallErr
         &dir.join(POSTSTOP_FILE),
         descriptor(binary, "poststop").as_bytes(),
     )?;
-    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE] {
+    write_atomic(
+        &dir.join(POD_MEMBER_FILE),
+        pod_member_descriptor(binary).as_bytes(),
+    )?;
+    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE, POD_MEMBER_FILE] {
         // Descriptors are public configuration; podman must be able to read them.
         let p = dir.join(f);
         let _ = fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644));
@@ -195,7 +221,10 @@ fn ensure_installed_among(
     root: bool,
     system_dirs: &[&str],
 ) -> Result<Ensured, HookInstallError> {
-    if let Some(found) = find_installed_among(user_hooks_dir, containers_conf, system_dirs) {
+    let found = find_installed_among(user_hooks_dir, containers_conf, system_dirs)
+        // Root's podman calls system hooks only from a listed directory.
+        .filter(|found| !root || system_hooks_listed(found.dir()));
+    if let Some(found) = found {
         let calls = descriptor_binary(found.dir());
         if calls.as_deref().is_some_and(is_executable_file) {
             return Ok(Ensured::Present(found));
@@ -208,7 +237,7 @@ fn ensure_installed_among(
         }
     }
     if root {
-        write_descriptors(Path::new(SYSTEM_INSTALL_DIR), binary)?;
+        setup_system(binary)?;
     } else {
         setup_user(user_hooks_dir, containers_conf, binary)?;
     }
@@ -224,14 +253,51 @@ fn ensure_installed_among(
         })
 }
 
+/// Whether `dir` is where root's podman reads hooks: podman's default directory, or listed in
+/// `hooks_dir` of [`SYSTEM_CONTAINERS_CONF`].
+fn system_hooks_listed(dir: &Path) -> bool {
+    PODMAN_DEFAULT_HOOK_DIRS.iter().any(|d| Path::new(d) == dir)
+        || conf_lists_dir(Path::new(SYSTEM_CONTAINERS_CONF), dir)
+}
+
+/// `setup --system` (and root's `run`/`prepare` on first use): descriptors into
+/// [`SYSTEM_INSTALL_DIR`], listed in `hooks_dir` of [`SYSTEM_CONTAINERS_CONF`] next to
+/// podman's default directory.
+pub fn setup_system(binary: &Path) -> Result<(), HookInstallError> {
+    install_listed(
+        Path::new(SYSTEM_INSTALL_DIR),
+        Path::new(SYSTEM_CONTAINERS_CONF),
+        binary,
+        PODMAN_DEFAULT_HOOK_DIRS,
+    )
+}
+
+/// `setup --system --remove`: the descriptors, and their directory out of `hooks_dir`.
+pub fn remove_system() -> Result<Vec<PathBuf>, HookInstallError> {
+    remove_listed(
+        Path::new(SYSTEM_INSTALL_DIR),
+        Path::new(SYSTEM_CONTAINERS_CONF),
+        PODMAN_DEFAULT_HOOK_DIRS,
+    )
+}
+
 /// `setup --remove` for the user: delete the descriptors and take the directory out of
 /// containers.conf again. Returns what was removed.
 pub fn remove_user(
     user_hooks_dir: &Path,
     containers_conf: &Path,
 ) -> Result<Vec<PathBuf>, HookInstallError> {
+    remove_listed(user_hooks_dir, containers_conf, SYSTEM_HOOK_DIRS)
+}
+
+fn remove_listed(
+    user_hooks_dir: &Path,
+    containers_conf: &Path,
+    defaults: &[&str],
+) -> Result<Vec<PathBuf>, HookInstallError> {
     let mut removed = remove_descriptors(user_hooks_dir)?;
-    if let Some(text) = planned_conf_edit(containers_conf, |t| drop_hooks_dir(t, user_hooks_dir))? {
+    let edit = |t: &str| drop_listed_dir(t, user_hooks_dir, defaults);
+    if let Some(text) = planned_conf_edit(containers_conf, edit)? {
         write_containers_conf(containers_conf, &text)?;
         removed.push(containers_conf.to_path_buf());
     }
@@ -239,10 +305,10 @@ pub fn remove_user(
     Ok(removed)
 }
 
-/// Delete our two descriptors from `dir` (nothing else). Returns the files removed.
+/// Delete our descriptors from `dir` (nothing else). Returns the files removed.
 pub fn remove_descriptors(dir: &Path) -> Result<Vec<PathBuf>, HookInstallError> {
     let mut removed = Vec::new();
-    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE] {
+    for f in [CREATE_RUNTIME_FILE, POSTSTOP_FILE, POD_MEMBER_FILE] {
         let path = dir.join(f);
         match fs::remove_file(&path) {
             Ok(()) => removed.push(path),
@@ -286,7 +352,19 @@ pub fn setup_user(
     containers_conf: &Path,
     binary: &Path,
 ) -> Result<(), HookInstallError> {
-    let change = planned_conf_edit(containers_conf, |t| add_hooks_dir(t, user_hooks_dir))?;
+    install_listed(user_hooks_dir, containers_conf, binary, SYSTEM_HOOK_DIRS)
+}
+
+/// Descriptors into `user_hooks_dir`, listed first in `hooks_dir` of `containers_conf`, with
+/// `defaults` after it when the file configured no `hooks_dir` yet.
+fn install_listed(
+    user_hooks_dir: &Path,
+    containers_conf: &Path,
+    binary: &Path,
+    defaults: &[&str],
+) -> Result<(), HookInstallError> {
+    let edit = |t: &str| add_listed_dir(t, user_hooks_dir, defaults);
+    let change = planned_conf_edit(containers_conf, edit)?;
     write_descriptors(user_hooks_dir, binary)?;
     if let Some(text) = change {
         write_containers_conf(containers_conf, &text)?;
@@ -342,6 +420,11 @@ fn write_containers_conf(containers_conf: &Path, text: &str) -> Result<(), HookI
 /// Pure edit of containers.conf text: ensure `[engine] hooks_dir` contains `dir` (first) and
 /// podman's default directories.
 pub fn add_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
+    add_listed_dir(text, dir, SYSTEM_HOOK_DIRS)
+}
+
+/// [`add_hooks_dir`] where an absent `hooks_dir` stands for `defaults`.
+fn add_listed_dir(text: &str, dir: &Path, defaults: &[&str]) -> Result<String, String> {
     let mut doc: toml_edit::DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| e.to_string())?;
@@ -350,17 +433,19 @@ pub fn add_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
         .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
         .as_table_mut()
         .ok_or("`engine` is not a table")?;
-    let existing: Vec<String> = engine
-        .get("hooks_dir")
-        .and_then(|h| h.as_array())
-        .map(|a| {
+    let configured: Option<Vec<String>> =
+        engine.get("hooks_dir").and_then(|h| h.as_array()).map(|a| {
             a.iter()
                 .filter_map(|v| v.as_str().map(String::from))
                 .collect()
-        })
-        .unwrap_or_else(|| SYSTEM_HOOK_DIRS.iter().map(|s| s.to_string()).collect());
+        });
     let ours = dir.to_string_lossy().to_string();
-    if existing.contains(&ours) {
+    let already = match &configured {
+        Some(dirs) => dirs.contains(&ours),
+        None => defaults.contains(&ours.as_str()),
+    };
+    let existing = configured.unwrap_or_else(|| defaults.iter().map(|s| s.to_string()).collect());
+    if already {
         return Ok(doc.to_string());
     }
     let mut dirs = toml_edit::Array::new();
@@ -375,6 +460,11 @@ pub fn add_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
 /// Pure edit of containers.conf text: take `dir` out of `[engine] hooks_dir`. When what is
 /// left is exactly podman's defaults (what [`add_hooks_dir`] put there), the key goes too.
 pub fn drop_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
+    drop_listed_dir(text, dir, SYSTEM_HOOK_DIRS)
+}
+
+/// [`drop_hooks_dir`] where `defaults` is what an absent `hooks_dir` stands for.
+fn drop_listed_dir(text: &str, dir: &Path, defaults: &[&str]) -> Result<String, String> {
     let mut doc: toml_edit::DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| e.to_string())?;
@@ -391,7 +481,7 @@ pub fn drop_hooks_dir(text: &str, dir: &Path) -> Result<String, String> {
         return Ok(text.to_string());
     }
     let rest: Vec<&str> = dirs.iter().filter_map(|v| v.as_str()).collect();
-    if rest == SYSTEM_HOOK_DIRS {
+    if rest == defaults {
         engine.remove("hooks_dir");
     }
     Ok(doc.to_string())
@@ -452,6 +542,29 @@ mod tests {
         assert!(add_hooks_dir("[engine\n", Path::new("/h")).is_err());
     }
 
+    /// Root's podman 4 does not read /etc/containers/oci/hooks.d unless it is listed: adding
+    /// it lists it before podman's one default directory, and removing it restores the file.
+    #[test]
+    fn system_hooks_dir_is_listed_and_unlisted_in_roots_containers_conf() {
+        let dir = Path::new(SYSTEM_INSTALL_DIR);
+        let text = "[containers]\ndefault_ulimits = [\"nofile=20000:20000\"]\n";
+        let added = add_listed_dir(text, dir, PODMAN_DEFAULT_HOOK_DIRS).unwrap();
+        let doc: toml_edit::DocumentMut = added.parse().unwrap();
+        let listed: Vec<&str> = doc["engine"]["hooks_dir"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(listed, [SYSTEM_INSTALL_DIR, PODMAN_DEFAULT_HOOK_DIRS[0]]);
+        assert!(added.contains("nofile=20000:20000"), "{added}");
+        let again = add_listed_dir(&added, dir, PODMAN_DEFAULT_HOOK_DIRS).unwrap();
+        assert_eq!(again, added, "listing twice changes nothing");
+        let dropped = drop_listed_dir(&added, dir, PODMAN_DEFAULT_HOOK_DIRS).unwrap();
+        assert!(!dropped.contains("hooks_dir"), "{dropped}");
+        assert!(dropped.contains("nofile=20000:20000"), "{dropped}");
+    }
+
     #[test]
     fn removing_the_hooks_dir_undoes_adding_it_and_keeps_the_rest() {
         let dir = Path::new("/home/u/.config/terok/shield/hooks.d");
@@ -506,7 +619,11 @@ mod tests {
         assert_eq!(descriptor_binary(&hooks), Some(moved));
 
         let removed = remove_user(&hooks, &conf).unwrap();
-        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert_eq!(
+            removed.len(),
+            4,
+            "three descriptors and the conf: {removed:?}"
+        );
         assert!(find_installed_among(&hooks, &conf, &[]).is_none());
         assert!(!hooks.join(CREATE_RUNTIME_FILE).exists());
         assert!(!hooks.exists());

@@ -67,6 +67,18 @@ pub fn resolv_conf_source(oci_bundle: &Path) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// The container's OCI configuration (`<bundle>/config.json`), read up to one byte past
+/// [`MAX_CONFIG_BYTES`](crate::core::oci_config::MAX_CONFIG_BYTES) so an oversized file is
+/// seen as such by the check, never read whole.
+pub fn read_oci_config(oci_bundle: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(oci_bundle.join("config.json"))?
+        .take(crate::core::oci_config::MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Default IPv4 gateway of `pid`'s network namespace (/proc/PID/net/route).
 pub fn default_gateway(pid: u32) -> Option<IpAddr> {
     let text = fs::read_to_string(format!("/proc/{pid}/net/route")).ok()?;

@@ -838,3 +838,292 @@ pub fn dns_config(tier: &str, extra: &str) -> String {
         "# written by an e2e test (restored afterwards)\nupstream_dns: 198.51.100.53\ndns:\n  tier: {tier}\n{extra}"
     )
 }
+
+// --- Rootful podman (tests/e2e_rootful.rs) ------------------------------------------------
+
+/// The bridge network of the rootful tests. Podman's default network (10.88.0.0/16) lies
+/// inside the machine's own 10.0.0.0/8, so the tests make their own inside the fake
+/// internet's 198.18.0.0/15 (more specific than the world route, so its traffic stays local).
+pub const ROOTFUL_NET: &str = "tse2e-rootful";
+pub const ROOTFUL_SUBNET: &str = "198.18.200.0/24";
+/// The bridge's address on the host: aardvark-dns answers there, the containers' DNS server.
+pub const ROOTFUL_GATEWAY: &str = "198.18.200.1";
+/// Root's HOME for terok-shield during a rootful test (config, profiles, state), so the
+/// tests never touch /root; removed at the end.
+pub const ROOTFUL_HOME: &str = "/tmp/terok-shield-e2e/root-home";
+
+/// One rootful test: podman and terok-shield run as root, in a mount namespace whose
+/// /etc/resolv.conf names the world's DNS server, so that aardvark-dns (started by the first
+/// container on the network, in that mount namespace) forwards into the fake internet and
+/// never to the machine's resolver. Drop removes the containers, pods, network, the system
+/// hooks that `run` installed, root's test HOME, and restores IPv4 forwarding.
+pub struct Rootful {
+    pub bin: PathBuf,
+    pub home: PathBuf,
+    names: Vec<String>,
+    pods: Vec<String>,
+    ip_forward_before: Option<String>,
+    pub world: World,
+    _lock: MutexGuard<'static, ()>,
+    _machine_lock: fs::File,
+}
+
+/// Whether rootful podman can run the test image; `Err` says what is missing.
+fn rootful_environment() -> Result<(), String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("root".into());
+    }
+    match cmd::run("podman", &["image", "exists", IMAGE], SHORT) {
+        Ok(out) if out.ok() => Ok(()),
+        Ok(_) => Err(format!(
+            "the image {IMAGE} in root's podman storage (scripts/podman-env.sh loads it)"
+        )),
+        Err(e) => Err(format!("a working rootful podman: {e}")),
+    }
+}
+
+impl Rootful {
+    /// The rootful environment for one test, or None (skip) outside CI when it is missing.
+    pub fn start() -> Option<Rootful> {
+        if let Err(missing) = rootful_environment() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "rootful e2e tests cannot run in CI: missing {missing}; run scripts/podman-env.sh as root first"
+            );
+            eprintln!("SKIP rootful e2e test: needs {missing} (run scripts/podman-env.sh as root; CI=true makes this fatal)");
+            return None;
+        }
+        let lock = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let machine_lock = machine_lock();
+        let bin = install_binaries();
+        let world = World::up();
+        let home = PathBuf::from(ROOTFUL_HOME);
+        let r = Rootful {
+            bin,
+            home,
+            names: Vec::new(),
+            pods: Vec::new(),
+            ip_forward_before: fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok(),
+            world,
+            _lock: lock,
+            _machine_lock: machine_lock,
+        };
+        // A crashed rootful run may have left its hooks, network or HOME behind.
+        r.remove_system_hooks();
+        let _ = r.podman(&["network", "rm", "-f", ROOTFUL_NET]);
+        remove_rootful_bridge();
+        let _ = fs::remove_dir_all(&r.home);
+        fs::create_dir_all(r.profiles_dir()).expect("create root's test HOME");
+        fs::write(
+            r.home.join("resolv.conf"),
+            format!("nameserver {}\n", world::DNS4),
+        )
+        .expect("write the test resolv.conf");
+        r.set_config("# rootful e2e (removed afterwards)\naudit:\n  enabled: true\n");
+        r.podman(&[
+            "network",
+            "create",
+            "--subnet",
+            ROOTFUL_SUBNET,
+            "--gateway",
+            ROOTFUL_GATEWAY,
+            ROOTFUL_NET,
+        ])
+        .expect_ok();
+        Some(r)
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.home.join(".config/terok/shield")
+    }
+    pub fn profiles_dir(&self) -> PathBuf {
+        self.config_dir().join("profiles")
+    }
+    pub fn bundle_dir(&self, name: &str) -> PathBuf {
+        self.home
+            .join(".local/state/terok/shield/containers")
+            .join(name)
+    }
+
+    /// Root's config.yml for this test.
+    pub fn set_config(&self, yaml: &str) {
+        fs::write(self.config_dir().join("config.yml"), yaml).expect("write config.yml");
+    }
+
+    /// A profile `NAME.txt` in root's test HOME.
+    pub fn profile(&self, name: &str, text: &str) {
+        fs::write(self.profiles_dir().join(format!("{name}.txt")), text).expect("write profile");
+    }
+
+    /// A container name (`e2e-root-TAG`), with any leftover of that name removed first.
+    pub fn name(&mut self, tag: &str) -> String {
+        let name = format!("e2e-root-{tag}");
+        let _ = self.podman(&["rm", "-f", "-t", "0", &name]);
+        self.names.push(name.clone());
+        name
+    }
+
+    /// A pod name (`e2e-rootpod-TAG`), with any leftover pod of that name removed first.
+    pub fn pod_name(&mut self, tag: &str) -> String {
+        let name = format!("e2e-rootpod-{tag}");
+        let _ = self.podman(&["pod", "rm", "-f", "-t", "0", &name]);
+        self.pods.push(name.clone());
+        name
+    }
+
+    /// `program ARGS` as root with a clean environment, in a mount namespace whose
+    /// /etc/resolv.conf names the world's DNS server.
+    fn in_test_mounts(&self, program: &str, args: &[&str]) -> Out {
+        let resolv = self.home.join("resolv.conf").display().to_string();
+        let home = format!("HOME={}", self.home.display());
+        let mut full: Vec<&str> = vec![
+            "-i",
+            &home,
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG=C.UTF-8",
+            "unshare",
+            "-m",
+            // Keep /run/netns shared with the host (podman's netns mounts must be seen by
+            // later podman calls); the root mount is made private so the resolv.conf bind
+            // mount stays here, whatever the host's propagation.
+            "--propagation",
+            "unchanged",
+            "--",
+            "sh",
+            "-c",
+            "mount --make-private / && mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+            &resolv,
+            program,
+        ];
+        full.extend_from_slice(args);
+        run_bounded("env", &full, LONG)
+    }
+
+    /// `terok-shield ARGS` as root.
+    pub fn shield(&self, args: &[&str]) -> Out {
+        self.in_test_mounts(&self.bin.display().to_string(), args)
+    }
+
+    /// `podman ARGS` as root.
+    pub fn podman(&self, args: &[&str]) -> Out {
+        self.in_test_mounts("podman", args)
+    }
+
+    /// `podman exec NAME sh -c SCRIPT`.
+    pub fn exec(&self, name: &str, script: &str) -> Out {
+        self.podman(&["exec", name, "sh", "-c", script])
+    }
+
+    /// The `State:` line of `terok-shield status NAME`.
+    #[track_caller]
+    pub fn shield_state(&self, name: &str) -> String {
+        let out = self.shield(&["status", name]);
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| panic!("`status {name}` printed no State line: {out}"))
+    }
+
+    /// The container's address on [`ROOTFUL_NET`].
+    #[track_caller]
+    pub fn address_of(&self, name: &str) -> String {
+        let format =
+            format!("{{{{(index .NetworkSettings.Networks \"{ROOTFUL_NET}\").IPAddress}}}}");
+        let out = self
+            .podman(&["inspect", "--format", &format, name])
+            .expect_ok();
+        out.stdout.trim().to_string()
+    }
+
+    /// Take out the system-wide hooks `run`/`prepare` installed as root: the rootless tests
+    /// refuse to run while they exist.
+    fn remove_system_hooks(&self) {
+        if Path::new("/etc/containers/oci/hooks.d")
+            .join(CREATE_RUNTIME_JSON)
+            .exists()
+        {
+            let out = self.shield(&["setup", "--system", "--remove", "--force"]);
+            if !out.ok() {
+                eprintln!("e2e: `setup --system --remove --force` failed: {out}");
+            }
+        }
+        for file in fs::read_dir("/etc/containers/oci/hooks.d")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if file
+                .file_name()
+                .to_string_lossy()
+                .starts_with("terok-shield-")
+            {
+                let _ = fs::remove_file(file.path());
+            }
+        }
+    }
+}
+
+impl Drop for Rootful {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        for name in &self.names {
+            let _ = self.podman(&["rm", "-f", "-t", "0", name]);
+        }
+        for pod in &self.pods {
+            let _ = self.podman(&["pod", "rm", "-f", "-t", "0", pod]);
+        }
+        let _ = self.podman(&["network", "rm", "-f", ROOTFUL_NET]);
+        remove_rootful_bridge();
+        self.remove_system_hooks();
+        if let Some(before) = &self.ip_forward_before {
+            let _ = fs::write("/proc/sys/net/ipv4/ip_forward", before);
+        }
+        if failed {
+            eprintln!(
+                "e2e: kept {} for inspection (removed by the next rootful test)",
+                self.home.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.home);
+        }
+    }
+}
+
+/// Delete a bridge still holding [`ROOTFUL_GATEWAY`] after its network was removed (left by
+/// a run that was killed before netavark could tear it down); podman refuses to create the
+/// network again while the subnet is in use on the host. The network's aardvark-dns entry
+/// goes too.
+fn remove_rootful_bridge() {
+    let _ = fs::remove_file(Path::new("/run/containers/networks/aardvark-dns").join(ROOTFUL_NET));
+    let Ok(out) = cmd::run("ip", &["-o", "-4", "addr", "show"], SHORT) else {
+        return;
+    };
+    let gateway = format!(" {ROOTFUL_GATEWAY}/");
+    for line in out.stdout.lines().filter(|l| l.contains(&gateway)) {
+        if let Some(link) = line.split_whitespace().nth(1) {
+            eprintln!("e2e: removing the leftover bridge {link} of {ROOTFUL_SUBNET}");
+            let _ = cmd::run("ip", &["link", "del", link], SHORT);
+        }
+    }
+}
+
+/// The e2e locks and a fresh world, without podman: for tests that drive the hook against a
+/// network namespace of their own (tests/pasta.rs). Dropped in reverse order: world, locks.
+pub struct WorldOnly {
+    pub world: World,
+    _lock: MutexGuard<'static, ()>,
+    _machine_lock: fs::File,
+}
+
+impl WorldOnly {
+    pub fn up() -> WorldOnly {
+        let lock = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let machine_lock = machine_lock();
+        WorldOnly {
+            world: World::up(),
+            _lock: lock,
+            _machine_lock: machine_lock,
+        }
+    }
+}
