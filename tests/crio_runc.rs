@@ -154,6 +154,8 @@ struct Spec {
     /// `sandbox` (the infra container) or `container`.
     kind: &'static str,
     args: Vec<&'static str>,
+    /// Capabilities granted on top of CRI-O's default set.
+    extra_caps: Vec<&'static str>,
 }
 
 impl Spec {
@@ -166,6 +168,7 @@ impl Spec {
                 .collect(),
             kind,
             args: vec!["sleep", "600"],
+            extra_caps: Vec::new(),
         }
     }
 }
@@ -309,6 +312,10 @@ fn config_json(id: &str, bundle: &Path, spec: &Spec, hook_env: &[String]) -> Val
         "CAP_NET_BIND_SERVICE",
         "CAP_KILL"
     ]);
+    let mut caps = caps;
+    for extra in &spec.extra_caps {
+        caps.as_array_mut().unwrap().push(json!(extra));
+    }
     let hook = |stage: &str| {
         json!([{
             "path": BIN,
@@ -419,6 +426,19 @@ fn a_pod_is_shielded_from_its_annotations_alone() {
         resolv.contains("nameserver 127.0.0.1"),
         "the member's own resolv.conf was not pointed at the pod's resolver: {resolv}"
     );
+    // A further container of the pod holding CAP_NET_ADMIN could undo the pod's firewall:
+    // refused, although the namespace is shielded already.
+    let mut privileged = Spec::pod(bed.container_path(), &pod, "container");
+    privileged.extra_caps = vec!["CAP_NET_ADMIN"];
+    match node.create(&privileged) {
+        Ok(_) => panic!("a pod member holding CAP_NET_ADMIN joined the shield"),
+        Err(e) => assert!(e.contains("CAP_NET_ADMIN"), "{e}"),
+    }
+    assert!(
+        has_table(&bed),
+        "the refused member took the pod's shield down"
+    );
+
     // The workload itself, inside the container: allowed reached, others refused (a reset:
     // "Connection refused", never a timeout).
     // (busybox nc: a static glibc wget crashes in a root without NSS files.)

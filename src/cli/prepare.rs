@@ -43,8 +43,12 @@ pub fn user_hooks_dir(ctx: &Context) -> PathBuf {
     ctx.paths.config_dir.join("hooks.d")
 }
 
-/// The user's containers.conf (podman reads `[engine] hooks_dir` from it).
+/// The user's containers.conf (podman reads `[engine] hooks_dir` from it), or the file
+/// `CONTAINERS_CONF` names, which podman then reads instead.
 pub fn user_containers_conf() -> PathBuf {
+    if let Some(file) = crate::effects::hooks::containers_conf_override() {
+        return file;
+    }
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())

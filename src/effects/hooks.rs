@@ -253,11 +253,24 @@ fn ensure_installed_among(
         })
 }
 
+/// The containers.conf podman reads instead of every other one when `CONTAINERS_CONF` names
+/// it: our `hooks_dir` entry must go there, or podman would never see it.
+pub fn containers_conf_override() -> Option<PathBuf> {
+    std::env::var_os("CONTAINERS_CONF")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+}
+
+/// The containers.conf that decides root's `hooks_dir`.
+fn system_containers_conf() -> PathBuf {
+    containers_conf_override().unwrap_or_else(|| PathBuf::from(SYSTEM_CONTAINERS_CONF))
+}
+
 /// Whether `dir` is where root's podman reads hooks: podman's default directory, or listed in
-/// `hooks_dir` of [`SYSTEM_CONTAINERS_CONF`].
+/// `hooks_dir` of [`SYSTEM_CONTAINERS_CONF`] (or of `CONTAINERS_CONF`).
 fn system_hooks_listed(dir: &Path) -> bool {
     PODMAN_DEFAULT_HOOK_DIRS.iter().any(|d| Path::new(d) == dir)
-        || conf_lists_dir(Path::new(SYSTEM_CONTAINERS_CONF), dir)
+        || conf_lists_dir(&system_containers_conf(), dir)
 }
 
 /// `setup --system` (and root's `run`/`prepare` on first use): descriptors into
@@ -266,7 +279,7 @@ fn system_hooks_listed(dir: &Path) -> bool {
 pub fn setup_system(binary: &Path) -> Result<(), HookInstallError> {
     install_listed(
         Path::new(SYSTEM_INSTALL_DIR),
-        Path::new(SYSTEM_CONTAINERS_CONF),
+        &system_containers_conf(),
         binary,
         PODMAN_DEFAULT_HOOK_DIRS,
     )
@@ -276,7 +289,7 @@ pub fn setup_system(binary: &Path) -> Result<(), HookInstallError> {
 pub fn remove_system() -> Result<Vec<PathBuf>, HookInstallError> {
     remove_listed(
         Path::new(SYSTEM_INSTALL_DIR),
-        Path::new(SYSTEM_CONTAINERS_CONF),
+        &system_containers_conf(),
         PODMAN_DEFAULT_HOOK_DIRS,
     )
 }
