@@ -9,6 +9,7 @@ pub mod firewall;
 pub mod follow;
 pub mod hooks;
 pub mod learned_log;
+pub mod libnftables;
 pub mod live;
 pub mod netns;
 pub mod nflog;
