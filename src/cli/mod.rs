@@ -473,6 +473,20 @@ pub fn select_profiles(requested: &[String], ctx: &Context) -> anyhow::Result<Se
     })
 }
 
+/// `terok-shield hook createRuntime|poststop` exactly (what the hook descriptors run): run it
+/// without the command-line parser. Any other command line returns `None`.
+pub fn hook_fast_path(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> Option<anyhow::Result<()>> {
+    let args: Vec<_> = args.skip(1).take(3).collect();
+    let stage = match args.iter().map(|a| a.to_str()).collect::<Vec<_>>()[..] {
+        [Some("hook"), Some("createRuntime")] => hook::Stage::CreateRuntime,
+        [Some("hook"), Some("poststop")] => hook::Stage::Poststop,
+        _ => return None,
+    };
+    Some(hook::run(stage))
+}
+
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // The hook needs only the OCI state and the bundle: no config, no HOME.
