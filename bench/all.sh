@@ -19,7 +19,8 @@
 # live-allow.sh take it themselves, the others are run under it here.
 #
 # Environment: START_ROUNDS (15), SCALE_ROUNDS (5), LIVE_ROUNDS (30), DNS_ROUNDS (5),
-# BENCH_BIN (a prebuilt binary instead of target/release/terok-shield).
+# BENCH_BIN (a prebuilt binary instead of target/release/terok-shield), ONLY (a subset of
+# "start scale live dns" to run; the others' reports of an earlier run in $OUT are reused).
 set -euo pipefail
 
 START_ROUNDS=${START_ROUNDS:-15}
@@ -41,20 +42,28 @@ if [ -z "${BENCH_BIN:-}" ]; then
 fi
 export BENCH_BIN
 mkdir -p "$OUT"
-rm -f "$OUT"/*.txt
-
+ONLY=${ONLY:-start scale live dns}
+wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 locked() { flock -w 1800 "$LOCK" "$@"; }
 
-say "podman-start ($START_ROUNDS rounds)"
-locked "$REPO/bench/podman-start.sh" "$START_ROUNDS" >"$OUT/podman-start.txt"
-say "scale-start ($SCALE_ROUNDS rounds)"
-"$REPO/bench/scale-start.sh" "$SCALE_ROUNDS" >"$OUT/scale-start.txt"
-say "live-allow ($LIVE_ROUNDS rounds)"
-"$REPO/bench/live-allow.sh" "$LIVE_ROUNDS" >"$OUT/live-allow.txt"
-for w in 1 8 32; do
-    say "dns-latency ($w in flight, $DNS_ROUNDS rounds)"
-    locked env WINDOW="$w" ROUNDS="$DNS_ROUNDS" BIN="$BENCH_BIN" "$REPO/bench/dns-latency.sh" >"$OUT/dns-$w.txt"
-done
+if wanted start; then
+    say "podman-start ($START_ROUNDS rounds)"
+    locked "$REPO/bench/podman-start.sh" "$START_ROUNDS" >"$OUT/podman-start.txt"
+fi
+if wanted scale; then
+    say "scale-start ($SCALE_ROUNDS rounds)"
+    "$REPO/bench/scale-start.sh" "$SCALE_ROUNDS" >"$OUT/scale-start.txt"
+fi
+if wanted live; then
+    say "live-allow ($LIVE_ROUNDS rounds)"
+    "$REPO/bench/live-allow.sh" "$LIVE_ROUNDS" >"$OUT/live-allow.txt"
+fi
+if wanted dns; then
+    for w in 1 8 32; do
+        say "dns-latency ($w in flight, $DNS_ROUNDS rounds)"
+        locked env WINDOW="$w" ROUNDS="$DNS_ROUNDS" BIN="$BENCH_BIN" "$REPO/bench/dns-latency.sh" >"$OUT/dns-$w.txt"
+    done
+fi
 
 # --- extraction ----------------------------------------------------------------------------
 # Column N (1-based, after the leading "|") of the first table row starting with LABEL.
