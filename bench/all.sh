@@ -106,8 +106,8 @@ qps() { grep -F "| $2" "$1" | tail -1 | awk -F'|' '{ gsub(/ /, "", $3); print $3
 added() { grep -F "| $2" "$1" | head -1 | awk -F'|' '{ gsub(/[ +]/, "", $5); print $5 }'; }
 D1=$OUT/dns-1.txt D8=$OUT/dns-8.txt D32=$OUT/dns-32.txt
 RSS_AFTER=$(grep -F "resolver memory (after the run)" "$D8" | grep -oE 'Rss [0-9]+' | num)
-LAT_OURS=$(added "$D1" "ours ")
-LAT_DNSMASQ=$(added "$D1" "dnsmasq ")
+LAT_OURS=$(added "$D1" "ours " | num)
+LAT_DNSMASQ=$(added "$D1" "dnsmasq " | num)
 
 # --- the table -----------------------------------------------------------------------------
 row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$@"; }
