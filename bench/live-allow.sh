@@ -11,6 +11,8 @@
 #   terok-shield allow NAME IP      a fresh address each round (198.19.0.0/16)
 #   terok-shield allow NAME DOMAIN  a fresh name each round, resolved through a fake DNS server
 #   terok-shield deny NAME IP       the address allowed earlier in the round (adds a conntrack cut)
+#   terok-shield deny NAME CIDR     a fresh /24 of 198.19.128.0/17 each round
+#   terok-shield deny NAME DOMAIN   the name allowed earlier in the round
 # and prints median, p90, min and max of each row.
 #
 # Network: the fake DNS server (a few lines of perl) answers on 198.18.254.2:53 inside the
@@ -195,9 +197,11 @@ for i in $(seq 1 "$ROUNDS"); do
     timed allow_ip as_user "$BIN" allow "$NAME" "$ip"
     grep -q "^Allowed $ip -> $ip for $NAME\$" "$WORK/log/last.out" || die "unexpected allow output: $(cat "$WORK/log/last.out")"
     timed allow_domain as_user "$BIN" allow "$NAME" "d$i.bench.test"
-    grep -q "^Allowed d$i.bench.test -> 198\.18\.20[0-9]\.[0-9]* for $NAME\$" "$WORK/log/last.out" \
+    grep -qE "^Allowed d$i.bench.test( -> 198\.18\.20[0-9]\.[0-9]*)? for $NAME( \(.*\))?\$" "$WORK/log/last.out" \
         || die "unexpected domain allow output: $(cat "$WORK/log/last.out")"
     timed deny_ip as_user "$BIN" deny "$NAME" "$ip"
+    timed deny_cidr as_user "$BIN" deny "$NAME" "198.19.$((128 + i % 128)).0/24"
+    timed deny_domain as_user "$BIN" deny "$NAME" "d$i.bench.test"
 done
 
 state=$(as_user "$BIN" status "$NAME" | awk '/^State:/ { print $2 }')
@@ -225,10 +229,12 @@ line "terok-shield --version" version
 line "terok-shield allow NAME <fresh IP>" allow_ip
 line "terok-shield allow NAME <fresh domain>" allow_domain
 line "terok-shield deny NAME <IP>" deny_ip
+line "terok-shield deny NAME <CIDR>" deny_cidr
+line "terok-shield deny NAME <domain>" deny_domain
 W=$(stat "$WORK/log/true_wrapper.txt" | cut -d' ' -f1)
 echo
 printf 'Medians net of the wrapper baseline (%s ms):' "$W"
-for r in version allow_ip allow_domain deny_ip; do
+for r in version allow_ip allow_domain deny_ip deny_cidr deny_domain; do
     m=$(stat "$WORK/log/$r.txt" | cut -d' ' -f1)
     printf ' %s %s ms;' "$r" "$(awk -v a="$m" -v b="$W" 'BEGIN { printf "%.2f", a - b }')"
 done

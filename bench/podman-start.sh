@@ -8,10 +8,12 @@
 #   shielded:  terok-shield run NAME --profiles bench-start -- --rm IMAGE true
 # both as the rootless test user, same image, release build. Reports medians and the ratio.
 #
-# Phase 2, the createRuntime hook alone: the container is prepared, and its hook descriptor is
-# pointed at a wrapper that times `terok-shield hook createRuntime` (wall clock, ns) under
-# /usr/bin/time (max RSS, KiB); then `podman run` with the prepared flags. The apply timings
-# the hook records in the audit log (generate/load/verify) are reported too.
+# Phase 2, the hooks alone: the container is prepared, and its createRuntime and poststop hook
+# descriptors are pointed at a wrapper that times `terok-shield hook STAGE` (wall clock, ns)
+# under /usr/bin/time (max RSS, KiB); then `podman run` with the prepared flags. The apply
+# timings the hook records in the audit log (generate/load/verify) are reported too, and the
+# same wrapper around /bin/true (run as the user, ROUNDS times) is the baseline subtracted to
+# give the hooks' own time ("net").
 #
 # No container touches the network: each runs `true`.
 #
@@ -59,20 +61,32 @@ BIN=$WORK/bin/terok-shield
 rm -f "$WORK/log/"*
 chown "$E2E_USER" "$WORK/log"
 chmod 700 "$WORK/log"
-HOOK_LOG=$WORK/log/hook.txt
+HOOK_LOG=$WORK/log/hook-createRuntime.txt
+POST_LOG=$WORK/log/hook-poststop.txt
 
 # The hook wrapper: wall time around the real hook, max RSS from /usr/bin/time.
 cat >"$WORK/bin/hook-timer" <<EOF
 #!/bin/sh
-# bench helper: time one createRuntime hook (stdin is the OCI state, passed through).
+# bench helper: time one hook (stdin is the OCI state, passed through; \$2 is the stage).
 s=\$(date +%s%N)
-/usr/bin/time -o "$WORK/log/rss.tmp" -f '%M' "$BIN" "\$@"
+/usr/bin/time -o "$WORK/log/rss-\$2.tmp" -f '%M' "$BIN" "\$@"
 rc=\$?
 e=\$(date +%s%N)
-echo "\$(( (e - s) / 1000 )) \$(tail -n 1 "$WORK/log/rss.tmp") \$rc" >>"$HOOK_LOG"
+echo "\$(( (e - s) / 1000 )) \$(tail -n 1 "$WORK/log/rss-\$2.tmp") \$rc" >>"$WORK/log/hook-\$2.txt"
 exit \$rc
 EOF
 chmod 755 "$WORK/bin/hook-timer"
+# The same wrapper around /bin/true: what timing costs by itself.
+cat >"$WORK/bin/wrapper-timer" <<EOF
+#!/bin/sh
+# bench helper: the hook wrapper's own cost, around /bin/true.
+s=\$(date +%s%N)
+/usr/bin/time -o "$WORK/log/rss-wrapper.tmp" -f '%M' /bin/true
+rc=\$?
+e=\$(date +%s%N)
+echo "\$(( (e - s) / 1000 )) \$(tail -n 1 "$WORK/log/rss-wrapper.tmp") \$rc" >>"$WORK/log/wrapper.txt"
+EOF
+chmod 755 "$WORK/bin/wrapper-timer"
 
 # --- profile (IP entries only: nothing to resolve) -----------------------------------------
 PROFILES_DIR=$E2E_HOME/.config/terok/shield/profiles
@@ -87,11 +101,13 @@ BUNDLE=$E2E_HOME/.local/state/terok/shield/containers/$NAME
 # bench takes them out again unless they were there before it.
 HOOKS_DIR=$E2E_HOME/.config/terok/shield/hooks.d
 HOOK_DESC=$HOOKS_DIR/terok-shield-createRuntime.json
+POST_DESC=$HOOKS_DIR/terok-shield-poststop.json
 HAD_HOOKS=no
 [ -f "$HOOK_DESC" ] && HAD_HOOKS=yes
 cleanup() {
     as_user podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
     [ -f "$WORK/log/desc.orig" ] && cp "$WORK/log/desc.orig" "$HOOK_DESC"
+    [ -f "$WORK/log/post.orig" ] && cp "$WORK/log/post.orig" "$POST_DESC"
     [ "$HAD_HOOKS" = no ] && as_user "$BIN" setup --remove --force >/dev/null 2>&1
     rm -f "$PROFILE_FILE"
     rm -rf "$BUNDLE"
@@ -147,20 +163,27 @@ A_VERIFY=$(echo "$APPLY_LINES" | field verify | median)
 A_GEN=$(echo "$APPLY_LINES" | field generate | median)
 
 # --- phase 2 -------------------------------------------------------------------------------
-say "phase 2: $ROUNDS runs with a timed createRuntime hook"
+say "phase 2: $ROUNDS runs with timed hooks"
 : >"$HOOK_LOG"
-chown "$E2E_USER" "$HOOK_LOG" # the hook runs as the user (root of its user namespace)
+: >"$POST_LOG"
+: >"$WORK/log/wrapper.txt"
+# the hooks run as the user (root of its user namespace)
+chown "$E2E_USER" "$HOOK_LOG" "$POST_LOG" "$WORK/log/wrapper.txt"
 [ -f "$HOOK_DESC" ] || die "no hook descriptor at $HOOK_DESC (the shielded runs above install it)"
-# The user's createRuntime descriptor calls the timing wrapper for this phase only.
+[ -f "$POST_DESC" ] || die "no hook descriptor at $POST_DESC (the shielded runs above install it)"
+# The user's hook descriptors call the timing wrapper for this phase only.
 cp "$HOOK_DESC" "$WORK/log/desc.orig"
-sed -i "s#\"path\": \"[^\"]*\"#\"path\": \"$WORK/bin/hook-timer\"#" "$HOOK_DESC"
+cp "$POST_DESC" "$WORK/log/post.orig"
+sed -i "s#\"path\": \"[^\"]*\"#\"path\": \"$WORK/bin/hook-timer\"#" "$HOOK_DESC" "$POST_DESC"
 for _ in $(seq 1 "$ROUNDS"); do
     flags=$(as_user "$BIN" prepare "$NAME" --profiles "$PROFILE" 2>/dev/null) || die "prepare failed"
     # shellcheck disable=SC2086 # prepare prints shell words; eval keeps its quoting
     eval "as_user podman run --rm $flags \"\$IMAGE\" true" >/dev/null 2>&1 || die "podman run with the timed hook failed"
+    as_user "$WORK/bin/wrapper-timer" </dev/null
 done
 cp "$WORK/log/desc.orig" "$HOOK_DESC"
-rm -f "$WORK/log/desc.orig"
+cp "$WORK/log/post.orig" "$POST_DESC"
+rm -f "$WORK/log/desc.orig" "$WORK/log/post.orig"
 [ "$(wc -l <"$HOOK_LOG")" -eq "$ROUNDS" ] || die "expected $ROUNDS hook timings, got: $(cat "$HOOK_LOG")"
 awk '$3 != 0 { bad = 1 } END { exit bad }' "$HOOK_LOG" || die "a timed hook failed: $(cat "$HOOK_LOG")"
 H_MED=$(awk '{ print $1 }' "$HOOK_LOG" | median)
@@ -168,6 +191,15 @@ H_MIN=$(awk '{ print $1 }' "$HOOK_LOG" | minimum)
 H_MAX=$(awk '{ print $1 }' "$HOOK_LOG" | maximum)
 R_MED=$(awk '{ print $2 }' "$HOOK_LOG" | median)
 R_MAX=$(awk '{ print $2 }' "$HOOK_LOG" | maximum)
+awk '$3 != 0 { bad = 1 } END { exit bad }' "$POST_LOG" || die "a timed poststop hook failed: $(cat "$POST_LOG")"
+PS_MED=$(awk '{ print $1 }' "$POST_LOG" | median)
+PS_MIN=$(awk '{ print $1 }' "$POST_LOG" | minimum)
+PS_MAX=$(awk '{ print $1 }' "$POST_LOG" | maximum)
+PR_MED=$(awk '{ print $2 }' "$POST_LOG" | median)
+W_MED=$(awk '{ print $1 }' "$WORK/log/wrapper.txt" | median)
+W_MIN=$(awk '{ print $1 }' "$WORK/log/wrapper.txt" | minimum)
+W_MAX=$(awk '{ print $1 }' "$WORK/log/wrapper.txt" | maximum)
+net() { awk -v a="$1" -v b="$2" 'BEGIN { v = a - b; if (v < 0) v = 0; printf "%d", v }'; }
 
 # --- summary -------------------------------------------------------------------------------
 row() { printf '| %-42s | %11s | %11s | %11s |\n' "$1" "$2" "$3" "$4"; }
@@ -182,12 +214,18 @@ row "shielded terok-shield run NAME -- ... true" "$(ms "$S_MED") ms" "$(ms "$(mi
 row "ratio shielded / plain (medians)" "${RATIO} x" "" ""
 row "createRuntime hook: wall time" "$(ms "$H_MED") ms" "$(ms "$H_MIN") ms" "$(ms "$H_MAX") ms"
 row "createRuntime hook: max RSS" "$R_MED KiB" "" "$R_MAX KiB"
+row "poststop hook: wall time" "$(ms "$PS_MED") ms" "$(ms "$PS_MIN") ms" "$(ms "$PS_MAX") ms"
+row "poststop hook: max RSS" "$PR_MED KiB" "" ""
+row "timing wrapper around /bin/true" "$(ms "$W_MED") ms" "$(ms "$W_MIN") ms" "$(ms "$W_MAX") ms"
+row "createRuntime hook: net of the wrapper" "$(ms "$(net "$H_MED" "$W_MED")") ms" "" ""
+row "poststop hook: net of the wrapper" "$(ms "$(net "$PS_MED" "$W_MED")") ms" "" ""
 row "hook apply phases (audit): generate" "$(ms2 "$A_GEN") ms" "" ""
 row "hook apply phases (audit): load" "$(ms2 "$A_LOAD") ms" "" ""
 row "hook apply phases (audit): verify" "$(ms2 "$A_VERIFY") ms" "" ""
 cat <<EOF
 
 Wall times include runuser (the same for both legs). The hook's max RSS is that of its
-process tree as /usr/bin/time reports it (the largest of terok-shield and the nft it runs).
-Raw data in $WORK/log: plain.txt and shielded.txt (microseconds), hook.txt (us, KiB, exit).
+process tree as /usr/bin/time reports it (the largest of its processes).
+Raw data in $WORK/log: plain.txt and shielded.txt (microseconds), hook-createRuntime.txt,
+hook-poststop.txt and wrapper.txt (us, KiB, exit).
 EOF

@@ -8,7 +8,7 @@ pub mod annotated;
 pub mod doctor;
 pub mod export;
 pub mod generated;
-pub mod hook;
+mod hook;
 pub mod inspect;
 pub mod live;
 pub mod observe;
@@ -508,6 +508,20 @@ pub fn select_profiles(requested: &[String], ctx: &Context) -> anyhow::Result<Se
     })
 }
 
+/// `terok-shield hook createRuntime|poststop` exactly (what the hook descriptors run): run it
+/// without the command-line parser. Any other command line returns `None`.
+pub fn hook_fast_path(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> Option<anyhow::Result<()>> {
+    let args: Vec<_> = args.skip(1).take(3).collect();
+    let stage = match args.iter().map(|a| a.to_str()).collect::<Vec<_>>()[..] {
+        [Some("hook"), Some("createRuntime")] => hook::Stage::CreateRuntime,
+        [Some("hook"), Some("poststop")] => hook::Stage::Poststop,
+        _ => return None,
+    };
+    Some(hook::run(stage))
+}
+
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // The hook needs only the OCI state and the bundle: no config, no HOME.
@@ -533,13 +547,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ttl_bounds: (bundle.ttl_bounds[0], bundle.ttl_bounds[1]),
             bundle_dir: bundle_dir.clone(),
             name,
-            listen: vec![
-                std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::Ipv6Addr::LOCALHOST.into(),
-            ],
+            listen: crate::effects::resolver::CONTAINER_LISTEN.to_vec(),
             port: 53,
         };
-        crate::effects::resolver::serve(settings, report_ready)?;
+        let prebound = crate::effects::prebound::Prebound::inherited(settings.listen.len())?;
+        crate::effects::resolver::serve(settings, prebound, report_ready)?;
         return Ok(());
     }
     if let Command::InternalEvents { bundle_dir, name } = &cli.command {
@@ -547,8 +559,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
         let settings = crate::effects::events::Settings::from_bundle(bundle_dir, &bundle);
         drop(bundle);
-        let (reader, _no_dns_events) =
-            crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?;
+        let (reader, _no_dns_events) = match crate::effects::prebound::Prebound::inherited(0)? {
+            Some(prebound) => {
+                crate::effects::events::EventReader::with_socket(prebound.nflog, settings)
+            }
+            None => {
+                crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?
+            }
+        };
         report_ready()?;
         return Err(reader.run()).context("the event reader failed");
     }

@@ -16,6 +16,8 @@ use crate::core::verify::{reread_after, verify, VerifyError};
 /// What an apply did and how long each phase took (reported by benchmarks and the audit log).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ApplyReport {
+    /// `libnftables` (in-process) or `nft` (the binary: the library could not be loaded).
+    pub backend: &'static str,
     pub transactions: usize,
     pub elements: usize,
     /// Listings of the table taken to verify it: 1, more when a listing came back torn.
@@ -116,6 +118,7 @@ fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, 
     let t2 = Instant::now();
     let reads = read_back(nft, &ruleset)?;
     Ok(ApplyReport {
+        backend: nft.backend(),
         transactions: total,
         elements: ruleset.element_count(),
         reads,
@@ -156,6 +159,7 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
         other => other?,
     };
     Ok(ApplyReport {
+        backend: nft.backend(),
         transactions: total,
         elements: target.element_count(),
         reads,
@@ -405,6 +409,104 @@ mod tests {
             .unwrap();
         assert_eq!(listings, 1);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The nft binary on this machine, for comparisons with the library.
+    fn binary() -> Nft {
+        Nft::at(crate::effects::nft::find_program("nft", &["/usr/sbin/nft", "/sbin/nft"]).unwrap())
+    }
+
+    /// The library and the binary are the same parser: a ruleset loaded through either lists
+    /// back identically (rules, sets, elements, handles), in every mode, and the library's
+    /// own listing is the binary's, JSON and text alike.
+    #[test]
+    fn library_and_binary_load_and_list_identically() {
+        let (Some(by_lib), Some(by_bin)) = (TempNetns::new("eqlib"), TempNetns::new("eqbin"))
+        else {
+            return;
+        };
+        let lib = Nft::locate().unwrap().in_netns(by_lib.path());
+        assert_eq!(
+            lib.backend(),
+            "libnftables",
+            "libnftables must load on the test host"
+        );
+        let bin = binary().in_netns(by_bin.path());
+        let bin_of_lib = binary().in_netns(by_lib.path());
+        for mode in [Mode::DenyAll, Mode::Bypass, Mode::BypassAll, Mode::Block] {
+            let policy = rich_policy(mode);
+            assert_eq!(apply(&lib, &policy).unwrap().backend, "libnftables");
+            assert_eq!(apply(&bin, &policy).unwrap().backend, "nft");
+            let listed = |n: &Nft| n.list_table_json().unwrap().unwrap();
+            assert_eq!(listed(&bin_of_lib), listed(&bin), "{mode:?}");
+            assert_eq!(listed(&lib), listed(&bin_of_lib), "{mode:?}");
+            assert_eq!(
+                lib.list_table_text().unwrap(),
+                bin_of_lib.list_table_text().unwrap(),
+                "{mode:?}"
+            );
+        }
+        lib.delete_table().unwrap();
+        assert!(lib.list_table_json().unwrap().is_none());
+        assert!(bin_of_lib.list_table_json().unwrap().is_none());
+    }
+
+    /// A library session is reused across commands: changes made meanwhile by someone else
+    /// (here the nft binary) must show in its next listing, never a cached view.
+    #[test]
+    fn a_reused_library_session_sees_changes_made_by_others() {
+        let Some(ns) = TempNetns::new("stale") else {
+            return;
+        };
+        let nft = ns.nft();
+        let policy = rich_policy(Mode::DenyAll);
+        apply(&nft, &policy).unwrap();
+        check(&nft, &policy).unwrap();
+        binary()
+            .in_netns(ns.path())
+            .run_script("add element inet terok_shield allow_v4 { 198.51.100.99 }\n")
+            .unwrap();
+        assert!(matches!(
+            check(&nft, &policy),
+            Err(FirewallError::Verify(_))
+        ));
+        binary().in_netns(ns.path()).delete_table().unwrap();
+        assert!(matches!(check(&nft, &policy), Err(FirewallError::Missing)));
+    }
+
+    /// A user namespace to join as well (a rootless container reached from the user's
+    /// shell): the library runs in a forked worker that joined both.
+    #[test]
+    fn the_library_works_through_a_user_namespace_worker() {
+        if TempNetns::new("userns-probe").is_none() {
+            return;
+        }
+        let mut holder = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--net", "sleep", "30"])
+            .spawn()
+            .expect("unshare");
+        let pid = holder.id();
+        let user = std::path::PathBuf::from(format!("/proc/{pid}/ns/user"));
+        let net = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+        // Wait until unshare has made its namespaces.
+        let own = std::fs::metadata("/proc/self/ns/user").unwrap();
+        for _ in 0..200 {
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&user).is_ok_and(|m| m.ino() != own.ino()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let nft = Nft::locate()
+            .unwrap()
+            .in_namespaces(Some(user.clone()), net.clone());
+        let policy = rich_policy(Mode::DenyAll);
+        let result = apply(&nft, &policy).and_then(|_| check(&nft, &policy));
+        let seen_by_binary = binary().in_namespaces(Some(user), net).list_table_json();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        result.unwrap();
+        assert!(seen_by_binary.unwrap().is_some());
     }
 
     #[test]

@@ -56,6 +56,11 @@ impl NsFiles {
         self.user.is_none() && self.net.is_none()
     }
 
+    /// Whether a user namespace is to be joined (which needs a single-threaded process).
+    pub fn has_user(&self) -> bool {
+        self.user.is_some()
+    }
+
     /// Join the user namespace (if any), then the network namespace.
     ///
     /// Only async-signal-safe syscalls: callable between fork and exec.

@@ -1,18 +1,23 @@
-//! Running `nft`: the one place the shield talks to nftables.
+//! Talking to nftables: the one place the shield loads and lists its table.
 //!
-//! We drive the `nft` binary (a single static binary of ours plus the distribution's nft is
-//! all a host needs). Namespaces are joined in the forked child just before exec, so the
-//! caller may be multi-threaded and never changes namespace itself.
+//! In-process through libnftables (see [`super::libnftables`]) when the library is present,
+//! which it is wherever the nftables package is installed; otherwise by running the `nft`
+//! binary, with the namespaces joined in the forked child just before exec. Either way the
+//! caller may be multi-threaded and never changes namespace itself, and the same parser turns
+//! the same script into the same kernel messages. Which one is in use is reported
+//! ([`Nft::backend`]) and recorded with every apply in the audit log.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thiserror::Error;
 
+use super::libnftables::{self, Library, Session};
 use super::netns::NsFiles;
 use crate::core::ruleset::{FAMILY, TABLE};
 
@@ -20,6 +25,7 @@ use crate::core::ruleset::{FAMILY, TABLE};
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Environment variable naming the nft binary to use (e.g. a wrapper, or a non-standard path).
+/// Setting it selects the `nft` binary over the library.
 pub const NFT_ENV: &str = "TEROK_SHIELD_NFT";
 
 /// Where `nft` lives on common distributions, for hooks that run with an empty PATH.
@@ -34,7 +40,7 @@ const FALLBACK_PATHS: &[&str] = &[
 /// Failures of the nft effect; messages say what to do.
 #[derive(Debug, Error)]
 pub enum NftError {
-    #[error("nft not found (looked in PATH and {}): install the nftables package", FALLBACK_PATHS.join(", "))]
+    #[error("neither {} nor nft (looked in PATH and {}) was found: install the nftables package", libnftables::LIBRARY, FALLBACK_PATHS.join(", "))]
     NotFound,
     #[error("{NFT_ENV}={} is not an absolute path to an executable: point it at nft, or unset it", .0.display())]
     BadOverride(PathBuf),
@@ -47,23 +53,65 @@ pub enum NftError {
     Namespace(#[from] super::netns::NsError),
     #[error("nft failed (exit {code:?}): {stderr}")]
     Failed { code: Option<i32>, stderr: String },
+    #[error("libnftables refused the command: {0}")]
+    Refused(String),
+    #[error("libnftables could not reach the container's namespaces: {0}")]
+    Session(std::io::Error),
     #[error("nft did not finish within {0:?} and was killed")]
     Timeout(Duration),
     #[error("nft printed output that is not valid JSON: {0}")]
     BadJson(serde_json::Error),
 }
 
-/// A handle on the nft binary, optionally bound to a container's namespaces.
-#[derive(Debug, Clone)]
+impl NftError {
+    /// Whether this says our table does not exist (the kernel's ENOENT, as nft words it).
+    fn is_missing_table(&self) -> bool {
+        match self {
+            NftError::Failed { stderr, .. } | NftError::Refused(stderr) => {
+                stderr.contains("No such file or directory")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How commands reach nftables.
+#[derive(Clone, Copy)]
+enum Backend {
+    Library(&'static Library),
+    Binary,
+}
+
+/// A handle on nftables, optionally bound to a container's namespaces.
+///
+/// With the library, the first command opens a session in those namespaces (a context made
+/// there, or a forked worker) and later commands of this handle and its clones reuse it.
+#[derive(Clone)]
 pub struct Nft {
     program: PathBuf,
+    backend: Backend,
+    /// Why the library is not used although it was wanted (it could not be loaded).
+    fallback: Option<String>,
     user_ns: Option<PathBuf>,
     net_ns: Option<PathBuf>,
+    session: Arc<Mutex<Option<Session>>>,
+}
+
+impl std::fmt::Debug for Nft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nft")
+            .field("backend", &self.backend())
+            .field("program", &self.program)
+            .field("user_ns", &self.user_ns)
+            .field("net_ns", &self.net_ns)
+            .finish()
+    }
 }
 
 impl Nft {
-    /// Find nft: `$TEROK_SHIELD_NFT` if set (an absolute path), else PATH, then the usual
-    /// sbin directories.
+    /// Find nftables: `$TEROK_SHIELD_NFT` if set (an absolute path to nft), else libnftables,
+    /// else the nft binary in PATH or the usual sbin directories (the fallback is explicit:
+    /// [`Nft::fallback_reason`]).
     pub fn locate() -> Result<Nft, NftError> {
         if let Some(explicit) = std::env::var_os(NFT_ENV) {
             let path = PathBuf::from(explicit);
@@ -73,17 +121,29 @@ impl Nft {
                 Err(NftError::BadOverride(path))
             };
         }
-        find_program("nft", FALLBACK_PATHS)
-            .map(Nft::at)
-            .ok_or(NftError::NotFound)
+        let program = find_program("nft", FALLBACK_PATHS);
+        match (libnftables::library(), program) {
+            (Ok(lib), program) => Ok(Nft {
+                backend: Backend::Library(lib),
+                ..Nft::at(program.unwrap_or_else(|| PathBuf::from("nft")))
+            }),
+            (Err(why), Some(program)) => Ok(Nft {
+                fallback: Some(why),
+                ..Nft::at(program)
+            }),
+            (Err(_), None) => Err(NftError::NotFound),
+        }
     }
 
-    /// Use a specific nft binary.
+    /// Use a specific nft binary (never the library).
     pub fn at(program: impl Into<PathBuf>) -> Nft {
         Nft {
             program: program.into(),
+            backend: Backend::Binary,
+            fallback: None,
             user_ns: None,
             net_ns: None,
+            session: Arc::default(),
         }
     }
 
@@ -91,6 +151,7 @@ impl Nft {
     pub fn in_netns(self, path: impl Into<PathBuf>) -> Nft {
         Nft {
             net_ns: Some(path.into()),
+            session: Arc::default(),
             ..self
         }
     }
@@ -100,44 +161,67 @@ impl Nft {
         Nft {
             user_ns: user,
             net_ns: Some(net),
+            session: Arc::default(),
             ..self
         }
     }
 
-    /// The nft binary in use.
+    /// The nft binary (used by the binary backend, and by `doctor`'s probes).
     pub fn program(&self) -> &Path {
         &self.program
     }
 
+    /// `libnftables` or `nft`: how commands reach the kernel.
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Library(_) => "libnftables",
+            Backend::Binary => "nft",
+        }
+    }
+
+    /// Why the `nft` binary is used although the library was wanted, if it is.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
     /// Run one nft script (`nft -f -`): one atomic transaction.
     pub fn run_script(&self, script: &str) -> Result<(), NftError> {
-        self.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ())
+        match self.backend {
+            Backend::Library(lib) => self.in_library(lib, script, false).map(drop),
+            Backend::Binary => self.run(&["-f", "-"], Some(script.as_bytes())).map(drop),
+        }
     }
 
     /// Our table as nft's JSON, or `None` if it does not exist.
     pub fn list_table_json(&self) -> Result<Option<Value>, NftError> {
-        match self.run(&["-j", "list", "table", FAMILY, TABLE], None) {
+        let listed = match self.backend {
+            Backend::Library(lib) => self
+                .in_library(lib, &format!("list table {FAMILY} {TABLE}"), true)
+                .map(String::into_bytes),
+            Backend::Binary => self.run(&["-j", "list", "table", FAMILY, TABLE], None),
+        };
+        match listed {
             Ok(out) => serde_json::from_slice(&out)
                 .map(Some)
                 .map_err(NftError::BadJson),
-            Err(NftError::Failed { stderr, .. })
-                if stderr.contains("No such file or directory") =>
-            {
-                Ok(None)
-            }
+            Err(e) if e.is_missing_table() => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Our table as nft text (for `rules`), or `None` if it does not exist.
     pub fn list_table_text(&self) -> Result<Option<String>, NftError> {
-        match self.run(&["list", "table", FAMILY, TABLE], None) {
-            Ok(out) => Ok(Some(String::from_utf8_lossy(&out).into_owned())),
-            Err(NftError::Failed { stderr, .. })
-                if stderr.contains("No such file or directory") =>
-            {
-                Ok(None)
+        let listed = match self.backend {
+            Backend::Library(lib) => {
+                self.in_library(lib, &format!("list table {FAMILY} {TABLE}"), false)
             }
+            Backend::Binary => self
+                .run(&["list", "table", FAMILY, TABLE], None)
+                .map(|out| String::from_utf8_lossy(&out).into_owned()),
+        };
+        match listed {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if e.is_missing_table() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -147,6 +231,30 @@ impl Nft {
         self.run_script(&format!(
             "table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n"
         ))
+    }
+
+    /// Run one command through the library, in this handle's session (opened on first use).
+    fn in_library(
+        &self,
+        lib: &'static Library,
+        command: &str,
+        json: bool,
+    ) -> Result<String, NftError> {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if session.is_none() {
+            let ns = NsFiles::open(self.user_ns.as_deref(), self.net_ns.as_deref())?;
+            *session = Some(Session::open(lib, ns, NFT_TIMEOUT).map_err(NftError::Session)?);
+        }
+        let outcome = session
+            .as_mut()
+            .expect("opened above")
+            .run(command, json)
+            .map_err(|e| {
+                // A worker that failed mid-request is gone: the next command starts afresh.
+                *session = None;
+                NftError::Session(e)
+            })?;
+        outcome.map_err(|err| NftError::Refused(summarise_stderr(err.as_bytes())))
     }
 
     fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, NftError> {
