@@ -173,17 +173,8 @@ pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         let resolv_conf = resolv_conf.context(
             "refusing to start the container: its /etc/resolv.conf mount was not found, so DNS cannot be pointed at the shield's resolver",
         )?;
-        let prebind = (bundle.dns_tier == DnsTier::Builtin)
-            .then_some(&crate::effects::resolver::CONTAINER_LISTEN[..]);
-        let started = start_resolver(
-            dir,
-            &input.name,
-            pid,
-            "internal-resolver",
-            &upstreams,
-            prebind,
-        )
-        .context("refusing to start the container: the DNS resolver did not start")?;
+        let started = start_resolver(dir, &input.name, pid, "internal-resolver", &upstreams)
+            .context("refusing to start the container: the DNS resolver did not start")?;
         // Rewritten in place: the container sees this file through a bind mount of its inode.
         std::fs::write(
             &resolv_conf,
@@ -195,7 +186,7 @@ pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         // No resolver in the static tier, but the event reader (refused packets to the audit
         // log) runs all the same, recorded in the same place so status and poststop see it.
         Some(
-            start_resolver(dir, &input.name, pid, "internal-events", &[], Some(&[]))
+            start_resolver(dir, &input.name, pid, "internal-events", &[])
                 .context("refusing to start the container: the event reader did not start")?,
         )
     };
@@ -253,51 +244,33 @@ pub fn loopback_resolv_conf(original: &str) -> String {
 }
 
 /// Start the resolver (or, with `command` `internal-events`, the static tier's event reader)
-/// inside the container's network namespace. It runs in its own session, detached from the
-/// hook.
-///
-/// With `prebind` (the listen addresses; empty for the event reader alone), the hook binds
-/// the NFLOG and DNS sockets itself and hands them over, so it need not wait for the process
-/// to start: what arrives before it serves waits in the sockets' queues (see
-/// [`crate::effects::prebound`]). Without (dnsmasq binds its own), it waits (bounded) until
-/// the process reports its sockets bound.
+/// inside the container's network namespace and wait (bounded) until it has bound its
+/// sockets. It runs in its own session, detached from the hook.
 fn start_resolver(
     dir: &Path,
     name: &crate::core::bundle::ContainerName,
     pid: u32,
     command: &str,
     upstreams: &[std::net::IpAddr],
-    prebind: Option<&[std::net::IpAddr]>,
 ) -> anyhow::Result<(u32, u64)> {
-    use crate::effects::prebound::{spawn_detached, Prebound};
-    use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-    let ns = crate::effects::netns::NsFiles::open(None, Some(&netns))?;
+    let ns = crate::effects::netns::NsFiles::open(
+        None,
+        Some(Path::new(&format!("/proc/{pid}/ns/net"))),
+    )?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("resolver.log"))
         .context("cannot open resolver.log")?;
-    let program = std::env::current_exe().context("cannot find this program's path")?;
-    let mut args = vec![
-        command.to_string(),
-        dir.display().to_string(),
-        name.as_str().to_string(),
-    ];
-    args.extend(upstreams.iter().map(ToString::to_string));
-    if let Some(listen) = prebind {
-        let parked = Prebound::bind_in(&netns, crate::core::ruleset::NFLOG_GROUP, listen, 53)
-            .and_then(Prebound::into_parked_fds)
-            .context("cannot bind the resolver's sockets in the container")?;
-        let raw_fds: Vec<std::os::fd::RawFd> = parked.iter().map(|fd| fd.as_raw_fd()).collect();
-        let rpid = spawn_detached(&program, &args, &ns, &log, &raw_fds)
-            .context("cannot start the resolver")?;
-        return Ok((rpid, procfs::start_time(rpid)?));
+    let mut cmd = std::process::Command::new(
+        std::env::current_exe().context("cannot find this program's path")?,
+    );
+    cmd.arg(command).arg(dir).arg(name.as_str());
+    for u in upstreams {
+        cmd.arg(u.to_string());
     }
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(&args)
-        .stdin(std::process::Stdio::null())
+    cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log);
     // SAFETY: setns(2) on a descriptor opened before the fork, then setsid(2); both are

@@ -8,7 +8,7 @@ pub mod annotated;
 pub mod doctor;
 pub mod export;
 pub mod generated;
-mod hook;
+pub mod hook;
 pub mod inspect;
 pub mod live;
 pub mod observe;
@@ -547,11 +547,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ttl_bounds: (bundle.ttl_bounds[0], bundle.ttl_bounds[1]),
             bundle_dir: bundle_dir.clone(),
             name,
-            listen: crate::effects::resolver::CONTAINER_LISTEN.to_vec(),
+            listen: vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
             port: 53,
         };
-        let prebound = crate::effects::prebound::Prebound::inherited(settings.listen.len())?;
-        crate::effects::resolver::serve(settings, prebound, report_ready)?;
+        crate::effects::resolver::serve(settings, report_ready)?;
         return Ok(());
     }
     if let Command::InternalEvents { bundle_dir, name } = &cli.command {
@@ -559,14 +561,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
         let settings = crate::effects::events::Settings::from_bundle(bundle_dir, &bundle);
         drop(bundle);
-        let (reader, _no_dns_events) = match crate::effects::prebound::Prebound::inherited(0)? {
-            Some(prebound) => {
-                crate::effects::events::EventReader::with_socket(prebound.nflog, settings)
-            }
-            None => {
-                crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?
-            }
-        };
+        let (reader, _no_dns_events) =
+            crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?;
         report_ready()?;
         return Err(reader.run()).context("the event reader failed");
     }

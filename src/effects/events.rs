@@ -127,15 +127,7 @@ impl EventReader {
     /// before the container's workload starts); returns the reader and the resolver's
     /// hand-off.
     pub fn bind(settings: Settings) -> io::Result<(EventReader, DnsEvents)> {
-        Ok(EventReader::with_socket(
-            NflogSocket::bind(NFLOG_GROUP)?,
-            settings,
-        ))
-    }
-
-    /// A reader of a socket already bound to [`NFLOG_GROUP`] (by the hook, see
-    /// [`crate::effects::prebound`]).
-    pub fn with_socket(sock: NflogSocket, settings: Settings) -> (EventReader, DnsEvents) {
+        let sock = NflogSocket::bind(NFLOG_GROUP)?;
         let (tx, rx) = sync_channel(DNS_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let reader = EventReader {
@@ -147,7 +139,7 @@ impl EventReader {
             writer: Writer::new(settings),
             start: Instant::now(),
         };
-        (reader, DnsEvents { tx, dropped })
+        Ok((reader, DnsEvents { tx, dropped }))
     }
 
     /// Run on a thread of its own for the rest of the process's life. Should reading ever

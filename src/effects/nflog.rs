@@ -95,19 +95,6 @@ impl NflogSocket {
         Ok(sock)
     }
 
-    /// The socket, to hand to another process (see [`crate::effects::prebound`]).
-    pub fn into_fd(self) -> OwnedFd {
-        self.fd
-    }
-
-    /// A socket bound by [`NflogSocket::bind`], possibly in another process.
-    pub fn from_fd(fd: OwnedFd) -> NflogSocket {
-        NflogSocket {
-            fd,
-            buf: vec![0; 256 * 1024],
-        }
-    }
-
     fn wait_ack(&mut self, seq: u32) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {

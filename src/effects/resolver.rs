@@ -33,16 +33,9 @@ use crate::core::target::Protocol;
 use crate::effects::events::{DnsEvents, EventReader};
 use crate::effects::learned_log::{LearnedLog, LEARNED_FILE};
 use crate::effects::nfnetlink::{NfSock, SetKey};
-use crate::effects::prebound::Prebound;
 use crate::effects::state::{load_bundle, STATE_FILE};
 
 pub use crate::core::policy::RESOLVER_MARK;
-
-/// Where a container's resolver listens (port 53): its loopback, IPv4 and IPv6.
-pub const CONTAINER_LISTEN: [IpAddr; 2] = [
-    IpAddr::V4(Ipv4Addr::LOCALHOST),
-    IpAddr::V6(Ipv6Addr::LOCALHOST),
-];
 
 /// How long one question may wait for upstream before the client gets SERVFAIL.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
@@ -113,13 +106,8 @@ impl Shared {
     }
 }
 
-/// Bind every socket (or take the ones the hook bound: `prebound`, one UDP and TCP pair per
-/// listen address), call `ready`, then serve until the process is killed.
-pub fn serve(
-    settings: Settings,
-    prebound: Option<Prebound>,
-    ready: impl FnOnce() -> io::Result<()>,
-) -> io::Result<()> {
+/// Bind every socket, call `ready`, then serve until the process is killed.
+pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
     // One malloc arena for every thread: per-thread arenas cost resident memory each and
     // buy nothing here (a handful of small allocations per question).
     // SAFETY: mallopt only tunes glibc's allocator; called before any thread is started.
@@ -130,17 +118,11 @@ pub fn serve(
     let stamp = stamp(&state_path);
     let bundle = load_bundle(&settings.bundle_dir, &settings.name)
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let event_settings =
-        crate::effects::events::Settings::from_bundle(&settings.bundle_dir, &bundle);
-    let (nflog, mut bound) = match prebound {
-        Some(p) => (Some(p.nflog), p.dns),
-        None => (None, Vec::new()),
-    };
-    let (reader, events) = match nflog {
-        Some(sock) => EventReader::with_socket(sock, event_settings),
-        None => EventReader::bind(event_settings)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot read NFLOG: {e}")))?,
-    };
+    let (reader, events) = EventReader::bind(crate::effects::events::Settings::from_bundle(
+        &settings.bundle_dir,
+        &bundle,
+    ))
+    .map_err(|e| io::Error::new(e.kind(), format!("cannot read NFLOG: {e}")))?;
     reader.spawn()?;
     let shared = Arc::new(Shared {
         events,
@@ -158,13 +140,9 @@ pub fn serve(
     let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
     let mut clients = Vec::new();
     let mut tcp = Vec::new();
-    bound.reverse();
     for addr in shared.settings.listen.clone() {
         let at = SocketAddr::new(addr, shared.settings.port);
-        let (udp, listener) = match bound.pop() {
-            Some(pair) => pair,
-            None => (UdpSocket::bind(at)?, TcpListener::bind(at)?),
-        };
+        let udp = UdpSocket::bind(at)?;
         udp.set_nonblocking(true)?;
         epoll::add(
             &ep,
@@ -173,6 +151,7 @@ pub fn serve(
             epoll::EventFlags::IN,
         )?;
         clients.push(Arc::new(udp));
+        let listener = TcpListener::bind(at)?;
         listener.set_nonblocking(true)?;
         epoll::add(
             &ep,
