@@ -4,12 +4,14 @@
 //! Needs root (to create the namespace); without it the tests print a skip line, except
 //! under `CI=true`, where they fail.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_terok-shield");
+#[path = "common/hook.rs"]
+mod hook_bed;
+
+use hook_bed::{prepare_as_nobody, run_hook, Prepared};
 
 fn privileged() -> bool {
     let ok = rustix::process::geteuid().is_root() && Command::new("nft").arg("-v").output().is_ok();
@@ -89,114 +91,14 @@ impl Drop for FakeContainer {
     }
 }
 
-/// A prepared bundle in a private state dir, with its instance id.
-struct Prepared {
-    root: PathBuf,
-    dir: PathBuf,
-    instance: String,
-}
-
-impl Prepared {
-    /// Run the poststop hook, as the runtime does when the container stops: it stops the
-    /// resolver or event reader the createRuntime hook started.
-    fn poststop(&self) {
-        let state = serde_json::json!({
-            "ociVersion": "1.0.2", "id": "x", "status": "stopped", "bundle": "/nonexistent",
-            "annotations": {
-                "terok.shield.name": "hooked",
-                "terok.shield.state_dir": self.dir,
-                "terok.shield.instance": self.instance,
-            }
-        });
-        let mut child = Command::new(BIN)
-            .args(["hook", "poststop"])
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let _ = child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(state.to_string().as_bytes());
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        if self.dir.join("runtime.json").exists() {
-            self.poststop();
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
 /// Prepare with the static DNS tier: these tests are about the hook itself, and the fake
 /// container has no resolv.conf for a resolver tier to redirect.
 fn prepare(tag: &str) -> Prepared {
     prepare_with(tag, "dns:\n  tier: static\n")
 }
 
-/// `prepare` runs as an unprivileged user (nobody) with a home of its own inside the test's
-/// directory: as root it would install the OCI hooks system-wide, and these tests must leave
-/// the machine as they found it. The hook itself then runs as root, as a rootful runtime
-/// would call it.
 fn prepare_with(tag: &str, config: &str) -> Prepared {
-    use std::os::unix::fs::PermissionsExt;
-    const NOBODY: u32 = 65534;
-    let root = std::env::temp_dir().join(format!("ts-hook-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let profiles = root.join("config/profiles");
-    std::fs::create_dir_all(&profiles).unwrap();
-    std::fs::create_dir_all(root.join("home")).unwrap();
-    std::fs::write(root.join("config/config.yml"), config).unwrap();
-    std::fs::write(profiles.join("t.txt"), "198.51.100.10\n2001:db8::10\n").unwrap();
-    let bin = root.join("terok-shield");
-    // Copied by a child process: a write descriptor held by this (multi-threaded) process
-    // would be inherited by another test's fork and make executing the copy fail (ETXTBSY).
-    let copied = Command::new("install")
-        .args(["-m", "0755", BIN])
-        .arg(&bin)
-        .status()
-        .unwrap();
-    assert!(copied.success(), "install {BIN}");
-    std::fs::create_dir_all(root.join("state")).unwrap();
-    for path in [root.clone(), profiles.clone()] {
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    for owned in ["home", "config", "state"] {
-        std::os::unix::fs::chown(root.join(owned), Some(NOBODY), Some(NOBODY)).unwrap();
-    }
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&bin)
-        .args(["prepare", "hooked", "--profiles", "t", "--json"])
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", root.join("home"))
-        .env("TEROK_SHIELD_CONFIG_DIR", root.join("config"))
-        .env("TEROK_SHIELD_STATE_DIR", root.join("state"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "prepare: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let flags: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
-    let instance = flags
-        .iter()
-        .find_map(|f| f.strip_prefix("--annotation=terok.shield.instance="))
-        .unwrap()
-        .to_string();
-    Prepared {
-        dir: root.join("state/containers/hooked"),
-        root,
-        instance,
-    }
+    prepare_as_nobody("hooked", tag, config, "198.51.100.10\n2001:db8::10\n")
 }
 
 /// The capabilities podman 4.3 gives a container started with the shield's flags.
@@ -232,47 +134,13 @@ fn oci_bundle(dir: &Path, caps: &[&str]) -> PathBuf {
     bundle
 }
 
-fn oci_state(pid: u32, dir: &Path, instance: &str) -> String {
-    let bundle = oci_bundle(dir, PODMAN_CAPS);
-    oci_state_in(pid, dir, instance, &bundle)
-}
-
-fn oci_state_in(pid: u32, dir: &Path, instance: &str, bundle: &Path) -> String {
-    serde_json::json!({
-        "ociVersion": "1.0.2", "id": "x", "status": "creating", "pid": pid, "bundle": bundle,
-        "annotations": {
-            "terok.shield.name": "hooked",
-            "terok.shield.state_dir": dir,
-            "terok.shield.version": env!("CARGO_PKG_VERSION"),
-            "terok.shield.instance": instance,
-        }
-    })
-    .to_string()
+fn oci_state(p: &Prepared, pid: u32, instance: &str) -> String {
+    p.state(instance, Some(pid), &oci_bundle(&p.dir, PODMAN_CAPS))
 }
 
 /// Run `hook createRuntime` with an empty environment; (success, stderr, elapsed).
 fn hook(stdin: &str) -> (bool, String, Duration) {
-    let start = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(["hook", "createRuntime"])
-        .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        start.elapsed(),
-    )
+    run_hook("createRuntime", stdin)
 }
 
 /// A resolver tier needs somewhere to send DNS and a resolv.conf to point at itself; without
@@ -284,7 +152,7 @@ fn resolver_tier_without_upstream_or_resolv_conf_fails_closed() {
     }
     let c = FakeContainer::start();
     let p = prepare_with("no-upstream", "dns:\n  tier: builtin\n");
-    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    let (ok, err, _) = hook(&oci_state(&p, c.pid(), &p.instance));
     assert!(
         !ok,
         "the hook started a builtin-tier container with no upstream"
@@ -295,7 +163,7 @@ fn resolver_tier_without_upstream_or_resolv_conf_fails_closed() {
         "no-resolv",
         "upstream_dns: 198.51.100.53\ndns:\n  tier: builtin\n",
     );
-    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    let (ok, err, _) = hook(&oci_state(&p, c.pid(), &p.instance));
     assert!(
         !ok,
         "the hook started a container whose resolv.conf it cannot redirect"
@@ -310,7 +178,7 @@ fn hook_applies_with_an_empty_environment() {
     }
     let c = FakeContainer::start();
     let p = prepare("empty-env");
-    let (ok, err, took) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    let (ok, err, took) = hook(&oci_state(&p, c.pid(), &p.instance));
     assert!(ok, "hook failed: {err}");
     assert!(took < Duration::from_secs(5), "hook took {took:?}");
     assert!(
@@ -347,7 +215,7 @@ fn hook_applies_with_an_empty_environment() {
     assert!(added.success());
     assert!(c.tables_text().contains("198.51.100.99"));
     p.poststop();
-    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    let (ok, err, _) = hook(&oci_state(&p, c.pid(), &p.instance));
     assert!(ok, "a start in a namespace holding our table failed: {err}");
     let text = c.tables_text();
     assert!(
@@ -372,7 +240,7 @@ fn hook_refuses_the_hosts_own_network_namespace() {
         .output()
         .unwrap()
         .stdout;
-    let (ok, err, _) = hook(&oci_state(std::process::id(), &p.dir, &p.instance));
+    let (ok, err, _) = hook(&oci_state(&p, std::process::id(), &p.instance));
     assert!(!ok && err.contains("host's network namespace"), "{err}");
     let after = Command::new("nft")
         .args(["list", "tables"])
@@ -391,9 +259,9 @@ fn hook_refuses_bad_input_and_changes_nothing() {
     let p = prepare("bad-input");
     for (stdin, expect) in [
         ("not json".to_string(), "not valid OCI state"),
-        (oci_state(c.pid(), &p.dir, "someone-else"), "instance"),
+        (oci_state(&p, c.pid(), "someone-else"), "instance"),
         (
-            oci_state(c.pid(), &p.dir, &p.instance).replace("\"hooked\"", "\"../etc\""),
+            oci_state(&p, c.pid(), &p.instance).replace("\"hooked\"", "\"../etc\""),
             "invalid value",
         ),
     ] {
@@ -430,7 +298,7 @@ fn hook_starts_a_container_prepared_with_the_previous_bundle_format() {
     fields.remove("upstream_dns");
     fields.remove("ttl_bounds");
     std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
-    let old_annotation = oci_state(c.pid(), &p.dir, &p.instance)
+    let old_annotation = oci_state(&p, c.pid(), &p.instance)
         .replace(&format!("\"{}\"", env!("CARGO_PKG_VERSION")), "\"0.1.0\"");
     assert!(old_annotation.contains("\"0.1.0\""), "{old_annotation}");
     let (ok, err, _) = hook(&old_annotation);
@@ -459,7 +327,7 @@ fn hook_refuses_a_bundle_of_a_newer_format() {
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"format\": 2"), "{text}");
     std::fs::write(&path, text.replace("\"format\": 2", "\"format\": 3")).unwrap();
-    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    let (ok, err, _) = hook(&oci_state(&p, c.pid(), &p.instance));
     assert!(!ok, "a format-3 bundle was accepted");
     assert!(
         err.contains("format 3") && err.contains("upgrade terok-shield"),
@@ -478,7 +346,7 @@ fn hook_refuses_a_container_whose_bundle_was_deleted_and_logs_it() {
     let c = FakeContainer::start();
     let p = prepare("deleted");
     std::fs::remove_dir_all(&p.dir).unwrap();
-    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    let (ok, err, _) = hook(&oci_state(&p, c.pid(), &p.instance));
     assert!(!ok && err.contains("no shield state"), "{err}");
     assert!(!c.tables().contains("terok_shield"), "{}", c.tables());
     let audit = std::fs::read_to_string(p.dir.join("audit.jsonl")).unwrap();
@@ -507,7 +375,7 @@ fn hook_refuses_a_container_holding_a_forbidden_capability() {
         let mut caps = PODMAN_CAPS.to_vec();
         caps.push(cap);
         let bundle = oci_bundle(&p.dir, &caps);
-        let (ok, err, _) = hook(&oci_state_in(c.pid(), &p.dir, &p.instance, &bundle));
+        let (ok, err, _) = hook(&p.state(&p.instance, Some(c.pid()), &bundle));
         assert!(!ok, "started a container holding {cap}");
         assert!(
             err.contains(&format!("{cap} (bounding, effective, permitted)"))
@@ -522,10 +390,10 @@ fn hook_refuses_a_container_holding_a_forbidden_capability() {
         "{audit}"
     );
     let missing = p.dir.join("no-such-bundle");
-    let (ok, err, _) = hook(&oci_state_in(c.pid(), &p.dir, &p.instance, &missing));
+    let (ok, err, _) = hook(&p.state(&p.instance, Some(c.pid()), &missing));
     assert!(!ok && err.contains("OCI configuration"), "{err}");
     // The podman defaults pass: the same container starts.
-    let (ok, err, _) = hook(&oci_state(c.pid(), &p.dir, &p.instance));
+    let (ok, err, _) = hook(&oci_state(&p, c.pid(), &p.instance));
     assert!(ok, "{err}");
     assert!(c.tables().contains("table inet terok_shield"));
 }

@@ -18,7 +18,6 @@
 #[macro_use]
 mod e2e;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +25,10 @@ use std::time::{Duration, Instant};
 use e2e::world::{ALLOWED4, BLOCKED4, DNS4, NAMED4};
 use e2e::WorldOnly;
 
-const BIN: &str = env!("CARGO_BIN_EXE_terok-shield");
+#[path = "common/hook.rs"]
+mod hook_bed;
+
+use hook_bed::{prepare_as_nobody, run_hook, Prepared};
 
 /// Where Podman 5 points a pasta container's DNS: pasta forwards it to its upstream.
 const DNS_FORWARD: &str = "169.254.1.1";
@@ -188,57 +190,16 @@ impl Drop for PastaNs {
 
 /// A prepared bundle (as `nobody`, with its own HOME and state, so nothing system-wide is
 /// installed) and an OCI bundle whose resolv.conf says what Podman 5 writes under pasta.
-struct Prepared {
-    root: PathBuf,
-    dir: PathBuf,
-    instance: String,
+struct PastaBundle {
+    prepared: Prepared,
     oci: PathBuf,
 }
 
-fn prepare(tag: &str, config: &str, profile: &str) -> Prepared {
-    use std::os::unix::fs::PermissionsExt;
-    const NOBODY: u32 = 65534;
-    let root = std::env::temp_dir().join(format!("ts-pasta-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let profiles = root.join("config/profiles");
-    std::fs::create_dir_all(&profiles).unwrap();
-    std::fs::create_dir_all(root.join("home")).unwrap();
-    std::fs::create_dir_all(root.join("state")).unwrap();
-    std::fs::write(root.join("config/config.yml"), config).unwrap();
-    std::fs::write(profiles.join("p.txt"), profile).unwrap();
-    let bin = root.join("terok-shield");
-    std::fs::copy(BIN, &bin).unwrap();
-    for path in [root.clone(), profiles.clone(), bin.clone()] {
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    for owned in ["home", "config", "state"] {
-        std::os::unix::fs::chown(root.join(owned), Some(NOBODY), Some(NOBODY)).unwrap();
-    }
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&bin)
-        .args(["prepare", "pasta", "--profiles", "p", "--json"])
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", root.join("home"))
-        .env("TEROK_SHIELD_CONFIG_DIR", root.join("config"))
-        .env("TEROK_SHIELD_STATE_DIR", root.join("state"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "prepare: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let flags: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
-    let instance = flags
-        .iter()
-        .find_map(|f| f.strip_prefix("--annotation=terok.shield.instance="))
-        .unwrap()
-        .to_string();
-    let oci = root.join("oci");
+fn prepare(tag: &str, config: &str, profile: &str) -> PastaBundle {
+    let prepared = prepare_as_nobody("pasta", tag, config, profile);
+    let oci = prepared.root.join("oci");
     std::fs::create_dir_all(&oci).unwrap();
-    let resolv = root.join("resolv.conf");
+    let resolv = prepared.root.join("resolv.conf");
     std::fs::write(&resolv, format!("nameserver {DNS_FORWARD}\n")).unwrap();
     let caps = [
         "CAP_CHOWN",
@@ -252,63 +213,23 @@ fn prepare(tag: &str, config: &str, profile: &str) -> Prepared {
         "mounts": [{"destination": "/etc/resolv.conf", "type": "bind", "source": resolv}],
     });
     std::fs::write(oci.join("config.json"), config.to_string()).unwrap();
-    Prepared {
-        dir: root.join("state/containers/pasta"),
-        root,
-        instance,
-        oci,
-    }
+    PastaBundle { prepared, oci }
 }
 
-impl Prepared {
-    fn hook(&self, stage: &str, pid: Option<u32>) -> (bool, String) {
-        let state = serde_json::json!({
-            "ociVersion": "1.0.2", "id": "pasta", "status": "creating", "pid": pid,
-            "bundle": self.oci,
-            "annotations": {
-                "terok.shield.name": "pasta",
-                "terok.shield.state_dir": self.dir,
-                "terok.shield.version": env!("CARGO_PKG_VERSION"),
-                "terok.shield.instance": self.instance,
-            }
-        });
-        let mut child = Command::new(BIN)
-            .args(["hook", stage])
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let _ = child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(state.to_string().as_bytes());
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+impl PastaBundle {
+    /// `hook createRuntime` on the container process `pid`; (success, stderr).
+    fn create_runtime(&self, pid: u32) -> (bool, String) {
+        let p = &self.prepared;
+        let (ok, err, _) = run_hook("createRuntime", &p.state(&p.instance, Some(pid), &self.oci));
+        (ok, err)
     }
 
     /// What the hook rewrote the container's resolv.conf to.
     fn resolv_conf(&self) -> String {
-        std::fs::read_to_string(self.root.join("resolv.conf")).unwrap()
+        std::fs::read_to_string(self.prepared.root.join("resolv.conf")).unwrap()
     }
 }
 
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        // poststop stops the resolver (or event reader) the createRuntime hook started.
-        let _ = self.hook("poststop", None);
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.root);
-        }
-    }
-}
-
-#[track_caller]
 fn assert_reached(ns: &PastaNs, host: &str, port: u16) {
     let out = ns.connect(host, port);
     assert!(
@@ -349,7 +270,7 @@ fn resolver_tier_works_under_pasta(tier: &str) {
         &format!("dns:\n  tier: {tier}\n"),
         &format!("{ALLOWED4}\nsvc.e2e.test\n"),
     );
-    let (ok, err) = p.hook("createRuntime", Some(ns.pid()));
+    let (ok, err) = p.create_runtime(ns.pid());
     assert!(ok, "the hook refused the pasta namespace: {err}");
     assert!(
         p.resolv_conf().contains("nameserver 127.0.0.1"),
@@ -403,7 +324,7 @@ fn static_tier_permits_pastas_dns_forwarder_only() {
         &format!("upstream_dns: {DNS4}\ndns:\n  tier: static\n"),
         &format!("{ALLOWED4}\nsvc.e2e.test\n"),
     );
-    let (ok, err) = p.hook("createRuntime", Some(ns.pid()));
+    let (ok, err) = p.create_runtime(ns.pid());
     assert!(ok, "the hook refused the pasta namespace: {err}");
     assert_eq!(p.resolv_conf(), format!("nameserver {DNS_FORWARD}\n"));
     assert!(ns.lookup("svc.e2e.test", DNS_FORWARD).contains(NAMED4));
