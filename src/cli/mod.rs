@@ -66,7 +66,8 @@ pub enum Command {
     /// Show audit log entries (JSON lines); -f follows them as they are written.
     Logs(LogsArgs),
     /// Stream refused packets, refused DNS questions and bypass traffic as they happen, for
-    /// one container (until it stops) or all.
+    /// one container (until it stops) or all (events blocked, bypass, dns_refused and
+    /// events_dropped unless --event or --refused narrows them).
     Watch(WatchArgs),
     /// Print a profile of what a container tried to reach and was refused (after a session
     /// in `down` mode: of everything it used).
@@ -327,7 +328,14 @@ pub struct WatchArgs {
     /// One JSON object (the audit record) per line instead of readable text.
     #[arg(long)]
     pub json: bool,
-    /// Only these events (comma separated; default blocked,bypass,dns_refused,events_dropped).
+    #[command(flatten)]
+    pub filter: EventFilterArgs,
+}
+
+/// `--event` / `--refused`, shared by `watch` and `logs`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EventFilterArgs {
+    /// Only these events (comma separated), e.g. blocked,dns_refused.
     #[arg(
         long,
         value_name = "EVENT",
@@ -392,17 +400,8 @@ pub struct LogsArgs {
     /// Only entries at or after this time: RFC 3339 (2026-11-30T14:00:00Z) or an age (10m, 2h, 1d).
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
-    /// Only these events (comma separated), e.g. blocked,dns_refused.
-    #[arg(
-        long,
-        value_name = "EVENT",
-        value_delimiter = ',',
-        conflicts_with = "refused"
-    )]
-    pub event: Vec<String>,
-    /// Only refusals: the same as --event blocked,dns_refused.
-    #[arg(long)]
-    pub refused: bool,
+    #[command(flatten)]
+    pub filter: EventFilterArgs,
 }
 
 /// Arguments of `setup`.

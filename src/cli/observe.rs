@@ -39,17 +39,16 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// `--event`/`--refused` (or `defaults`) and `--since` as a filter.
 fn record_filter(
-    events: &[String],
-    refused: bool,
+    filter: &super::EventFilterArgs,
     defaults: &[&str],
     since: Option<&str>,
 ) -> anyhow::Result<RecordFilter> {
-    let events: Vec<String> = if refused {
+    let events: Vec<String> = if filter.refused {
         REFUSAL_EVENTS.iter().map(|e| e.to_string()).collect()
-    } else if events.is_empty() {
+    } else if filter.event.is_empty() {
         defaults.iter().map(|e| e.to_string()).collect()
     } else {
-        events.to_vec()
+        filter.event.clone()
     };
     let since = since
         .map(|s| parse_since(s, unix_millis() as u64))
@@ -90,7 +89,7 @@ fn running_dir(name: &ContainerName, ctx: &Context, instead: &str) -> anyhow::Re
 
 /// `logs [--container NAME] [-n N] [--json] [-f] [--since T] [--event E,...|--refused]`.
 pub fn logs(args: &LogsArgs, ctx: &Context) -> anyhow::Result<()> {
-    let filter = record_filter(&args.event, args.refused, &[], args.since.as_deref())?;
+    let filter = record_filter(&args.filter, &[], args.since.as_deref())?;
     let only = args
         .container
         .as_deref()
@@ -158,7 +157,7 @@ fn follow_logs(
 /// `watch [NAME] [--json] [--event E,...|--refused]`: packet and DNS events as they are
 /// written, one line each; with NAME it ends when that container stops.
 pub fn watch(args: &WatchArgs, ctx: &Context) -> anyhow::Result<()> {
-    let filter = record_filter(&args.event, args.refused, TRAFFIC_EVENTS, None)?;
+    let filter = record_filter(&args.filter, TRAFFIC_EVENTS, None)?;
     let only = args.name.as_deref().map(ContainerName::new).transpose()?;
     let dir = only
         .as_ref()
@@ -219,7 +218,11 @@ pub fn watch(args: &WatchArgs, ctx: &Context) -> anyhow::Result<()> {
 /// what it reached).
 pub fn learn(args: &LearnArgs, ctx: &Context) -> anyhow::Result<()> {
     let name = ContainerName::new(&args.name)?;
-    let filter = record_filter(&[], false, LEARN_EVENTS, args.since.as_deref())?;
+    let filter = record_filter(
+        &super::EventFilterArgs::default(),
+        LEARN_EVENTS,
+        args.since.as_deref(),
+    )?;
     let store = StateStore::new(&ctx.paths.containers_dir);
     let dir = store.dir(&name);
     if !dir.is_dir() {
@@ -508,9 +511,9 @@ mod tests {
         else {
             panic!()
         };
-        assert!(a.follow && !a.json && !a.refused);
+        assert!(a.follow && !a.json && !a.filter.refused);
         assert_eq!(a.since.as_deref(), Some("10m"));
-        assert_eq!(a.event, ["blocked", "dns_refused"]);
+        assert_eq!(a.filter.event, ["blocked", "dns_refused"]);
         for bad in [
             &["logs", "-f", "--json"][..],
             &["logs", "--refused", "--event", "stop"],
