@@ -4,7 +4,7 @@
 //! into the fake internet of tests/e2e/world.rs) and shows it fails, and runs the same
 //! technique where it can work (a plain container, or an allowed target) to show that the
 //! technique itself does something observable there, so each test could fail. Needs root and
-//! scripts/podman-env.sh (see docs/testing-e2e.md, "Escape tests").
+//! scripts/podman-env.sh (see docs/testing-e2e.md, "Soak and escape tests").
 
 #[path = "e2e/mod.rs"]
 #[macro_use]
@@ -385,4 +385,104 @@ fn the_state_bundle_is_not_visible_inside_the_container() {
         out.stdout.contains("FOUND /mnt/leak/state.json"),
         "control: the search did not find a mounted bundle: {out}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. SO_MARK forgery of the resolver's mark
+// ---------------------------------------------------------------------------------------
+
+/// Python (run in the container's user + network namespaces): set the builtin resolver's
+/// SO_MARK on a UDP socket and ask the world's other DNS server for NAME with it. Bounded by
+/// a 2 s receive timeout. Prints `CAPEFF hex`, `MARK ok|errno N` and `ANSWER n|SEND error`.
+fn forge_script(name: &str) -> String {
+    let mark = terok_shield::core::policy::RESOLVER_MARK;
+    let labels: String = name
+        .split('.')
+        .map(|l| format!("bytes([{}]) + b\"{l}\" + ", l.len()))
+        .collect();
+    format!(
+        "import socket, struct\n\
+         print('CAPEFF', open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         try:\n    s.setsockopt(socket.SOL_SOCKET, 36, {mark}); print('MARK ok')\n\
+         except OSError as e:\n    print('MARK errno', e.errno)\n\
+         q = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0) + {labels}b'\\0' + struct.pack('>HH', 1, 1)\n\
+         s.settimeout(2)\n\
+         try:\n    s.sendto(q, ('{OTHER_DNS4}', 53)); print('ANSWER', len(s.recv(512)))\n\
+         except OSError as e:\n    print('SEND', e)\n"
+    )
+}
+
+/// `nsenter` into the user and network namespaces of `pid` (as uid 0 there), optionally
+/// through `setpriv` dropping CAP_NET_ADMIN and CAP_NET_RAW as the shield drops them from
+/// the workload, then run `script` with the system python3.
+fn in_container_ns(pid: &str, drop_caps: bool, script: &str) -> String {
+    let mut args: Vec<&str> = vec!["10", "nsenter", "-t", pid, "-U", "-n", "--"];
+    if drop_caps {
+        args.extend_from_slice(&[
+            "setpriv",
+            "--bounding-set=-net_admin,-net_raw",
+            "--inh-caps=-net_admin,-net_raw",
+            "--",
+        ]);
+    }
+    args.extend_from_slice(&["/usr/bin/python3", "-c", script]);
+    let out = std::process::Command::new("timeout")
+        .args(&args)
+        .current_dir("/")
+        .output()
+        .expect("nsenter runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_resolver_mark_cannot_be_forged_without_cap_net_admin() {
+    const NET_ADMIN: u64 = 1 << 12;
+    let mut h = e2e!();
+    h.set_config(&dns_config("builtin", ""));
+    h.profile("e2e-esc-mark", "svc.e2e.test\n");
+    let name = h.name("esc-mark");
+    h.run_detached(&name, "e2e-esc-mark").expect_ok();
+    let pid = h
+        .podman(&["inspect", "-f", "{{.State.Pid}}", &name])
+        .expect_ok()
+        .stdout
+        .trim()
+        .to_string();
+
+    // The attack, with the workload's lack of CAP_NET_ADMIN: no mark, no way to upstream DNS.
+    let out = in_container_ns(&pid, true, &forge_script("forge-a.e2e.test"));
+    let capeff = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CAPEFF "))
+        .and_then(|x| u64::from_str_radix(x.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("the forging client did not run: {out}"));
+    assert_eq!(capeff & NET_ADMIN, 0, "CAP_NET_ADMIN left: {out}");
+    assert!(out.contains("MARK errno 1"), "SO_MARK was not EPERM: {out}");
+    assert!(
+        !out.contains("ANSWER"),
+        "an unmarked query got an answer: {out}"
+    );
+    let log = h.world.dns_log();
+    assert!(
+        !log.iter().any(|q| q.name == "forge-a.e2e.test"),
+        "the unmarked query reached the world: {log:?}"
+    );
+
+    // Control: with CAP_NET_ADMIN in the container's user namespace (as the shield's own
+    // resolver has), the same mark is accepted and the query goes through the firewall.
+    let out = in_container_ns(&pid, false, &forge_script("forge-b.e2e.test"));
+    assert!(out.contains("MARK ok"), "control: SO_MARK failed: {out}");
+    assert!(out.contains("ANSWER"), "control: no answer: {out}");
+    let log = h.world.dns_log();
+    assert!(
+        log.iter()
+            .any(|q| q.name == "forge-b.e2e.test" && q.server.ip().to_string() == OTHER_DNS4),
+        "control: the marked query did not reach the world: {log:?}"
+    );
+    assert_eq!(h.shield_state(&name), "up");
 }
