@@ -203,7 +203,7 @@ fn invalid(msg: String) -> io::Error {
 /// Linux 6.12 added this (commit 4201f3938914); before, re-adding an existing element is a
 /// silent no-op, and a DNS-learned address would expire while the name still resolves to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refresh {
+pub enum Refresh {
     /// One `NEWSETELEM`: the kernel updates the timeout itself.
     Update,
     /// `NEWSETELEM`, `DELSETELEM`, `NEWSETELEM` in one batch: the first makes sure each
@@ -297,11 +297,7 @@ impl NfSock {
         timeout: Option<Duration>,
     ) -> io::Result<()> {
         let timeout_ms = check_add(set, elems, timeout)?;
-        let ops: &[Op] = match (timeout_ms, self.refresh) {
-            (Some(_), Refresh::Replace) => &[Op::New, Op::Del, Op::New],
-            _ => &[Op::New],
-        };
-        self.apply(set, elems, timeout_ms, ops)
+        self.apply(set, elems, timeout_ms, add_ops(timeout_ms, self.refresh))
     }
 
     /// Remove elements from a hash set of `inet terok_shield`.
@@ -320,66 +316,149 @@ impl NfSock {
         timeout_ms: Option<u64>,
         ops: &[Op],
     ) -> io::Result<()> {
-        let Some(first) = elems.first() else {
-            return Ok(());
-        };
-        // A key twice in one message would make a delete fail with ENOENT.
-        let mut keys = elems.to_vec();
-        keys.sort_unstable();
-        keys.dedup();
-        let per_chunk = MAX_ELEMENT_BYTES / first.shape().element_len(timeout_ms.is_some());
-        for chunk in keys.chunks(per_chunk) {
-            let begin = self.seq;
-            self.seq = self.seq.wrapping_add(ops.len() as u32 + 2);
-            self.out.clear();
-            encode_batch(&mut self.out, begin, set, chunk, timeout_ms, ops);
-            send(&self.fd, &self.out, SendFlags::empty())?;
-            self.wait_acks(begin, ops.len() as u32)?;
-        }
-        Ok(())
+        let NfSock {
+            fd,
+            seq,
+            out,
+            reply,
+            ..
+        } = self;
+        each_batch(set, elems, timeout_ms, ops, seq, out, |batch, begin| {
+            send(&*fd, batch, SendFlags::empty())?;
+            wait_acks(fd, reply, begin, ops.len() as u32)
+        })
     }
+}
 
-    /// Wait for one reply (ack or error) to each of the `count` messages after the batch
-    /// header `begin`. A failed batch may also (or only) answer for its header, with nothing
-    /// else to follow, so the first error ends the wait and leftovers are drained.
-    fn wait_acks(&mut self, begin: u32, count: u32) -> io::Result<()> {
-        let deadline = Instant::now() + RECV_TIMEOUT;
-        let mut acked = 0u32; // bit i: message begin + 1 + i answered
-        let all = (1u32 << count) - 1;
-        let mut failure = None;
-        while acked != all && failure.is_none() {
-            if Instant::now() >= deadline {
-                return Err(timed_out());
+/// The messages of one add: with a timeout on a kernel that does not refresh it (see
+/// [`Refresh`]), each element is made sure, deleted and added again in one batch.
+fn add_ops(timeout_ms: Option<u64>, refresh: Refresh) -> &'static [Op] {
+    match (timeout_ms, refresh) {
+        (Some(_), Refresh::Replace) => &[Op::New, Op::Del, Op::New],
+        _ => &[Op::New],
+    }
+}
+
+/// Encode every batch of one call into `out`, one at a time, and hand each to `send_one`
+/// with the sequence number of its `BATCH_BEGIN`: the keys sorted and without repeats (a key
+/// twice in one message would make a delete fail with ENOENT), in chunks of at most
+/// [`MAX_ELEMENT_BYTES`] of elements. `seq` is advanced past every message sent.
+fn each_batch(
+    set: &str,
+    elems: &[SetKey],
+    timeout_ms: Option<u64>,
+    ops: &[Op],
+    seq: &mut u32,
+    out: &mut Vec<u8>,
+    mut send_one: impl FnMut(&[u8], u32) -> io::Result<()>,
+) -> io::Result<()> {
+    let Some(first) = elems.first() else {
+        return Ok(());
+    };
+    let mut keys = elems.to_vec();
+    keys.sort_unstable();
+    keys.dedup();
+    let per_chunk = MAX_ELEMENT_BYTES / first.shape().element_len(timeout_ms.is_some());
+    for chunk in keys.chunks(per_chunk) {
+        let begin = *seq;
+        *seq = seq.wrapping_add(ops.len() as u32 + 2);
+        out.clear();
+        encode_batch(out, begin, set, chunk, timeout_ms, ops);
+        send_one(out, begin)?;
+    }
+    Ok(())
+}
+
+/// The batches [`NfSock::add_elements`] sends for these arguments on a kernel whose timeout
+/// handling is `refresh`, the first `BATCH_BEGIN` numbered `first_seq`; nothing is sent.
+/// The same checks apply (an `InvalidInput` error where `add_elements` would refuse). Pure,
+/// so that tests and fuzz targets can decode the messages again.
+pub fn add_batches(
+    set: &str,
+    elems: &[SetKey],
+    timeout: Option<Duration>,
+    refresh: Refresh,
+    first_seq: u32,
+) -> io::Result<Vec<Vec<u8>>> {
+    let timeout_ms = check_add(set, elems, timeout)?;
+    collect_batches(
+        set,
+        elems,
+        timeout_ms,
+        add_ops(timeout_ms, refresh),
+        first_seq,
+    )
+}
+
+/// The batches [`NfSock::delete_elements`] sends; see [`add_batches`].
+pub fn delete_batches(set: &str, elems: &[SetKey], first_seq: u32) -> io::Result<Vec<Vec<u8>>> {
+    check_set(set, elems)?;
+    collect_batches(set, elems, None, &[Op::Del], first_seq)
+}
+
+fn collect_batches(
+    set: &str,
+    elems: &[SetKey],
+    timeout_ms: Option<u64>,
+    ops: &[Op],
+    first_seq: u32,
+) -> io::Result<Vec<Vec<u8>>> {
+    let (mut seq, mut out, mut batches) = (first_seq, Vec::new(), Vec::new());
+    each_batch(
+        set,
+        elems,
+        timeout_ms,
+        ops,
+        &mut seq,
+        &mut out,
+        |batch, _| {
+            batches.push(batch.to_vec());
+            Ok(())
+        },
+    )?;
+    Ok(batches)
+}
+
+/// Wait for one reply (ack or error) to each of the `count` messages after the batch header
+/// `begin`. A failed batch may also (or only) answer for its header, with nothing else to
+/// follow, so the first error ends the wait and leftovers are drained.
+fn wait_acks(fd: &OwnedFd, reply: &mut [u8], begin: u32, count: u32) -> io::Result<()> {
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    let mut acked = 0u32; // bit i: message begin + 1 + i answered
+    let all = (1u32 << count) - 1;
+    let mut failure = None;
+    while acked != all && failure.is_none() {
+        if Instant::now() >= deadline {
+            return Err(timed_out());
+        }
+        let n = match recv(fd, &mut *reply, RecvFlags::empty()) {
+            Ok((n, _)) => n.min(reply.len()),
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => return Err(timed_out()),
+            Err(e) => return Err(e.into()),
+        };
+        for (seq, errno) in acks(&reply[..n]) {
+            let offset = seq.wrapping_sub(begin);
+            if offset > count + 1 {
+                continue; // a late answer to an earlier call
             }
-            let n = match recv(&self.fd, &mut self.reply[..], RecvFlags::empty()) {
-                Ok((n, _)) => n.min(self.reply.len()),
-                Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => return Err(timed_out()),
-                Err(e) => return Err(e.into()),
-            };
-            for (seq, errno) in acks(&self.reply[..n]) {
-                let offset = seq.wrapping_sub(begin);
-                if offset > count + 1 {
-                    continue; // a late answer to an earlier call
-                }
-                if errno != 0 {
-                    failure.get_or_insert(errno);
-                } else if (1..=count).contains(&offset) {
-                    acked |= 1 << (offset - 1);
-                }
+            if errno != 0 {
+                failure.get_or_insert(errno);
+            } else if (1..=count).contains(&offset) {
+                acked |= 1 << (offset - 1);
             }
         }
-        match failure {
-            None => Ok(()),
-            Some(errno) => {
-                // Everything is queued by the time `send` returns; leave nothing behind.
-                while let Ok((n, _)) = recv(&self.fd, &mut self.reply[..], RecvFlags::DONTWAIT) {
-                    if n == 0 {
-                        break;
-                    }
+    }
+    match failure {
+        None => Ok(()),
+        Some(errno) => {
+            // Everything is queued by the time `send` returns; leave nothing behind.
+            while let Ok((n, _)) = recv(fd, &mut *reply, RecvFlags::DONTWAIT) {
+                if n == 0 {
+                    break;
                 }
-                Err(io::Error::from_raw_os_error(errno))
             }
+            Err(io::Error::from_raw_os_error(errno))
         }
     }
 }
@@ -393,7 +472,7 @@ fn timed_out() -> io::Error {
 
 /// The `(sequence, errno)` of each `NLMSG_ERROR` in a datagram (errno 0 is an ack). A reply
 /// truncated by our buffer (an error echoes the whole request) still has its header and errno.
-pub(crate) fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
+pub fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
     std::iter::from_fn(move || loop {
         if data.len() < NLMSG_HDRLEN {
             return None;
