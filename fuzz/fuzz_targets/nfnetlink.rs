@@ -156,7 +156,7 @@ fn decode_batch(set: &str, batch: &[u8]) -> (u32, Vec<Decoded>) {
         assert!(b.len() >= 20);
         let len = u32_at(b, 0) as usize;
         assert!(
-            len >= 20 && len <= b.len() && len % 4 == 0,
+            len >= 20 && len <= b.len() && len.is_multiple_of(4),
             "message length {len}"
         );
         msgs.push(&b[..len]);
