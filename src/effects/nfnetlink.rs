@@ -822,6 +822,62 @@ mod tests {
         }
     }
 
+    /// The pure batch builder (what the fuzz target decodes) is what the socket path sends:
+    /// keys sorted and without repeats, chunked, numbered from the first sequence number.
+    #[test]
+    fn batches_are_what_a_call_sends() {
+        let keys: Vec<SetKey> = (0..1500u32)
+            .chain(0..10)
+            .map(|i| SetKey::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        let batches = add_batches("allow_v4", &keys, None, Refresh::Replace, 7).unwrap();
+        // 16-byte elements without a timeout: 1024 per chunk, so 1500 distinct keys take two.
+        assert_eq!(batches.len(), 2);
+        let mut first = Vec::new();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        encode_batch(&mut first, 7, "allow_v4", &sorted[..1024], None, &[Op::New]);
+        assert_eq!(batches[0], first);
+        let seq = |b: &[u8]| u32::from_ne_bytes(b[8..12].try_into().unwrap());
+        assert_eq!(
+            seq(&batches[1]),
+            7 + 3,
+            "one message and the batch frame per chunk"
+        );
+
+        // With a timeout on a kernel that does not refresh it: make sure, delete, add again.
+        let timed = add_batches(
+            "dns_v4",
+            &keys[..3],
+            Some(Duration::from_secs(5)),
+            Refresh::Replace,
+            0,
+        )
+        .unwrap();
+        let mut want = Vec::new();
+        let ops = [Op::New, Op::Del, Op::New];
+        encode_batch(&mut want, 0, "dns_v4", &keys[..3], Some(5000), &ops);
+        assert_eq!(timed, [want]);
+        let types = |b: &[u8]| {
+            let mut out = Vec::new();
+            let mut rest = b;
+            while rest.len() >= NLMSG_HDRLEN {
+                let len = u32::from_ne_bytes(rest[..4].try_into().unwrap()) as usize;
+                out.push(u16::from_ne_bytes([rest[4], rest[5]]) & 0xff);
+                rest = &rest[len..];
+            }
+            out
+        };
+        assert_eq!(types(&timed[0]), [0x10, 12, 14, 12, 0x11]);
+        let t = Some(Duration::from_secs(5));
+        let updated = add_batches("dns_v4", &keys[..3], t, Refresh::Update, 0).unwrap();
+        assert_eq!(types(&updated[0]), [0x10, 12, 0x11]);
+        assert!(add_batches("allow_net_v4", &keys, None, Refresh::Update, 0).is_err());
+        assert!(delete_batches("dns_v6", &keys, 0).is_err());
+        assert!(delete_batches("allow_v4", &[], 0).unwrap().is_empty());
+    }
+
     #[test]
     fn refresh_form_follows_the_kernel_release() {
         for (release, form) in [
