@@ -484,7 +484,9 @@ pub fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
         let msg = &data[..len.min(data.len())];
         data = &data[align4(len).min(data.len())..];
         if kind == NLMSG_ERROR && msg.len() >= NLMSG_HDRLEN + 4 {
-            return Some((seq, -(u32_at(msg, NLMSG_HDRLEN) as i32)));
+            // The kernel sends -errno; i32::MIN has no negation, and must still read as a
+            // failure (never as the 0 of an ack), so the negation wraps.
+            return Some((seq, (u32_at(msg, NLMSG_HDRLEN) as i32).wrapping_neg()));
         }
     })
 }
@@ -760,6 +762,30 @@ mod tests {
         data.truncate(data.len() - 30); // as if our buffer were too small for the echo
         assert_eq!(acks(&data).collect::<Vec<_>>(), [(7, 0), (8, 2)]);
         assert_eq!(acks(&data[..10]).count(), 0);
+    }
+
+    /// Found by the `nfnetlink` fuzz target: an NLMSG_ERROR whose error field is i32::MIN
+    /// (no kernel sends it) overflowed the negation, a panic with overflow checks on. It is a
+    /// failure, as every non-zero error is. The crashing input, as the fuzzer wrote it:
+    #[test]
+    fn an_error_without_a_negation_is_still_a_failure() {
+        let crash = hex(
+            "00 00 04 00 02 00 00 00 00 00 00 30 00 00 00 5b 00 00 00 80 00 02 00 00
+            00 00 21 00 00 00 00 00 00 00 00 00 00 00 8f 00 00 00 00 00 00 00 00 00 00 00 00 00
+            00 00 00 04 02 00 00 00 00 00 00 00 00 00 00 02 00 00 00 30 00 00 00 5b 00 00 00 80
+            00 02 00 00 00 00 21 00 00 00 00 00 00 00 00 00 00 00 8f 00 00 00 00 00 00 00 00 00
+            00 00 00 00 00 00 00 04 02 00 00 00 00 00 00 00 00 00 00 02 ff 1a",
+        );
+        let got: Vec<(u32, i32)> = acks(&crash).collect();
+        assert!(!got.is_empty());
+        assert!(got.iter().all(|(_, errno)| *errno != 0), "{got:?}");
+
+        let mut data = Vec::new();
+        let m = start_msg(&mut data, NLMSG_ERROR, 0, 5, 0, 0);
+        data.truncate(m + NLMSG_HDRLEN);
+        data.extend_from_slice(&i32::MIN.to_ne_bytes());
+        finish(&mut data, m, true);
+        assert_eq!(acks(&data).collect::<Vec<_>>(), [(5, i32::MIN)]);
     }
 
     #[test]
