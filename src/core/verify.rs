@@ -95,13 +95,33 @@ pub fn verify(expected: &Ruleset, live: &Value) -> Result<(), VerifyError> {
                 && t.get("name").and_then(Value::as_str) == Some(TABLE)
             {
                 tables += 1;
+                // A `dormant` table keeps its chains but filters nothing; `owner` ties it
+                // to one process and removes it when that exits. We set no flags at all.
+                match t.get("flags") {
+                    None => {}
+                    Some(Value::Array(a)) if a.is_empty() => {}
+                    Some(flags) => problems.push(format!(
+                        "table {FAMILY} {TABLE} has flags {flags} (a dormant table filters nothing)"
+                    )),
+                }
             }
         } else if let Some(s) = obj.get("set").filter(|s| ours(s)) {
-            live_sets.insert(str_field(s, "name"), s);
+            // The kernel holds one set of a name; a listing with two is not a faithful
+            // picture, and either copy alone could hide the other.
+            if live_sets.insert(str_field(s, "name"), s).is_some() {
+                problems.push(format!("set {} is listed twice", str_field(s, "name")));
+            }
         } else if let Some(c) = obj.get("chain").filter(|c| ours(c)) {
-            live_chains.insert(str_field(c, "name"), c);
+            if live_chains.insert(str_field(c, "name"), c).is_some() {
+                problems.push(format!("chain {} is listed twice", str_field(c, "name")));
+            }
         } else if let Some(r) = obj.get("rule").filter(|r| ours(r)) {
             live_rules.entry(str_field(r, "chain")).or_default().push(r);
+        } else if let Some((kind, body)) = obj.as_object().and_then(|o| o.iter().next()) {
+            // Maps, flowtables, counters, ...: we create none, so any is a difference.
+            if kind != "metainfo" && ours(body) {
+                problems.push(format!("unexpected {kind} {}", str_field(body, "name")));
+            }
         }
     }
     if tables != 1 {
@@ -653,6 +673,95 @@ mod tests {
         assert!(!err.listing_torn(), "{err}");
         assert!(err.to_string().contains("live elements differ"), "{err}");
         assert_eq!(reread_after(1, &err), None);
+    }
+
+    /// Found by the `verify` fuzz target: a table with `flags dormant` lists with all its
+    /// chains and rules (nft 1.0.6 prints `"flags": "inet"` for it) but filters nothing.
+    #[test]
+    fn a_table_with_flags_never_passes() {
+        let rs = Ruleset::generate(&policy());
+        for flags in [json!("dormant"), json!("inet"), json!(["dormant", "owner"])] {
+            let mut v = as_live(&rs);
+            v["nftables"][1]["table"]["flags"] = flags.clone();
+            let err = verify(&rs, &v).unwrap_err();
+            assert!(err.to_string().contains("has flags"), "{flags}: {err}");
+            assert!(!err.listing_torn());
+        }
+        let mut v = as_live(&rs);
+        v["nftables"][1]["table"]["flags"] = json!([]);
+        verify(&rs, &v).unwrap();
+    }
+
+    /// Found by the `verify` fuzz target: a second `chain denied` (policy accept) or a second
+    /// copy of a set replaced the first in the comparison, so the listing passed. The kernel
+    /// holds one object per name; a listing with two is never faithful.
+    #[test]
+    fn an_object_listed_twice_never_passes() {
+        let rs = Ruleset::generate(&policy());
+        let base = as_live(&rs);
+        let objs = base["nftables"].as_array().unwrap();
+        let at = |pred: &dyn Fn(&Value) -> bool| objs.iter().position(pred).unwrap();
+
+        let mut v = base.clone();
+        let i = at(&|o| o["chain"]["name"] == "denied");
+        let mut twin = v["nftables"][i].clone();
+        twin["chain"]["policy"] = json!("accept");
+        v["nftables"].as_array_mut().unwrap().insert(i + 1, twin);
+        let err = verify(&rs, &v).unwrap_err();
+        assert!(
+            err.to_string().contains("chain denied is listed twice"),
+            "{err}"
+        );
+
+        let mut v = base.clone();
+        let i = at(&|o| o["set"]["name"] == "allow_v4");
+        let mut twin = v["nftables"][i].clone();
+        twin["set"]["elem"] = json!(["198.51.100.99"]);
+        v["nftables"].as_array_mut().unwrap().insert(i + 1, twin);
+        let err = verify(&rs, &v).unwrap_err();
+        assert!(
+            err.to_string().contains("set allow_v4 is listed twice"),
+            "{err}"
+        );
+    }
+
+    /// An object of a kind we never create (a flowtable, a map, a named counter) in our
+    /// table is a difference, even when no rule refers to it yet.
+    #[test]
+    fn objects_of_other_kinds_in_our_table_never_pass() {
+        let rs = Ruleset::generate(&policy());
+        for (kind, body) in [
+            (
+                "flowtable",
+                json!({"family": "inet", "table": TABLE, "name": "ft", "hook": "ingress", "prio": 0}),
+            ),
+            (
+                "map",
+                json!({"family": "inet", "table": TABLE, "name": "m", "type": "ipv4_addr", "map": "verdict"}),
+            ),
+            (
+                "counter",
+                json!({"family": "inet", "table": TABLE, "name": "c"}),
+            ),
+        ] {
+            let mut v = as_live(&rs);
+            v["nftables"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({ kind: body }));
+            let err = verify(&rs, &v).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("unexpected {kind}")),
+                "{err}"
+            );
+        }
+        // The same kinds in another table are none of our business.
+        let mut v = as_live(&rs);
+        v["nftables"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"flowtable": {"family": "inet", "table": "other", "name": "ft"}}));
+        verify(&rs, &v).unwrap();
     }
 
     #[test]

@@ -203,7 +203,7 @@ fn invalid(msg: String) -> io::Error {
 /// Linux 6.12 added this (commit 4201f3938914); before, re-adding an existing element is a
 /// silent no-op, and a DNS-learned address would expire while the name still resolves to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refresh {
+pub enum Refresh {
     /// One `NEWSETELEM`: the kernel updates the timeout itself.
     Update,
     /// `NEWSETELEM`, `DELSETELEM`, `NEWSETELEM` in one batch: the first makes sure each
@@ -297,11 +297,7 @@ impl NfSock {
         timeout: Option<Duration>,
     ) -> io::Result<()> {
         let timeout_ms = check_add(set, elems, timeout)?;
-        let ops: &[Op] = match (timeout_ms, self.refresh) {
-            (Some(_), Refresh::Replace) => &[Op::New, Op::Del, Op::New],
-            _ => &[Op::New],
-        };
-        self.apply(set, elems, timeout_ms, ops)
+        self.apply(set, elems, timeout_ms, add_ops(timeout_ms, self.refresh))
     }
 
     /// Remove elements from a hash set of `inet terok_shield`.
@@ -320,66 +316,149 @@ impl NfSock {
         timeout_ms: Option<u64>,
         ops: &[Op],
     ) -> io::Result<()> {
-        let Some(first) = elems.first() else {
-            return Ok(());
-        };
-        // A key twice in one message would make a delete fail with ENOENT.
-        let mut keys = elems.to_vec();
-        keys.sort_unstable();
-        keys.dedup();
-        let per_chunk = MAX_ELEMENT_BYTES / first.shape().element_len(timeout_ms.is_some());
-        for chunk in keys.chunks(per_chunk) {
-            let begin = self.seq;
-            self.seq = self.seq.wrapping_add(ops.len() as u32 + 2);
-            self.out.clear();
-            encode_batch(&mut self.out, begin, set, chunk, timeout_ms, ops);
-            send(&self.fd, &self.out, SendFlags::empty())?;
-            self.wait_acks(begin, ops.len() as u32)?;
-        }
-        Ok(())
+        let NfSock {
+            fd,
+            seq,
+            out,
+            reply,
+            ..
+        } = self;
+        each_batch(set, elems, timeout_ms, ops, seq, out, |batch, begin| {
+            send(&*fd, batch, SendFlags::empty())?;
+            wait_acks(fd, reply, begin, ops.len() as u32)
+        })
     }
+}
 
-    /// Wait for one reply (ack or error) to each of the `count` messages after the batch
-    /// header `begin`. A failed batch may also (or only) answer for its header, with nothing
-    /// else to follow, so the first error ends the wait and leftovers are drained.
-    fn wait_acks(&mut self, begin: u32, count: u32) -> io::Result<()> {
-        let deadline = Instant::now() + RECV_TIMEOUT;
-        let mut acked = 0u32; // bit i: message begin + 1 + i answered
-        let all = (1u32 << count) - 1;
-        let mut failure = None;
-        while acked != all && failure.is_none() {
-            if Instant::now() >= deadline {
-                return Err(timed_out());
+/// The messages of one add: with a timeout on a kernel that does not refresh it (see
+/// [`Refresh`]), each element is made sure, deleted and added again in one batch.
+fn add_ops(timeout_ms: Option<u64>, refresh: Refresh) -> &'static [Op] {
+    match (timeout_ms, refresh) {
+        (Some(_), Refresh::Replace) => &[Op::New, Op::Del, Op::New],
+        _ => &[Op::New],
+    }
+}
+
+/// Encode every batch of one call into `out`, one at a time, and hand each to `send_one`
+/// with the sequence number of its `BATCH_BEGIN`: the keys sorted and without repeats (a key
+/// twice in one message would make a delete fail with ENOENT), in chunks of at most
+/// [`MAX_ELEMENT_BYTES`] of elements. `seq` is advanced past every message sent.
+fn each_batch(
+    set: &str,
+    elems: &[SetKey],
+    timeout_ms: Option<u64>,
+    ops: &[Op],
+    seq: &mut u32,
+    out: &mut Vec<u8>,
+    mut send_one: impl FnMut(&[u8], u32) -> io::Result<()>,
+) -> io::Result<()> {
+    let Some(first) = elems.first() else {
+        return Ok(());
+    };
+    let mut keys = elems.to_vec();
+    keys.sort_unstable();
+    keys.dedup();
+    let per_chunk = MAX_ELEMENT_BYTES / first.shape().element_len(timeout_ms.is_some());
+    for chunk in keys.chunks(per_chunk) {
+        let begin = *seq;
+        *seq = seq.wrapping_add(ops.len() as u32 + 2);
+        out.clear();
+        encode_batch(out, begin, set, chunk, timeout_ms, ops);
+        send_one(out, begin)?;
+    }
+    Ok(())
+}
+
+/// The batches [`NfSock::add_elements`] sends for these arguments on a kernel whose timeout
+/// handling is `refresh`, the first `BATCH_BEGIN` numbered `first_seq`; nothing is sent.
+/// The same checks apply (an `InvalidInput` error where `add_elements` would refuse). Pure,
+/// so that tests and fuzz targets can decode the messages again.
+pub fn add_batches(
+    set: &str,
+    elems: &[SetKey],
+    timeout: Option<Duration>,
+    refresh: Refresh,
+    first_seq: u32,
+) -> io::Result<Vec<Vec<u8>>> {
+    let timeout_ms = check_add(set, elems, timeout)?;
+    collect_batches(
+        set,
+        elems,
+        timeout_ms,
+        add_ops(timeout_ms, refresh),
+        first_seq,
+    )
+}
+
+/// The batches [`NfSock::delete_elements`] sends; see [`add_batches`].
+pub fn delete_batches(set: &str, elems: &[SetKey], first_seq: u32) -> io::Result<Vec<Vec<u8>>> {
+    check_set(set, elems)?;
+    collect_batches(set, elems, None, &[Op::Del], first_seq)
+}
+
+fn collect_batches(
+    set: &str,
+    elems: &[SetKey],
+    timeout_ms: Option<u64>,
+    ops: &[Op],
+    first_seq: u32,
+) -> io::Result<Vec<Vec<u8>>> {
+    let (mut seq, mut out, mut batches) = (first_seq, Vec::new(), Vec::new());
+    each_batch(
+        set,
+        elems,
+        timeout_ms,
+        ops,
+        &mut seq,
+        &mut out,
+        |batch, _| {
+            batches.push(batch.to_vec());
+            Ok(())
+        },
+    )?;
+    Ok(batches)
+}
+
+/// Wait for one reply (ack or error) to each of the `count` messages after the batch header
+/// `begin`. A failed batch may also (or only) answer for its header, with nothing else to
+/// follow, so the first error ends the wait and leftovers are drained.
+fn wait_acks(fd: &OwnedFd, reply: &mut [u8], begin: u32, count: u32) -> io::Result<()> {
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    let mut acked = 0u32; // bit i: message begin + 1 + i answered
+    let all = (1u32 << count) - 1;
+    let mut failure = None;
+    while acked != all && failure.is_none() {
+        if Instant::now() >= deadline {
+            return Err(timed_out());
+        }
+        let n = match recv(fd, &mut *reply, RecvFlags::empty()) {
+            Ok((n, _)) => n.min(reply.len()),
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => return Err(timed_out()),
+            Err(e) => return Err(e.into()),
+        };
+        for (seq, errno) in acks(&reply[..n]) {
+            let offset = seq.wrapping_sub(begin);
+            if offset > count + 1 {
+                continue; // a late answer to an earlier call
             }
-            let n = match recv(&self.fd, &mut self.reply[..], RecvFlags::empty()) {
-                Ok((n, _)) => n.min(self.reply.len()),
-                Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => return Err(timed_out()),
-                Err(e) => return Err(e.into()),
-            };
-            for (seq, errno) in acks(&self.reply[..n]) {
-                let offset = seq.wrapping_sub(begin);
-                if offset > count + 1 {
-                    continue; // a late answer to an earlier call
-                }
-                if errno != 0 {
-                    failure.get_or_insert(errno);
-                } else if (1..=count).contains(&offset) {
-                    acked |= 1 << (offset - 1);
-                }
+            if errno != 0 {
+                failure.get_or_insert(errno);
+            } else if (1..=count).contains(&offset) {
+                acked |= 1 << (offset - 1);
             }
         }
-        match failure {
-            None => Ok(()),
-            Some(errno) => {
-                // Everything is queued by the time `send` returns; leave nothing behind.
-                while let Ok((n, _)) = recv(&self.fd, &mut self.reply[..], RecvFlags::DONTWAIT) {
-                    if n == 0 {
-                        break;
-                    }
+    }
+    match failure {
+        None => Ok(()),
+        Some(errno) => {
+            // Everything is queued by the time `send` returns; leave nothing behind.
+            while let Ok((n, _)) = recv(fd, &mut *reply, RecvFlags::DONTWAIT) {
+                if n == 0 {
+                    break;
                 }
-                Err(io::Error::from_raw_os_error(errno))
             }
+            Err(io::Error::from_raw_os_error(errno))
         }
     }
 }
@@ -393,7 +472,7 @@ fn timed_out() -> io::Error {
 
 /// The `(sequence, errno)` of each `NLMSG_ERROR` in a datagram (errno 0 is an ack). A reply
 /// truncated by our buffer (an error echoes the whole request) still has its header and errno.
-pub(crate) fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
+pub fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
     std::iter::from_fn(move || loop {
         if data.len() < NLMSG_HDRLEN {
             return None;
@@ -405,7 +484,9 @@ pub(crate) fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
         let msg = &data[..len.min(data.len())];
         data = &data[align4(len).min(data.len())..];
         if kind == NLMSG_ERROR && msg.len() >= NLMSG_HDRLEN + 4 {
-            return Some((seq, -(u32_at(msg, NLMSG_HDRLEN) as i32)));
+            // The kernel sends -errno; i32::MIN has no negation, and must still read as a
+            // failure (never as the 0 of an ack), so the negation wraps.
+            return Some((seq, (u32_at(msg, NLMSG_HDRLEN) as i32).wrapping_neg()));
         }
     })
 }
@@ -683,6 +764,30 @@ mod tests {
         assert_eq!(acks(&data[..10]).count(), 0);
     }
 
+    /// Found by the `nfnetlink` fuzz target: an NLMSG_ERROR whose error field is i32::MIN
+    /// (no kernel sends it) overflowed the negation, a panic with overflow checks on. It is a
+    /// failure, as every non-zero error is. The crashing input, as the fuzzer wrote it:
+    #[test]
+    fn an_error_without_a_negation_is_still_a_failure() {
+        let crash = hex(
+            "00 00 04 00 02 00 00 00 00 00 00 30 00 00 00 5b 00 00 00 80 00 02 00 00
+            00 00 21 00 00 00 00 00 00 00 00 00 00 00 8f 00 00 00 00 00 00 00 00 00 00 00 00 00
+            00 00 00 04 02 00 00 00 00 00 00 00 00 00 00 02 00 00 00 30 00 00 00 5b 00 00 00 80
+            00 02 00 00 00 00 21 00 00 00 00 00 00 00 00 00 00 00 8f 00 00 00 00 00 00 00 00 00
+            00 00 00 00 00 00 00 04 02 00 00 00 00 00 00 00 00 00 00 02 ff 1a",
+        );
+        let got: Vec<(u32, i32)> = acks(&crash).collect();
+        assert!(!got.is_empty());
+        assert!(got.iter().all(|(_, errno)| *errno != 0), "{got:?}");
+
+        let mut data = Vec::new();
+        let m = start_msg(&mut data, NLMSG_ERROR, 0, 5, 0, 0);
+        data.truncate(m + NLMSG_HDRLEN);
+        data.extend_from_slice(&i32::MIN.to_ne_bytes());
+        finish(&mut data, m, true);
+        assert_eq!(acks(&data).collect::<Vec<_>>(), [(5, i32::MIN)]);
+    }
+
     #[test]
     fn refuses_what_it_must_not_write() {
         let v4 = SetKey::V4(Ipv4Addr::LOCALHOST);
@@ -741,6 +846,62 @@ mod tests {
             encode_batch(&mut batch, 1, "dns_svc_v6", &keys, timeout, &ops);
             assert!(batch.len() < 64 * 1024, "{}", batch.len());
         }
+    }
+
+    /// The pure batch builder (what the fuzz target decodes) is what the socket path sends:
+    /// keys sorted and without repeats, chunked, numbered from the first sequence number.
+    #[test]
+    fn batches_are_what_a_call_sends() {
+        let keys: Vec<SetKey> = (0..1500u32)
+            .chain(0..10)
+            .map(|i| SetKey::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        let batches = add_batches("allow_v4", &keys, None, Refresh::Replace, 7).unwrap();
+        // 16-byte elements without a timeout: 1024 per chunk, so 1500 distinct keys take two.
+        assert_eq!(batches.len(), 2);
+        let mut first = Vec::new();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        encode_batch(&mut first, 7, "allow_v4", &sorted[..1024], None, &[Op::New]);
+        assert_eq!(batches[0], first);
+        let seq = |b: &[u8]| u32::from_ne_bytes(b[8..12].try_into().unwrap());
+        assert_eq!(
+            seq(&batches[1]),
+            7 + 3,
+            "one message and the batch frame per chunk"
+        );
+
+        // With a timeout on a kernel that does not refresh it: make sure, delete, add again.
+        let timed = add_batches(
+            "dns_v4",
+            &keys[..3],
+            Some(Duration::from_secs(5)),
+            Refresh::Replace,
+            0,
+        )
+        .unwrap();
+        let mut want = Vec::new();
+        let ops = [Op::New, Op::Del, Op::New];
+        encode_batch(&mut want, 0, "dns_v4", &keys[..3], Some(5000), &ops);
+        assert_eq!(timed, [want]);
+        let types = |b: &[u8]| {
+            let mut out = Vec::new();
+            let mut rest = b;
+            while rest.len() >= NLMSG_HDRLEN {
+                let len = u32::from_ne_bytes(rest[..4].try_into().unwrap()) as usize;
+                out.push(u16::from_ne_bytes([rest[4], rest[5]]) & 0xff);
+                rest = &rest[len..];
+            }
+            out
+        };
+        assert_eq!(types(&timed[0]), [0x10, 12, 14, 12, 0x11]);
+        let t = Some(Duration::from_secs(5));
+        let updated = add_batches("dns_v4", &keys[..3], t, Refresh::Update, 0).unwrap();
+        assert_eq!(types(&updated[0]), [0x10, 12, 0x11]);
+        assert!(add_batches("allow_net_v4", &keys, None, Refresh::Update, 0).is_err());
+        assert!(delete_batches("dns_v6", &keys, 0).is_err());
+        assert!(delete_batches("allow_v4", &[], 0).unwrap().is_empty());
     }
 
     #[test]
