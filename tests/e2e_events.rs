@@ -15,36 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use e2e::world::*;
-use e2e::{dns_config, E2e};
-
-/// The container's init PID (host view).
-fn pid_of(h: &E2e, name: &str) -> String {
-    h.podman(&["inspect", "--format", "{{.State.Pid}}", name])
-        .expect_ok()
-        .stdout
-        .trim()
-        .to_string()
-}
-
-/// Send one UDP datagram from inside the container's network namespace (busybox `nc` has
-/// no UDP), from a single-use thread of this process; returns whether the send was refused.
-fn udp_from_container(h: &E2e, name: &str, host: &str, port: u16) -> bool {
-    let pid = pid_of(h, name);
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .unwrap_or_else(|e| panic!("open the netns of {name} (pid {pid}): {e}"));
-    let to = format!("{host}:{port}");
-    std::thread::spawn(move || {
-        rustix::thread::move_into_link_name_space(
-            ns.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .expect("setns into the container's netns");
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.send_to(b"e2e-event", to.as_str()).is_err()
-    })
-    .join()
-    .unwrap()
-}
+use e2e::{dns_config, is_blocked, pid_of, udp_from_container, E2e};
 
 /// The first audit record of `name` matching `pred`, waiting (bounded) for the reader.
 #[track_caller]
@@ -61,13 +32,6 @@ fn wait_record(h: &E2e, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn is_blocked(r: &Value, host: &str, proto: &str, port: u16) -> bool {
-    r["event"] == "blocked"
-        && r["detail"]["dst"] == host
-        && r["detail"]["proto"] == proto
-        && r["detail"]["port"] == port
 }
 
 #[test]

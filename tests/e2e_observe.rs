@@ -10,8 +10,6 @@
 mod e2e;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::UdpSocket;
-use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -21,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use e2e::world::*;
-use e2e::{dns_config, E2e};
+use e2e::{dns_config, is_blocked, udp_from_container, E2e};
 
 /// How long a test waits for one expected line (generous: the 1 s check is on the times).
 const LINE_WAIT: Duration = Duration::from_secs(15);
@@ -186,34 +184,6 @@ impl Drop for Stream {
     }
 }
 
-/// The container's init PID (host view).
-fn pid_of(h: &E2e, name: &str) -> String {
-    h.podman(&["inspect", "--format", "{{.State.Pid}}", name])
-        .expect_ok()
-        .stdout
-        .trim()
-        .to_string()
-}
-
-/// Send one UDP datagram from inside the container's network namespace (busybox `nc` has
-/// no UDP); returns whether the send was refused.
-fn udp_from_container(h: &E2e, name: &str, host: &str, port: u16) -> bool {
-    let pid = pid_of(h, name);
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
-    let to = format!("{host}:{port}");
-    std::thread::spawn(move || {
-        rustix::thread::move_into_link_name_space(
-            ns.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .expect("setns into the container's netns");
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.send_to(b"e2e-observe", to.as_str()).is_err()
-    })
-    .join()
-    .unwrap()
-}
-
 /// `nc HOST PORT` in the container: the banner, or what nc said.
 fn connect(h: &E2e, name: &str, host: &str, port: u16) -> String {
     h.exec(
@@ -234,13 +204,6 @@ fn lookup(h: &E2e, name: &str, qname: &str, addr: &str) -> usize {
         .strip_prefix("N=")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("nslookup output: {out}"))
-}
-
-fn is_blocked(r: &Value, host: &str, proto: &str, port: u16) -> bool {
-    r["event"] == "blocked"
-        && r["detail"]["dst"] == host
-        && r["detail"]["proto"] == proto
-        && r["detail"]["port"] == port
 }
 
 #[test]

@@ -1127,3 +1127,41 @@ impl WorldOnly {
         }
     }
 }
+
+/// The container's init PID, as podman reports it.
+pub fn pid_of(h: &E2e, name: &str) -> String {
+    h.podman(&["inspect", "--format", "{{.State.Pid}}", name])
+        .expect_ok()
+        .stdout
+        .trim()
+        .to_string()
+}
+
+/// Send one UDP datagram to `host:port` from inside the container's network namespace (busybox
+/// has no UDP client), from a thread that joins it; whether the send was refused at once.
+pub fn udp_from_container(h: &E2e, name: &str, host: &str, port: u16) -> bool {
+    use std::os::fd::AsFd;
+    let pid = pid_of(h, name);
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+        .unwrap_or_else(|e| panic!("open the netns of {name} (pid {pid}): {e}"));
+    let to = format!("{host}:{port}");
+    std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(
+            ns.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("setns into the container's netns");
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.send_to(b"e2e-udp", to.as_str()).is_err()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether audit record `r` is a `blocked` event for `host`, `proto`, `port`.
+pub fn is_blocked(r: &Value, host: &str, proto: &str, port: u16) -> bool {
+    r["event"] == "blocked"
+        && r["detail"]["dst"] == host
+        && r["detail"]["proto"] == proto
+        && r["detail"]["port"] == port
+}
