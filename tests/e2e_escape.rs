@@ -21,22 +21,6 @@ fn plain(h: &e2e::E2e, name: &str, extra: &[&str], script: &str) -> e2e::cmd::Ou
     h.podman(&args)
 }
 
-/// `terok-shield run NAME --profiles P -- --rm IMAGE sh -c SCRIPT`.
-fn shielded(h: &e2e::E2e, name: &str, profiles: &str, script: &str) -> e2e::cmd::Out {
-    h.shield(&[
-        "run",
-        name,
-        "--profiles",
-        profiles,
-        "--",
-        "--rm",
-        IMAGE,
-        "sh",
-        "-c",
-        script,
-    ])
-}
-
 /// The text after `TAG ` on the workload's `TAG ...` line.
 #[track_caller]
 fn line<'a>(out: &'a e2e::cmd::Out, tag: &str) -> &'a str {
@@ -80,7 +64,7 @@ fn raw_script() -> String {
 fn raw_and_packet_sockets_are_refused_without_cap_net_raw() {
     let mut h = e2e!();
     let name = h.name("esc-raw");
-    let out = shielded(&h, &name, "e2e-basic", &raw_script()).expect_ok();
+    let out = h.run_script(&name, "e2e-basic", &raw_script()).expect_ok();
     assert_eq!(
         cap_eff(&out) & NET_RAW,
         0,
@@ -152,7 +136,7 @@ fn a_new_user_and_network_namespace_has_no_way_out() {
          o=$(timeout 5 nc {ALLOWED4} 80 </dev/null 2>&1); echo \"OUTSIDE rc=$? $(echo $o)\"\n"
     );
     let mark = h.world.mark();
-    let out = shielded(&h, &name, "e2e-basic", &script).expect_ok();
+    let out = h.run_script(&name, "e2e-basic", &script).expect_ok();
     // Without CAP_SYS_ADMIN a bare network namespace is refused.
     assert!(
         !line(&out, "NETONLY").starts_with("rc=0"),
@@ -211,7 +195,9 @@ fn ipv4_mapped_and_compatible_ipv6_destinations_are_refused() {
         (COMPAT_BLOCKED, 80),
     ];
     let mark = h.world.mark();
-    let out = shielded(&h, &name, "e2e-basic", &probe_script(&targets)).expect_ok();
+    let out = h
+        .run_script(&name, "e2e-basic", &probe_script(&targets))
+        .expect_ok();
     eprintln!("escape: shielded mapped/compatible:\n{}", out.stdout);
     let p = Probes::of(&out, &h.world, mark);
     for host in [MAPPED_BLOCKED, COMPAT_BLOCKED] {
@@ -274,7 +260,7 @@ fn dns_over_tcp_dot_and_doh_to_other_resolvers_are_refused() {
         "echo \"RESOLVER $(timeout 5 nslookup svc.e2e.test 2>&1 | grep -c {NAMED4})\"\n"
     ));
     let mark = h.world.mark();
-    let out = shielded(&h, &name, "e2e-esc-dns", &script).expect_ok();
+    let out = h.run_script(&name, "e2e-esc-dns", &script).expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     for (host, port) in targets {
         p.refused_fast(host, port);
@@ -320,7 +306,7 @@ fn data_in_subdomains_of_a_wildcard_reaches_upstream_the_known_limit() {
          timeout 5 nslookup {inside} >/dev/null 2>&1; echo \"INSIDE rc=$?\"\n\
          timeout 5 nslookup {outside} >/dev/null 2>&1; echo \"OUTSIDE rc=$?\"\n"
     );
-    let out = shielded(&h, &name, "e2e-esc-wild", &script).expect_ok();
+    let out = h.run_script(&name, "e2e-esc-wild", &script).expect_ok();
     assert!(out.stdout.contains(RAN), "{out}");
     let asked = h.world.dns_queries();
     // The limit: a name under the wildcard goes upstream with its data (NXDOMAIN back).
@@ -353,7 +339,9 @@ fn bundle_search() -> String {
 fn the_state_bundle_is_not_visible_inside_the_container() {
     let mut h = e2e!();
     let name = h.name("esc-bundle");
-    let out = shielded(&h, &name, "e2e-basic", &bundle_search()).expect_ok();
+    let out = h
+        .run_script(&name, "e2e-basic", &bundle_search())
+        .expect_ok();
     assert!(out.stdout.contains("SEARCHED"), "{out}");
     eprintln!("escape: bundle search:\n{}", out.stdout);
     let found: Vec<&str> = out

@@ -16,22 +16,6 @@ use serde_json::Value;
 use e2e::world::*;
 use e2e::{probe_script, E2e, Probes, IMAGE, RAN};
 
-/// `terok-shield run NAME --profiles P -- --rm IMAGE sh -c SCRIPT`.
-fn run_script(h: &E2e, name: &str, profiles: &str, script: &str) -> e2e::cmd::Out {
-    h.shield(&[
-        "run",
-        name,
-        "--profiles",
-        profiles,
-        "--",
-        "--rm",
-        IMAGE,
-        "sh",
-        "-c",
-        script,
-    ])
-}
-
 // ---------------------------------------------------------------------------------------
 // Reachability
 // ---------------------------------------------------------------------------------------
@@ -75,18 +59,18 @@ fn allowed_ipv4_is_reached_and_others_are_refused_fast() {
     let mut h = e2e!();
     let name = h.name("ipv4");
     let mark = h.world.mark();
-    let out = run_script(
-        &h,
-        &name,
-        "e2e-basic",
-        &probe_script(&[
-            (ALLOWED4, 80),
-            (ALLOWED4, 443),
-            (BLOCKED4, 80),
-            (BLOCKED4, 443),
-        ]),
-    )
-    .expect_ok();
+    let out = h
+        .run_script(
+            &name,
+            "e2e-basic",
+            &probe_script(&[
+                (ALLOWED4, 80),
+                (ALLOWED4, 443),
+                (BLOCKED4, 80),
+                (BLOCKED4, 443),
+            ]),
+        )
+        .expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     p.reached(ALLOWED4, 80);
     p.reached(ALLOWED4, 443);
@@ -103,7 +87,7 @@ fn ipv6_allowed_is_reached_and_others_are_refused_fast() {
         probe_script(&[(ALLOWED6, 80), (ALLOWED6, 443), (BLOCKED6, 80)])
     );
     let mark = h.world.mark();
-    let out = run_script(&h, &name, "e2e-basic", &script).expect_ok();
+    let out = h.run_script(&name, "e2e-basic", &script).expect_ok();
     assert!(
         out.stdout.contains("HAS-V6"),
         "the container has no fd00::/64 address from slirp4netns: {out}"
@@ -126,25 +110,25 @@ fn private_range_is_refused_unless_allowlisted() {
     let open = h.name("ula-open");
 
     let mark = h.world.mark();
-    let out = run_script(
-        &h,
-        &closed,
-        "e2e-basic",
-        &probe_script(&[(ULA6, 80), (ALLOWED6, 80)]),
-    )
-    .expect_ok();
+    let out = h
+        .run_script(
+            &closed,
+            "e2e-basic",
+            &probe_script(&[(ULA6, 80), (ALLOWED6, 80)]),
+        )
+        .expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     p.refused_fast(ULA6, 80);
     p.reached(ALLOWED6, 80);
 
     let mark = h.world.mark();
-    let out = run_script(
-        &h,
-        &open,
-        "e2e-basic-ula",
-        &probe_script(&[(ULA6, 80), (ALLOWED6, 80), (BLOCKED6, 80)]),
-    )
-    .expect_ok();
+    let out = h
+        .run_script(
+            &open,
+            "e2e-basic-ula",
+            &probe_script(&[(ULA6, 80), (ALLOWED6, 80), (BLOCKED6, 80)]),
+        )
+        .expect_ok();
     assert!(
         out.stderr.contains("private range"),
         "allowlisting a private address should be pointed out: {out}"
@@ -163,13 +147,13 @@ fn several_profiles_combine_in_one_container() {
     h.profile("e2e-extra", "198.51.100.40\n");
     let name = h.name("two-profiles");
     let mark = h.world.mark();
-    let out = run_script(
-        &h,
-        &name,
-        "e2e-basic,e2e-extra",
-        &probe_script(&[(ALLOWED4, 80), (REUSE_B, 80), (BLOCKED4, 80)]),
-    )
-    .expect_ok();
+    let out = h
+        .run_script(
+            &name,
+            "e2e-basic,e2e-extra",
+            &probe_script(&[(ALLOWED4, 80), (REUSE_B, 80), (BLOCKED4, 80)]),
+        )
+        .expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     p.reached(ALLOWED4, 80);
     p.reached(REUSE_B, 80);
@@ -242,13 +226,13 @@ fn port_scoped_entry_allows_only_its_port() {
     let mut h = e2e!();
     let name = h.name("scoped");
     let mark = h.world.mark();
-    let out = run_script(
-        &h,
-        &name,
-        "e2e-basic",
-        &probe_script(&[(SCOPED4, 443), (SCOPED4, 80)]),
-    )
-    .expect_ok();
+    let out = h
+        .run_script(
+            &name,
+            "e2e-basic",
+            &probe_script(&[(SCOPED4, 443), (SCOPED4, 80)]),
+        )
+        .expect_ok();
     let p = Probes::of(&out, &h.world, mark);
     p.reached(SCOPED4, 443);
     p.refused_fast(SCOPED4, 80);
@@ -487,7 +471,7 @@ fn bad_profile_line_is_reported_and_nothing_starts() {
     let mut h = e2e!();
     let name = h.name("badprofile");
     let path = h.profile("e2e-bad", "198.51.100.10\n# fine so far\nnot a host!\n");
-    let out = run_script(&h, &name, "e2e-bad", &format!("echo {RAN}"));
+    let out = h.run_script(&name, "e2e-bad", &format!("echo {RAN}"));
     assert_eq!(out.code(), Some(1), "{out}");
     assert!(!out.stdout.contains(RAN), "the workload ran: {out}");
     let at = format!("{}:3", path.display());
@@ -649,7 +633,7 @@ fn domain_entry_opens_when_the_container_resolves_it() {
          timeout 5 nslookup svc.e2e.test >/dev/null 2>&1\n{}",
         probe_script(&[(NAMED4, 80), (BLOCKED4, 80)])
     );
-    let out = run_script(&h, &name, "e2e-named", &script).expect_ok();
+    let out = h.run_script(&name, "e2e-named", &script).expect_ok();
     let before = out
         .stdout
         .lines()

@@ -538,6 +538,22 @@ impl E2e {
         ])
     }
 
+    /// `terok-shield run NAME --profiles P -- --rm IMAGE sh -c SCRIPT`.
+    pub fn run_script(&self, name: &str, profiles: &str, script: &str) -> Out {
+        self.shield(&[
+            "run",
+            name,
+            "--profiles",
+            profiles,
+            "--",
+            "--rm",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
     /// `podman exec NAME sh -c SCRIPT`.
     pub fn exec(&self, name: &str, script: &str) -> Out {
         self.podman(&["exec", name, "sh", "-c", script])
