@@ -397,3 +397,29 @@ fn hook_refuses_a_container_holding_a_forbidden_capability() {
     assert!(ok, "{err}");
     assert!(c.tables().contains("table inet terok_shield"));
 }
+
+/// The hook binds the sockets of the process it starts in the container (here the static
+/// tier's event reader and its NFLOG group) before returning, rather than waiting for that
+/// process: so a socket that cannot be bound must still refuse the start, with the reason.
+/// A second start while the first one's reader still holds the group is such a case.
+#[test]
+fn hook_refuses_when_the_event_readers_socket_cannot_be_bound() {
+    if !privileged() {
+        return;
+    }
+    let c = FakeContainer::start();
+    let p = prepare("nflog-busy");
+    let state = oci_state(&p, c.pid(), &p.instance);
+    let (ok, err, _) = hook(&state);
+    assert!(ok, "first start failed: {err}");
+    let (ok, err, _) = hook(&state);
+    assert!(
+        !ok,
+        "the hook started a container whose event reader could not bind its NFLOG group"
+    );
+    assert!(
+        err.contains("the event reader did not start") && err.contains("NFLOG group 100"),
+        "{err}"
+    );
+    p.poststop();
+}

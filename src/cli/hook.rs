@@ -173,8 +173,16 @@ pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         let resolv_conf = resolv_conf.context(
             "refusing to start the container: its /etc/resolv.conf mount was not found, so DNS cannot be pointed at the shield's resolver",
         )?;
-        let started = start_resolver(dir, &input.name, pid, "internal-resolver", &upstreams)
-            .context("refusing to start the container: the DNS resolver did not start")?;
+        let listen: &[std::net::SocketAddr] = &crate::effects::resolver::CONTAINER_LISTEN;
+        let started = start_resolver(
+            dir,
+            &input.name,
+            pid,
+            "internal-resolver",
+            &upstreams,
+            bundle.dns_tier.hook_binds_sockets().then_some(listen),
+        )
+        .context("refusing to start the container: the DNS resolver did not start")?;
         // Rewritten in place: the container sees this file through a bind mount of its inode.
         std::fs::write(
             &resolv_conf,
@@ -186,7 +194,7 @@ pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         // No resolver in the static tier, but the event reader (refused packets to the audit
         // log) runs all the same, recorded in the same place so status and poststop see it.
         Some(
-            start_resolver(dir, &input.name, pid, "internal-events", &[])
+            start_resolver(dir, &input.name, pid, "internal-events", &[], Some(&[]))
                 .context("refusing to start the container: the event reader did not start")?,
         )
     };
@@ -244,20 +252,28 @@ pub fn loopback_resolv_conf(original: &str) -> String {
 }
 
 /// Start the resolver (or, with `command` `internal-events`, the static tier's event reader)
-/// inside the container's network namespace and wait (bounded) until it has bound its
-/// sockets. It runs in its own session, detached from the hook.
+/// inside the container's network namespace, in its own session, detached from the hook.
+///
+/// With `prebound` (the addresses to listen on), the hook binds that process's sockets
+/// itself and hands them over, and does not wait for it: the workload's questions and
+/// refused packets queue on bound sockets from the moment the hook returns, and a failed
+/// exec is reported by `spawn`. Without (dnsmasq, which binds its own), it waits, bounded,
+/// until the process reports ready.
 fn start_resolver(
     dir: &Path,
     name: &crate::core::bundle::ContainerName,
     pid: u32,
     command: &str,
     upstreams: &[std::net::IpAddr],
+    prebound: Option<&[std::net::SocketAddr]>,
 ) -> anyhow::Result<(u32, u64)> {
     use std::os::unix::process::CommandExt;
-    let ns = crate::effects::netns::NsFiles::open(
-        None,
-        Some(Path::new(&format!("/proc/{pid}/ns/net"))),
-    )?;
+    let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let ns = crate::effects::netns::NsFiles::open(None, Some(&netns))?;
+    let sockets = prebound
+        .map(|listen| crate::effects::prebound::Prebound::bind_in(&netns, listen))
+        .transpose()
+        .context("cannot bind its sockets in the container's network namespace")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -266,23 +282,39 @@ fn start_resolver(
     let mut cmd = std::process::Command::new(
         std::env::current_exe().context("cannot find this program's path")?,
     );
-    cmd.arg(command).arg(dir).arg(name.as_str());
+    cmd.arg(command);
+    if let Some(s) = &sockets {
+        cmd.arg(format!("--inherited={}", s.numbers()));
+    }
+    cmd.arg(dir).arg(name.as_str());
     for u in upstreams {
         cmd.arg(u.to_string());
     }
     cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
+        .stdout(if prebound.is_some() {
+            std::process::Stdio::null()
+        } else {
+            std::process::Stdio::piped()
+        })
         .stderr(log);
-    // SAFETY: setns(2) on a descriptor opened before the fork, then setsid(2); both are
-    // async-signal-safe.
+    // SAFETY: setns(2) and fcntl(2) on descriptors opened before the fork, then setsid(2);
+    // all async-signal-safe.
+    let handed_over = sockets.is_some();
     unsafe {
         cmd.pre_exec(move || {
             ns.enter()?;
+            if let Some(s) = &sockets {
+                s.keep_across_exec()?;
+            }
             rustix::process::setsid()?;
             Ok(())
         });
     }
     let mut child = cmd.spawn().context("cannot start the resolver")?;
+    if handed_over {
+        let rpid = child.id();
+        return Ok((rpid, procfs::start_time(rpid)?));
+    }
     let mut out = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

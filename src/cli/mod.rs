@@ -98,6 +98,10 @@ pub enum Command {
     /// (dnsmasq tier), started by the hook.
     #[command(hide = true, name = "internal-resolver")]
     InternalResolver {
+        /// Take the NFLOG socket and the listening sockets the hook bound (these descriptor
+        /// numbers, see `effects::prebound`) instead of binding them.
+        #[arg(long, value_delimiter = ',')]
+        inherited: Vec<i32>,
         bundle_dir: PathBuf,
         name: String,
         upstreams: Vec<std::net::IpAddr>,
@@ -105,7 +109,13 @@ pub enum Command {
     /// Internal: the static tier's event reader (refused packets to the audit log), started
     /// by the hook inside the container's network namespace.
     #[command(hide = true, name = "internal-events")]
-    InternalEvents { bundle_dir: PathBuf, name: String },
+    InternalEvents {
+        /// Take the NFLOG socket the hook bound (this descriptor number) instead of binding it.
+        #[arg(long, value_delimiter = ',')]
+        inherited: Vec<i32>,
+        bundle_dir: PathBuf,
+        name: String,
+    },
     /// Internal: cut the flows a container's policy refuses (run inside its namespaces).
     #[command(hide = true, name = "internal-conntrack-revoke")]
     InternalConntrackRevoke { bundle_dir: PathBuf, name: String },
@@ -528,6 +538,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         return hook::run(args.stage);
     }
     if let Command::InternalResolver {
+        inherited,
         bundle_dir,
         name,
         upstreams,
@@ -546,22 +557,36 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ttl_bounds: (bundle.ttl_bounds[0], bundle.ttl_bounds[1]),
             bundle_dir: bundle_dir.clone(),
             name,
-            listen: vec![
-                std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::Ipv6Addr::LOCALHOST.into(),
-            ],
+            listen: crate::effects::resolver::CONTAINER_LISTEN
+                .iter()
+                .map(|a| a.ip())
+                .collect(),
             port: 53,
         };
-        crate::effects::resolver::serve(settings, report_ready)?;
+        let sockets = (!inherited.is_empty())
+            .then(|| crate::effects::prebound::Inherited::take(inherited))
+            .transpose()
+            .context("cannot take the sockets the hook bound")?;
+        crate::effects::resolver::serve(settings, sockets, report_ready)?;
         return Ok(());
     }
-    if let Command::InternalEvents { bundle_dir, name } = &cli.command {
+    if let Command::InternalEvents {
+        inherited,
+        bundle_dir,
+        name,
+    } = &cli.command
+    {
         let name = crate::core::bundle::ContainerName::new(name)?;
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
         let settings = crate::effects::events::Settings::from_bundle(bundle_dir, &bundle);
         drop(bundle);
-        let (reader, _no_dns_events) =
-            crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?;
+        let (reader, _no_dns_events) = if !inherited.is_empty() {
+            let sockets = crate::effects::prebound::Inherited::take(inherited)
+                .context("cannot take the NFLOG socket the hook bound")?;
+            crate::effects::events::EventReader::with_socket(sockets.nflog, settings)
+        } else {
+            crate::effects::events::EventReader::bind(settings).context("cannot read NFLOG")?
+        };
         report_ready()?;
         return Err(reader.run()).context("the event reader failed");
     }

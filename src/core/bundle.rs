@@ -95,6 +95,13 @@ impl DnsTier {
             DnsTier::Dnsmasq => "dnsmasq",
         }
     }
+
+    /// Whether the hook binds the sockets of the process it starts in the container (our
+    /// resolver, or the static tier's event reader) and hands them over, rather than waiting
+    /// for that process to bind them: dnsmasq binds its own, so for it the hook waits.
+    pub fn hook_binds_sockets(self) -> bool {
+        !matches!(self, DnsTier::Dnsmasq)
+    }
 }
 
 /// Addresses a domain resolved to, and when (unix seconds).

@@ -127,7 +127,14 @@ impl EventReader {
     /// before the container's workload starts); returns the reader and the resolver's
     /// hand-off.
     pub fn bind(settings: Settings) -> io::Result<(EventReader, DnsEvents)> {
-        let sock = NflogSocket::bind(NFLOG_GROUP)?;
+        Ok(EventReader::with_socket(
+            NflogSocket::bind(NFLOG_GROUP)?,
+            settings,
+        ))
+    }
+
+    /// The reader of a socket already bound to the group (by the hook, see `prebound`).
+    pub fn with_socket(sock: NflogSocket, settings: Settings) -> (EventReader, DnsEvents) {
         let (tx, rx) = sync_channel(DNS_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let reader = EventReader {
@@ -139,7 +146,7 @@ impl EventReader {
             writer: Writer::new(settings),
             start: Instant::now(),
         };
-        Ok((reader, DnsEvents { tx, dropped }))
+        (reader, DnsEvents { tx, dropped })
     }
 
     /// Run on a thread of its own for the rest of the process's life. Should reading ever

@@ -574,6 +574,11 @@ pub(crate) mod tests_netns {
         pub fn path(&self) -> std::path::PathBuf {
             format!("/run/netns/{}", self.0).into()
         }
+
+        /// Its name, for `ip -n NAME`.
+        pub fn name(&self) -> &str {
+            &self.0
+        }
     }
 
     impl Drop for TempNetns {

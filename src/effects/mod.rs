@@ -17,6 +17,7 @@ pub mod nfnetlink;
 pub mod nft;
 pub mod paths;
 pub mod podman;
+pub mod prebound;
 pub mod procfs;
 pub mod profiles;
 pub mod resolver;

@@ -95,6 +95,15 @@ impl NflogSocket {
         Ok(sock)
     }
 
+    /// A socket bound by [`NflogSocket::bind`] in another process (the hook), inherited
+    /// across exec.
+    pub fn from_fd(fd: OwnedFd) -> NflogSocket {
+        NflogSocket {
+            fd,
+            buf: vec![0; 256 * 1024],
+        }
+    }
+
     fn wait_ack(&mut self, seq: u32) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
@@ -146,6 +155,12 @@ impl NflogSocket {
             flags = RecvFlags::DONTWAIT;
         }
         Ok(batch)
+    }
+}
+
+impl From<NflogSocket> for OwnedFd {
+    fn from(sock: NflogSocket) -> OwnedFd {
+        sock.fd
     }
 }
 

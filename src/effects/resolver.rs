@@ -33,9 +33,16 @@ use crate::core::target::Protocol;
 use crate::effects::events::{DnsEvents, EventReader};
 use crate::effects::learned_log::{LearnedLog, LEARNED_FILE};
 use crate::effects::nfnetlink::{NfSock, SetKey};
+use crate::effects::prebound::Inherited;
 use crate::effects::state::{load_bundle, STATE_FILE};
 
 pub use crate::core::policy::RESOLVER_MARK;
+
+/// Where the resolver listens inside a container: loopback, both families, port 53.
+pub const CONTAINER_LISTEN: [SocketAddr; 2] = [
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 53),
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 53),
+];
 
 /// How long one question may wait for upstream before the client gets SERVFAIL.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
@@ -106,8 +113,13 @@ impl Shared {
     }
 }
 
-/// Bind every socket, call `ready`, then serve until the process is killed.
-pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+/// Bind every socket (or take those the hook bound: `inherited`), call `ready`, then serve
+/// until the process is killed.
+pub fn serve(
+    settings: Settings,
+    inherited: Option<Inherited>,
+    ready: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
     // One malloc arena for every thread: per-thread arenas cost resident memory each and
     // buy nothing here (a handful of small allocations per question).
     // SAFETY: mallopt only tunes glibc's allocator; called before any thread is started.
@@ -118,11 +130,20 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
     let stamp = stamp(&state_path);
     let bundle = load_bundle(&settings.bundle_dir, &settings.name)
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let (reader, events) = EventReader::bind(crate::effects::events::Settings::from_bundle(
-        &settings.bundle_dir,
-        &bundle,
-    ))
-    .map_err(|e| io::Error::new(e.kind(), format!("cannot read NFLOG: {e}")))?;
+    let event_settings =
+        crate::effects::events::Settings::from_bundle(&settings.bundle_dir, &bundle);
+    let (reader, events, mut listeners) = match inherited {
+        Some(i) if i.listeners.len() == settings.listen.len() => {
+            let (reader, events) = EventReader::with_socket(i.nflog, event_settings);
+            (reader, events, Some(i.listeners.into_iter()))
+        }
+        Some(_) => return Err(io::Error::other("the hook handed over the wrong sockets")),
+        None => {
+            let (reader, events) = EventReader::bind(event_settings)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot read NFLOG: {e}")))?;
+            (reader, events, None)
+        }
+    };
     reader.spawn()?;
     let shared = Arc::new(Shared {
         events,
@@ -142,7 +163,10 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
     let mut tcp = Vec::new();
     for addr in shared.settings.listen.clone() {
         let at = SocketAddr::new(addr, shared.settings.port);
-        let udp = UdpSocket::bind(at)?;
+        let (udp, listener) = match listeners.as_mut().and_then(Iterator::next) {
+            Some(pair) => pair,
+            None => (UdpSocket::bind(at)?, TcpListener::bind(at)?),
+        };
         udp.set_nonblocking(true)?;
         epoll::add(
             &ep,
@@ -151,7 +175,6 @@ pub fn serve(settings: Settings, ready: impl FnOnce() -> io::Result<()>) -> io::
             epoll::EventFlags::IN,
         )?;
         clients.push(Arc::new(udp));
-        let listener = TcpListener::bind(at)?;
         listener.set_nonblocking(true)?;
         epoll::add(
             &ep,
