@@ -90,7 +90,7 @@ impl Inherited {
     /// Take the sockets numbered `fds` (NFLOG, then a UDP and a TCP socket per listen
     /// address), refusing any number that is not open or not the socket it should be.
     pub fn take(fds: &[RawFd]) -> io::Result<Inherited> {
-        if fds.is_empty() || fds.len() % 2 == 0 {
+        if fds.is_empty() || fds.len().is_multiple_of(2) {
             return Err(io::Error::other(format!(
                 "expected the NFLOG socket and pairs of UDP and TCP sockets, got {} descriptors",
                 fds.len()
