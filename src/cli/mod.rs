@@ -595,16 +595,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         let bundle = crate::effects::state::load_bundle(bundle_dir, &name)?;
         let runtime = crate::effects::state::read_runtime(bundle_dir)?
             .context("the container has no runtime record")?;
-        let facts = runtime.facts();
-        if bundle.dns_tier != crate::core::bundle::DnsTier::Static {
-            forget_unjustified(bundle_dir, &bundle)?;
-        }
         // Already inside the container's namespaces: nft needs no joining.
-        let learned = crate::effects::nft::Nft::locate()?
-            .list_table_json()?
-            .map(|live| crate::core::verify::learned_elements(&live))
-            .unwrap_or_default();
-        crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts), &learned)?;
+        let nft = crate::effects::nft::Nft::locate()?;
+        crate::effects::live::revoke_here(
+            bundle_dir,
+            &bundle,
+            &bundle.policy(&runtime.facts()),
+            &nft,
+        )?;
         return Ok(());
     }
     if let Command::InternalPodWatch {
@@ -693,44 +691,6 @@ fn report_ready() -> std::io::Result<()> {
     // SAFETY: dup2 onto fd 1 of an open descriptor we own.
     if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) } < 0 {
         return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name
-/// brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what).
-/// Elements that expired already are skipped.
-fn forget_unjustified(
-    bundle_dir: &Path,
-    bundle: &crate::core::bundle::Bundle,
-) -> anyhow::Result<()> {
-    use crate::effects::learned_log::{read_learned, LEARNED_FILE};
-    use crate::effects::resolver::keys_for;
-    let records = read_learned(&bundle_dir.join(LEARNED_FILE));
-    let now = crate::effects::audit::unix_secs();
-    let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);
-    let doomed = if bundle.dns_tier == crate::core::bundle::DnsTier::Dnsmasq {
-        crate::core::learned::unjustified_by(&records, now, |d| {
-            crate::core::dnsmasq::forwards(&policy, d)
-        })
-    } else {
-        crate::core::learned::unjustified(&records, &policy, now)
-    };
-    if doomed.is_empty() {
-        return Ok(());
-    }
-    let mut sock = crate::effects::nfnetlink::NfSock::open()?;
-    for r in doomed {
-        let Some(scope) = r.port_scope() else {
-            continue;
-        };
-        let set = crate::core::dns_policy::set_for(r.addr, scope);
-        for key in keys_for(r.addr, scope) {
-            match sock.delete_elements(set, &[key]) {
-                Err(e) if e.raw_os_error() == Some(2) => {} // expired meanwhile
-                other => other?,
-            }
-        }
     }
     Ok(())
 }

@@ -171,6 +171,26 @@ impl Policy {
         }
     }
 
+    /// Whether an open flow to `dst` may go on under this policy, given the DNS-learned set
+    /// elements live in the table (`learned`: address and optional protocol/port scope):
+    /// the flows for which this is false are the ones a revoking change cuts.
+    pub fn keeps_flow(
+        &self,
+        learned: &[(IpAddr, Option<(u8, u16)>)],
+        dst: IpAddr,
+        proto: u8,
+        dport: Option<u16>,
+    ) -> bool {
+        let by_dns = || {
+            self.mode != Mode::Block
+                && !self.deny.iter().any(|n| n.contains(&dst))
+                && learned.iter().any(|(a, scope)| {
+                    *a == dst && scope.is_none_or(|(p, port)| p == proto && Some(port) == dport)
+                })
+        };
+        self.permits(dst, proto, dport) || by_dns()
+    }
+
     /// An empty policy in `mode`: nothing allowed, nothing denied, no DNS.
     pub fn new(mode: Mode) -> Self {
         Policy {
@@ -212,6 +232,30 @@ mod tests {
         p.deny = vec!["198.51.100.7/32".parse().unwrap()];
         p.dns_servers = vec!["10.0.2.3".parse().unwrap()];
         p
+    }
+
+    /// A flow to a DNS-learned address lives on, unless the address is denied (a deny wins
+    /// over everything) or the container is blocked; a scoped element keeps only its port.
+    #[test]
+    fn keeps_flow_counts_learned_elements_but_never_past_a_deny_or_block() {
+        let learned_ip: IpAddr = "198.51.100.30".parse().unwrap();
+        let scoped_ip: IpAddr = "198.51.100.31".parse().unwrap();
+        let learned = [(learned_ip, None), (scoped_ip, Some((6, 443)))];
+        let mut p = Policy::new(Mode::DenyAll);
+        assert!(p.keeps_flow(&learned, learned_ip, 6, Some(80)));
+        assert!(p.keeps_flow(&learned, scoped_ip, 6, Some(443)));
+        assert!(!p.keeps_flow(&learned, scoped_ip, 6, Some(80)));
+        assert!(!p.keeps_flow(&learned, scoped_ip, 17, Some(443)));
+        assert!(!p.keeps_flow(&learned, "198.51.100.32".parse().unwrap(), 6, Some(80)));
+        assert!(!p.keeps_flow(&[], learned_ip, 6, Some(80)));
+        p.deny.push("198.51.100.30/32".parse().unwrap());
+        assert!(!p.keeps_flow(&learned, learned_ip, 6, Some(80)));
+        let mut blocked = Policy::new(Mode::Block);
+        blocked.allow.push(AllowRule {
+            net: "198.51.100.31/32".parse().unwrap(),
+            scope: None,
+        });
+        assert!(!blocked.keeps_flow(&learned, scoped_ip, 6, Some(443)));
     }
 
     #[test]

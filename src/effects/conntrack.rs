@@ -227,21 +227,14 @@ pub fn revoke_in(
 }
 
 /// In the container's namespaces: delete every flow that neither `policy` nor a DNS-learned
-/// set element (`learned`, read from the live table) permits.
+/// set element (`learned`, read from the live table) permits (`Policy::keeps_flow`).
 pub fn revoke_current_netns(
     policy: &crate::core::policy::Policy,
     learned: &[crate::core::verify::Learned],
 ) -> std::io::Result<usize> {
-    let by_dns = |f: &Flow| {
-        policy.mode != crate::core::policy::Mode::Block
-            && !policy.deny.iter().any(|n| n.contains(&f.dst))
-            && learned.iter().any(|(a, scope)| {
-                *a == f.dst && scope.is_none_or(|(p, port)| p == f.proto && Some(port) == f.dport)
-            })
-    };
     let doomed: Vec<Flow> = dump_current_netns()?
         .into_iter()
-        .filter(|f| !policy.permits(f.dst, f.proto, f.dport) && !by_dns(f))
+        .filter(|f| !policy.keeps_flow(learned, f.dst, f.proto, f.dport))
         .collect();
     delete_flows(&doomed)
 }

@@ -43,12 +43,14 @@ impl Container<'_> {
 /// A step that fails before the change is in force runs the plan's undo, and the error says
 /// whether that left everything as it was.
 pub fn execute(plan: &LivePlan, old: &Bundle, container: &Container) -> anyhow::Result<()> {
+    let here = enter(plan, container)?;
+    let nft = here.as_ref().unwrap_or(container.nft);
     let mut path = "nft";
     let mut taken_records: Vec<u8> = Vec::new();
     for (index, step) in plan.steps.iter().enumerate() {
         let result = match step {
             Step::SaveBundle => save_bundle(container.dir, &plan.bundle).map_err(Into::into),
-            Step::Firewall(change) => firewall(change, plan, container).map(|p| path = p),
+            Step::Firewall(change) => firewall(change, plan, nft, here.is_some()).map(|p| path = p),
             Step::ClearLearnedRecord => {
                 let file = container.dir.join(LEARNED_FILE);
                 take_learned(&file)
@@ -61,6 +63,9 @@ pub fn execute(plan: &LivePlan, old: &Bundle, container: &Container) -> anyhow::
                     procfs::signal_if_same(pid, start, rustix::process::Signal::HUP);
                 }
                 Ok(())
+            }
+            Step::RevokeFlows if here.is_some() => {
+                revoke_here(container.dir, &plan.bundle, &plan.new_policy, nft)
             }
             Step::RevokeFlows => conntrack::revoke_in(
                 Some(&container.ns("user")),
@@ -75,7 +80,7 @@ pub fn execute(plan: &LivePlan, old: &Bundle, container: &Container) -> anyhow::
         };
         let failed_undo: Vec<String> = undo
             .iter()
-            .filter_map(|u| run_undo(*u, plan, old, container, &taken_records).err())
+            .filter_map(|u| run_undo(*u, plan, old, container, nft, &taken_records).err())
             .map(|e| format!("{e:#}"))
             .collect();
         return Err(if failed_undo.is_empty() {
@@ -126,11 +131,12 @@ fn run_undo(
     plan: &LivePlan,
     old: &Bundle,
     container: &Container,
+    nft: &Nft,
     taken_records: &[u8],
 ) -> anyhow::Result<()> {
     match undo {
         Undo::RestoreBundle => Ok(save_bundle(container.dir, old)?),
-        Undo::RestoreFirewall => Ok(update(container.nft, &plan.new_policy, &plan.old_policy)
+        Undo::RestoreFirewall => Ok(update(nft, &plan.new_policy, &plan.old_policy)
             .map(drop)
             .context("the firewall could not be put back")?),
         Undo::RestoreLearnedRecord => {
@@ -141,57 +147,71 @@ fn run_undo(
     }
 }
 
-/// Carry out one firewall change; which path it took (`netlink` or `nft`).
+/// Join the container's user and network namespaces in this very process when the plan
+/// touches its firewall or its connections, and return nft there: every step then talks to
+/// the kernel directly, with no forked nft worker and no helper process to start.
+///
+/// Joining a user namespace needs a single-threaded process: the CLI has started no thread
+/// yet, which is checked; if it had, `None`, and the steps reach the namespaces from outside.
+/// Nothing after the plan needs the host's namespaces: files are written through the same
+/// mounts (the user namespace maps our user to its root), signals reach the container's
+/// processes.
+fn enter(plan: &LivePlan, container: &Container) -> anyhow::Result<Option<Nft>> {
+    let touches = plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Firewall(_) | Step::RevokeFlows));
+    let single_threaded = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l == "Threads:\t1"));
+    if !touches || !single_threaded {
+        return Ok(None);
+    }
+    let ns = NsFiles::open(Some(&container.ns("user")), Some(&container.ns("net")))?;
+    ns.enter()
+        .context("cannot enter the container's namespaces")?;
+    Ok(Some(Nft::locate()?))
+}
+
+/// Carry out one firewall change with `nft` (in the container's namespaces, joined by this
+/// process when `here`); which path it took (`netlink` or `nft`).
 fn firewall(
     change: &FirewallChange,
     plan: &LivePlan,
-    container: &Container,
+    nft: &Nft,
+    here: bool,
 ) -> anyhow::Result<&'static str> {
     match change {
         FirewallChange::Update => {
-            update(container.nft, &plan.old_policy, &plan.new_policy)?;
+            update(nft, &plan.old_policy, &plan.new_policy)?;
             Ok("nft")
         }
-        FirewallChange::AddAddresses(additions) => {
-            add_addresses(container, additions, &plan.old_policy, &plan.new_policy)
+        FirewallChange::AddAddresses(additions) if here => {
+            add_addresses(nft, additions, &plan.new_policy)
+        }
+        FirewallChange::AddAddresses(_) => {
+            update(nft, &plan.old_policy, &plan.new_policy)?;
+            Ok("nft")
         }
         FirewallChange::FlushLearned(sets) => {
-            container
-                .nft
-                .run_script(&FirewallChange::flush_script(sets))?;
+            nft.run_script(&FirewallChange::flush_script(sets))?;
             // The rest of the table must still be exactly the policy; if it drifted, replace
             // it whole (which leaves the learned sets empty too).
-            if check(container.nft, &plan.new_policy).is_err() {
-                apply(container.nft, &plan.new_policy)?;
+            if check(nft, &plan.new_policy).is_err() {
+                apply(nft, &plan.new_policy)?;
             }
             Ok("nft")
         }
     }
 }
 
-/// Add addresses to hash sets from inside the container's namespaces (netlink, no nft
-/// process), then verify the whole table; on any trouble the regular nft path takes over.
-///
-/// Joining a user namespace needs a single-threaded process: the CLI has started no thread
-/// yet, which is checked. Afterwards this process lives in the container's user and network
-/// namespaces, so this is the plan's last firewall step.
+/// Add addresses to hash sets over netlink (no nft process; this process is in the
+/// container's namespaces), then verify the whole table; on any trouble the regular nft
+/// path takes over and replaces the table with the policy.
 fn add_addresses(
-    container: &Container,
+    nft: &Nft,
     additions: &[(&'static str, Vec<IpAddr>)],
-    old: &Policy,
     new: &Policy,
 ) -> anyhow::Result<&'static str> {
-    let single_threaded = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l == "Threads:\t1"));
-    if !single_threaded {
-        update(container.nft, old, new)?;
-        return Ok("nft");
-    }
-    let ns = NsFiles::open(Some(&container.ns("user")), Some(&container.ns("net")))?;
-    ns.enter()
-        .context("cannot enter the container's namespaces")?;
-    // From here on this process lives in the container's namespaces: nft needs no joining.
-    let local = Nft::locate()?;
     let added = NfSock::open().and_then(|mut sock| {
         additions.iter().try_for_each(|(set, addrs)| {
             let keys: Vec<SetKey> = addrs
@@ -204,10 +224,67 @@ fn add_addresses(
             sock.add_elements(set, &keys, None)
         })
     });
-    if added.is_ok() && check(&local, new).is_ok() {
+    if added.is_ok() && check(nft, new).is_ok() {
         return Ok("netlink");
     }
-    apply(&local, new)
+    apply(nft, new)
         .map(|_| "nft")
         .context("the firewall could not be updated")
+}
+
+/// Inside the container's namespaces: take away what a revoking change no longer permits,
+/// learned elements first (so a cut flow cannot come back through one), then open flows.
+pub fn revoke_here(
+    bundle_dir: &Path,
+    bundle: &Bundle,
+    policy: &Policy,
+    nft: &Nft,
+) -> anyhow::Result<()> {
+    if bundle.dns_tier != crate::core::bundle::DnsTier::Static {
+        forget_unjustified(bundle_dir, bundle)?;
+    }
+    let learned = nft
+        .list_table_json()?
+        .map(|live| crate::core::verify::learned_elements(&live))
+        .unwrap_or_default();
+    conntrack::revoke_current_netns(policy, &learned).context("failed to cut open connections")?;
+    Ok(())
+}
+
+/// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name
+/// brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what).
+/// Elements that expired already are skipped.
+fn forget_unjustified(
+    bundle_dir: &Path,
+    bundle: &crate::core::bundle::Bundle,
+) -> anyhow::Result<()> {
+    use crate::effects::learned_log::{read_learned, LEARNED_FILE};
+    use crate::effects::resolver::keys_for;
+    let records = read_learned(&bundle_dir.join(LEARNED_FILE));
+    let now = crate::effects::audit::unix_secs();
+    let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);
+    let doomed = if bundle.dns_tier == crate::core::bundle::DnsTier::Dnsmasq {
+        crate::core::learned::unjustified_by(&records, now, |d| {
+            crate::core::dnsmasq::forwards(&policy, d)
+        })
+    } else {
+        crate::core::learned::unjustified(&records, &policy, now)
+    };
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    let mut sock = crate::effects::nfnetlink::NfSock::open()?;
+    for r in doomed {
+        let Some(scope) = r.port_scope() else {
+            continue;
+        };
+        let set = crate::core::dns_policy::set_for(r.addr, scope);
+        for key in keys_for(r.addr, scope) {
+            match sock.delete_elements(set, &[key]) {
+                Err(e) if e.raw_os_error() == Some(2) => {} // expired meanwhile
+                other => other?,
+            }
+        }
+    }
+    Ok(())
 }
