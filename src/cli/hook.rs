@@ -282,13 +282,14 @@ fn start_resolver(
     let mut cmd = std::process::Command::new(
         std::env::current_exe().context("cannot find this program's path")?,
     );
-    cmd.arg(command);
-    if let Some(s) = &sockets {
-        cmd.arg(format!("--inherited={}", s.numbers()));
-    }
-    cmd.arg(dir).arg(name.as_str());
+    // `COMMAND DIR NAME` first: that is how a person (or a test) finds the process by its
+    // command line.
+    cmd.arg(command).arg(dir).arg(name.as_str());
     for u in upstreams {
         cmd.arg(u.to_string());
+    }
+    if let Some(s) = &sockets {
+        cmd.arg(format!("--inherited={}", s.numbers()));
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(if prebound.is_some() {
