@@ -1181,3 +1181,77 @@ pub fn is_blocked(r: &Value, host: &str, proto: &str, port: u16) -> bool {
         && r["detail"]["proto"] == proto
         && r["detail"]["port"] == port
 }
+
+/// The host's `net.ipv4.ping_group_range` (which governs IPv6 ping sockets too).
+const PING_GROUP_RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
+
+/// While alive, the test user's group may open ICMP datagram ("ping") sockets in the host's
+/// network namespace, where slirp4netns opens its sockets: slirp4netns then forwards a
+/// container's echo requests as ICMP, payload and all. Without it (Debian's default range
+/// `1 0` allows no one), libslirp sends each echo request on as a UDP datagram to port 7
+/// with a fixed text, and no reply comes back. The previous range returns on drop.
+pub struct HostPingSockets {
+    before: String,
+}
+
+impl HostPingSockets {
+    pub fn allow(user: &TestUser) -> HostPingSockets {
+        let before = fs::read_to_string(PING_GROUP_RANGE)
+            .unwrap_or_else(|e| panic!("read {PING_GROUP_RANGE}: {e}"));
+        fs::write(PING_GROUP_RANGE, format!("{0} {0}\n", user.gid))
+            .unwrap_or_else(|e| panic!("write {PING_GROUP_RANGE}: {e}"));
+        HostPingSockets { before }
+    }
+}
+
+impl Drop for HostPingSockets {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(PING_GROUP_RANGE, &self.before) {
+            eprintln!("e2e cleanup: cannot restore {PING_GROUP_RANGE}: {e}");
+        }
+    }
+}
+
+/// The nft table the tests add to a container's network namespace to watch what leaves it.
+const WIRE_TABLE: &str = "e2e_wire";
+
+/// `nft ARGS` as root in the network namespace of process `pid`; its stdout.
+#[track_caller]
+fn nft_in_netns(pid: &str, args: &[&str]) -> String {
+    let mut full = vec!["-t", pid, "-n", "nft"];
+    full.extend_from_slice(args);
+    let out = run_bounded("nsenter", &full, SHORT);
+    assert!(out.ok(), "nft {args:?} in the netns of {pid}: {out}");
+    out.stdout
+}
+
+/// Count, from now on, the packets that leave the network namespace of container process
+/// `pid` matching the nft expression `expr`, in a counter called `name` (read it with
+/// [`packets_leaving`]). The rule sits in a table of the test's own at postrouting, after
+/// the shield's output chain, so it counts what got past the firewall onto the wire,
+/// whatever the sending socket was told; slirp4netns, which forwards only part of it (no
+/// ICMPv6 echo in libslirp 4.7), does not decide what it sees.
+#[track_caller]
+pub fn count_leaving(pid: &str, name: &str, expr: &str) {
+    nft_in_netns(
+        pid,
+        &[&format!(
+            "add table inet {WIRE_TABLE}; \
+             add chain inet {WIRE_TABLE} leave {{ type filter hook postrouting priority 500; }}; \
+             add counter inet {WIRE_TABLE} {name}; \
+             add rule inet {WIRE_TABLE} leave {expr} counter name {name}"
+        )],
+    );
+}
+
+/// Packets counted so far by the counter `name` of [`count_leaving`].
+#[track_caller]
+pub fn packets_leaving(pid: &str, name: &str) -> u64 {
+    let out = nft_in_netns(pid, &["-j", "list", "counter", "inet", WIRE_TABLE, name]);
+    let doc: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("counter {name}: not JSON ({e}): {out}"));
+    doc["nftables"]
+        .as_array()
+        .and_then(|items| items.iter().find_map(|i| i["counter"]["packets"].as_u64()))
+        .unwrap_or_else(|| panic!("counter {name}: no packets in {out}"))
+}

@@ -16,8 +16,14 @@
 //!
 //! Servers, all in one thread of the test process inside the world: a banner on TCP 80 and
 //! 443 of every host (then close), a stream on TCP [`STREAM_PORT`] of every host (a line
-//! every 100 ms for at most 30 s, for tests that cut live connections), and a DNS server on
-//! 198.51.100.53 answering the zone in [`DNS_ZONE`] and [`DNS_ZONE6`].
+//! every 100 ms for at most 30 s, for tests that cut live connections), a UDP sink on
+//! [`UDP_SINK_PORT`] of every host that records each datagram it receives (reassembled, with
+//! its length), and a DNS server on 198.51.100.53 answering the zone in [`DNS_ZONE`] and
+//! [`DNS_ZONE6`].
+//!
+//! [`World::count`] counts packets as they arrive in the world, before reassembly (every
+//! fragment counts, and protocols no server listens for, such as ICMP echo, too): an nft
+//! counter in the world's namespace, which the container cannot touch.
 //!
 //! The DNS server answers on UDP and TCP port 53 of every address in [`DNS_SERVERS`]. Its
 //! zone ([`Zone`]) also holds the records of tests/e2e_dns_records.rs (CNAME chains, a name
@@ -85,6 +91,15 @@ pub const STREAM_INTERVAL: Duration = Duration::from_millis(100);
 pub const STREAM_LIFETIME: Duration = Duration::from_secs(30);
 /// Streams open at once; further connections are closed at once (bounds the world's work).
 const MAX_STREAMS: usize = 64;
+
+/// The UDP port of every world host whose datagrams the world records ([`World::datagrams`]);
+/// nothing answers there.
+pub const UDP_SINK_PORT: u16 = 9;
+/// Datagrams recorded at most (bounds the world's memory under a flood).
+const MAX_DATAGRAMS: usize = 10_000;
+
+/// The nft table in the world's namespace that holds the counters of [`World::count`].
+const WATCH_TABLE: &str = "e2e_watch";
 
 /// The fake DNS zone served on 198.51.100.53:53: A records (a name listed twice has two);
 /// AAAA records come from [`DNS_ZONE6`]; other types of a known name get an empty NOERROR,
@@ -291,10 +306,20 @@ pub struct Hit {
     pub peer: SocketAddr,
 }
 
+/// One UDP datagram the world received on [`UDP_SINK_PORT`] (after the kernel reassembled
+/// its fragments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub len: usize,
+}
+
 /// The world: namespace, veth, host routes and servers; all removed on drop.
 pub struct World {
     stop: Arc<AtomicBool>,
     hits: Arc<Mutex<Vec<Hit>>>,
+    datagrams: Arc<Mutex<Vec<Datagram>>>,
     dns_queries: Arc<Mutex<Vec<String>>>,
     streams: Arc<Mutex<Vec<StreamRecord>>>,
     zone: Arc<Mutex<Zone>>,
@@ -309,6 +334,7 @@ impl World {
         let mut world = World {
             stop: Arc::new(AtomicBool::new(false)),
             hits: Arc::new(Mutex::new(Vec::new())),
+            datagrams: Arc::new(Mutex::new(Vec::new())),
             dns_queries: Arc::new(Mutex::new(Vec::new())),
             streams: Arc::new(Mutex::new(Vec::new())),
             zone: Arc::new(Mutex::new(Zone::default())),
@@ -322,6 +348,7 @@ impl World {
         world.done = Some(start_servers(
             world.stop.clone(),
             world.hits.clone(),
+            world.datagrams.clone(),
             Dns {
                 zone: world.zone.clone(),
                 queries: world.dns_queries.clone(),
@@ -347,6 +374,37 @@ impl World {
     pub fn saw_since(&self, mark: usize, host: &str, port: u16) -> bool {
         let want = SocketAddr::new(host.parse().unwrap(), port);
         self.hits().iter().skip(mark).any(|h| h.local == want)
+    }
+
+    /// Every datagram received on [`UDP_SINK_PORT`] so far.
+    pub fn datagrams(&self) -> Vec<Datagram> {
+        self.datagrams.lock().unwrap().clone()
+    }
+
+    /// Count, from now on, the packets arriving in the world that match the nft expression
+    /// `expr` (e.g. `ip daddr 198.51.100.20`), in a counter called `name`; read it with
+    /// [`World::packets`]. The rule sits in prerouting before conntrack's defragmentation, so
+    /// each fragment counts, and it sees every protocol, served or not.
+    #[track_caller]
+    pub fn count(&self, name: &str, expr: &str) {
+        world_nft(&format!(
+            "add table inet {WATCH_TABLE}; \
+             add chain inet {WATCH_TABLE} arrive {{ type filter hook prerouting priority -450; }}; \
+             add counter inet {WATCH_TABLE} {name}; \
+             add rule inet {WATCH_TABLE} arrive {expr} counter name {name}"
+        ));
+    }
+
+    /// Packets counted so far by the counter `name` of [`World::count`].
+    #[track_caller]
+    pub fn packets(&self, name: &str) -> u64 {
+        let out = world_nft(&format!("-j list counter inet {WATCH_TABLE} {name}"));
+        let doc: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("counter {name}: not JSON ({e}): {out}"));
+        doc["nftables"]
+            .as_array()
+            .and_then(|items| items.iter().find_map(|i| i["counter"]["packets"].as_u64()))
+            .unwrap_or_else(|| panic!("counter {name}: no packets in {out}"))
     }
 
     /// Names the fake DNS server was asked for.
@@ -468,6 +526,29 @@ fn build() -> Result<(), String> {
     Ok(())
 }
 
+/// `nft ARGS` (one command line, split on whitespace only where nft needs it) in the world's
+/// namespace; its stdout. Panics when nft fails.
+#[track_caller]
+fn world_nft(command: &str) -> String {
+    let mut args = vec!["netns", "exec", WORLD_NS, "nft"];
+    let command = match command.strip_prefix("-j ") {
+        Some(rest) => {
+            args.push("-j");
+            rest
+        }
+        None => command,
+    };
+    args.push(command);
+    let out = super::cmd::run("ip", &args, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("nft {command} in {WORLD_NS}: {e}"));
+    assert!(
+        out.ok(),
+        "nft {command} in {WORLD_NS}: {}",
+        out.stderr.trim()
+    );
+    out.stdout
+}
+
 /// Remove our routes, veth and namespace by name (each step may find nothing to remove).
 pub fn sweep() {
     let quiet = |args: &[&str]| {
@@ -554,9 +635,21 @@ struct DnsSockets {
     tcp: Vec<TcpListener>,
 }
 
+/// Every socket the world serves on.
+struct Listeners {
+    /// The banner ports ([`TCP_PORTS`]).
+    tcp: Vec<TcpListener>,
+    /// [`STREAM_PORT`].
+    stream: TcpListener,
+    dns: DnsSockets,
+    /// [`UDP_SINK_PORT`] of every host.
+    sink: Vec<UdpSocket>,
+}
+
 fn start_servers(
     stop: Arc<AtomicBool>,
     hits: Arc<Mutex<Vec<Hit>>>,
+    datagrams: Arc<Mutex<Vec<Datagram>>>,
     dns: Dns,
     streams: Arc<Mutex<Vec<StreamRecord>>>,
 ) -> mpsc::Receiver<()> {
@@ -576,9 +669,9 @@ fn start_servers(
                 .map_err(|e| format!("setns into {WORLD_NS}: {e}"))
                 .and_then(|()| bind_all());
             match sockets {
-                Ok((tcp, stream, sockets)) => {
+                Ok(listeners) => {
                     let _ = ready_tx.send(Ok(()));
-                    serve(tcp, stream, sockets, &stop, &hits, &dns, &streams);
+                    serve(listeners, &stop, &hits, &datagrams, &dns, &streams);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -594,7 +687,7 @@ fn start_servers(
     }
 }
 
-fn bind_all() -> Result<(Vec<TcpListener>, TcpListener, DnsSockets), String> {
+fn bind_all() -> Result<Listeners, String> {
     let mut tcp = Vec::new();
     for &port in TCP_PORTS {
         // `[::]` with the namespace default bindv6only=0 accepts IPv4 as well.
@@ -618,7 +711,19 @@ fn bind_all() -> Result<(Vec<TcpListener>, TcpListener, DnsSockets), String> {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         dns.tcp.push(listener);
     }
-    Ok((tcp, stream, dns))
+    let mut sink = Vec::new();
+    for host in HOSTS {
+        let at = SocketAddr::new(host.parse().unwrap(), UDP_SINK_PORT);
+        let udp = UdpSocket::bind(at).map_err(|e| format!("udp {at}: {e}"))?;
+        udp.set_nonblocking(true).map_err(|e| e.to_string())?;
+        sink.push(udp);
+    }
+    Ok(Listeners {
+        tcp,
+        stream,
+        dns,
+        sink,
+    })
 }
 
 /// An open streaming connection: its socket, its record's index, when it started and how
@@ -671,20 +776,40 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 }
 
 fn serve(
-    tcp: Vec<TcpListener>,
-    stream: TcpListener,
-    dns_sockets: DnsSockets,
+    listeners: Listeners,
     stop: &AtomicBool,
     hits: &Mutex<Vec<Hit>>,
+    datagrams: &Mutex<Vec<Datagram>>,
     dns: &Dns,
     streams: &Mutex<Vec<StreamRecord>>,
 ) {
+    let Listeners {
+        tcp,
+        stream,
+        dns: dns_sockets,
+        sink,
+    } = listeners;
     let started = Instant::now();
     let mut idle = Duration::from_micros(100);
     let mut buf = [0u8; 1500];
+    // The largest UDP payload there is: sink datagrams are recorded whole.
+    let mut big = vec![0u8; 65536];
     let mut open: Vec<OpenStream> = Vec::new();
     while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
         let mut busy = false;
+        for udp in &sink {
+            if let (Ok((len, peer)), Ok(local)) = (udp.recv_from(&mut big), udp.local_addr()) {
+                busy = true;
+                let mut log = datagrams.lock().unwrap();
+                if log.len() < MAX_DATAGRAMS {
+                    log.push(Datagram {
+                        local: canonical(local),
+                        peer: canonical(peer),
+                        len,
+                    });
+                }
+            }
+        }
         if let Ok((socket, peer)) = stream.accept() {
             busy = true;
             if let Ok(local) = socket.local_addr() {
