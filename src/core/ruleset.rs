@@ -499,23 +499,11 @@ impl Ruleset {
     /// interval elements never conflict; each set's flush and first elements share one
     /// transaction, so no set is ever seen empty by a packet.
     pub fn update_to(&self, target: &Ruleset) -> Option<Vec<String>> {
-        if self.chains != target.chains
-            || self.sets.len() != target.sets.len()
-            || self
-                .sets
-                .iter()
-                .zip(&target.sets)
-                .any(|(a, b)| a.name != b.name || a.kind != b.kind || a.timeout != b.timeout)
-        {
-            return None;
-        }
+        let changed = self.changed_sets(target)?;
         let mut txs = Vec::new();
         let mut current = String::new();
         let mut used = 0;
-        for (old, new) in self.sets.iter().zip(&target.sets) {
-            if old.elements == new.elements || new.kind.is_learned() {
-                continue;
-            }
+        for new in changed {
             let weight = new.kind.weight();
             let per_tx = (TRANSACTION_BUDGET / weight).max(1);
             if used + new.elements.len().min(per_tx) * weight > TRANSACTION_BUDGET
@@ -540,6 +528,31 @@ impl Ruleset {
             txs.push(current);
         }
         Some(txs)
+    }
+
+    /// The sets of `target` whose literal contents differ from `self`'s (the learned sets
+    /// belong to the resolver and are never rewritten), or `None` when anything but literal
+    /// set contents differs (chains, set names, kinds, timeouts): then only replacing the
+    /// whole table turns `self` into `target`.
+    pub fn changed_sets<'a>(&self, target: &'a Ruleset) -> Option<Vec<&'a SetDef>> {
+        if self.chains != target.chains
+            || self.sets.len() != target.sets.len()
+            || self
+                .sets
+                .iter()
+                .zip(&target.sets)
+                .any(|(a, b)| a.name != b.name || a.kind != b.kind || a.timeout != b.timeout)
+        {
+            return None;
+        }
+        Some(
+            self.sets
+                .iter()
+                .zip(&target.sets)
+                .filter(|(old, new)| old.elements != new.elements && !new.kind.is_learned())
+                .map(|(_, new)| new)
+                .collect(),
+        )
     }
 
     /// Total number of set elements (for reports).
