@@ -21,6 +21,7 @@ pub mod live;
 #[cfg(test)]
 mod module_graph;
 pub mod observe;
+pub mod nft_netlink;
 pub mod oci;
 pub mod oci_config;
 pub mod podman_args;
