@@ -20,8 +20,8 @@ pub mod learned;
 pub mod live;
 #[cfg(test)]
 mod module_graph;
-pub mod observe;
 pub mod nft_netlink;
+pub mod observe;
 pub mod oci;
 pub mod oci_config;
 pub mod podman_args;

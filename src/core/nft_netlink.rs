@@ -81,6 +81,8 @@ const HOOK_PRIORITY: u16 = 2;
 const RULE_TABLE: u16 = 1;
 const RULE_CHAIN: u16 = 2;
 const RULE_HANDLE: u16 = 3;
+/// The handle of the rule before (kernel-assigned, dumped).
+const RULE_POSITION: u16 = 6;
 const RULE_EXPRESSIONS: u16 = 4;
 const RULE_PAD: u16 = 9;
 const LIST_ELEM: u16 = 1;
@@ -98,6 +100,9 @@ const SET_GC_INTERVAL: u16 = 12;
 const SET_USERDATA: u16 = 13;
 const SET_PAD: u16 = 14;
 const SET_HANDLE: u16 = 16;
+/// The backend the kernel chose (hash, rbtree, pipapo...) and its element count (6.x).
+const SET_TYPE: u16 = 19;
+const SET_COUNT: u16 = 20;
 const SET_DESC_SIZE: u16 = 1;
 const SET_DESC_CONCAT: u16 = 2;
 const SET_FIELD_LEN: u16 = 1;
@@ -339,9 +344,10 @@ pub enum Expr {
         snaplen: Option<u32>,
         qthreshold: Option<u16>,
     },
+    /// `code` only for ICMP rejects (the kernel neither needs nor dumps it for a TCP reset).
     Reject {
         kind: u32,
-        code: u8,
+        code: Option<u8>,
     },
     /// An expression we never generate, or one with attributes we do not know, kept for the
     /// report: its name and its raw data.
@@ -407,6 +413,7 @@ const REJECT_TCP_RST: u32 = 1;
 const REJECT_ICMPX: u32 = 2;
 const ICMPX_ADMIN_PROHIBITED: u8 = 3;
 const LIMIT_PKTS: u32 = 0;
+const LOG_LEVEL_WARNING: u32 = 4;
 
 impl Lowered {
     /// Lower `rs`. Named set ids are 1.., anonymous ones follow.
@@ -675,7 +682,13 @@ fn payload_field(proto: &str, field: &str) -> Option<Field> {
         ("tcp", "dport") => f(BASE_TRANSPORT, 2, 2, None, Some(IPPROTO_TCP)),
         ("udp", "sport") => f(BASE_TRANSPORT, 0, 2, None, Some(IPPROTO_UDP)),
         ("udp", "dport") => f(BASE_TRANSPORT, 2, 2, None, Some(IPPROTO_UDP)),
-        ("icmpv6", "type") => f(BASE_TRANSPORT, 0, 1, Some(NFPROTO_IPV6), Some(IPPROTO_ICMPV6)),
+        ("icmpv6", "type") => f(
+            BASE_TRANSPORT,
+            0,
+            1,
+            Some(NFPROTO_IPV6),
+            Some(IPPROTO_ICMPV6),
+        ),
         _ => return None,
     })
 }
@@ -700,7 +713,8 @@ fn lower_rule(rule: &Rule, sets: &mut Vec<SetWithElems>) -> Result<Vec<Expr>, Lo
                     if p1 == p2 && a.base == b.base && a.offset + a.len == b.offset {
                         add_deps(&mut out, &mut deps, &a);
                         out.push(payload(REG_1, a.base, a.offset, a.len + b.len));
-                        let mut data = num_bytes(*v1, a.len).ok_or_else(|| unsupported(&stmts[i]))?;
+                        let mut data =
+                            num_bytes(*v1, a.len).ok_or_else(|| unsupported(&stmts[i]))?;
                         data.extend(num_bytes(*v2, b.len).ok_or_else(|| unsupported(next))?);
                         out.push(cmp(CMP_EQ, data));
                         i += 2;
@@ -736,17 +750,18 @@ fn lower_rule(rule: &Rule, sets: &mut Vec<SetWithElems>) -> Result<Vec<Expr>, Lo
                 }
                 out.push(Expr::Reject {
                     kind: REJECT_TCP_RST,
-                    code: 0,
+                    code: None,
                 });
             }
             Stmt::RejectAdminProhibited => out.push(Expr::Reject {
                 kind: REJECT_ICMPX,
-                code: ICMPX_ADMIN_PROHIBITED,
+                code: Some(ICMPX_ADMIN_PROHIBITED),
             }),
             Stmt::Log(prefix) => out.push(Expr::Log {
                 prefix: prefix.to_string(),
                 group: None,
-                level: None,
+                // nft sends no level; the kernel takes and dumps its default, warning.
+                level: Some(LOG_LEVEL_WARNING),
                 flags: None,
                 snaplen: None,
                 qthreshold: None,
@@ -894,7 +909,9 @@ fn lower_match(
             out.push(payload(REG_1, f.base, f.offset, f.len));
             match val {
                 Val::Addr(a) if f.len == addr_len(*a) => out.push(cmp(op, addr_bytes(*a))),
-                Val::Net(n) if n.prefix_len() == n.max_prefix_len() && f.len == addr_len(n.addr()) => {
+                Val::Net(n)
+                    if n.prefix_len() == n.max_prefix_len() && f.len == addr_len(n.addr()) =>
+                {
                     out.push(cmp(op, addr_bytes(n.addr())))
                 }
                 Val::Num(n) if f.len == 2 => out.push(cmp(op, num_bytes(*n, 2)?)),
@@ -951,7 +968,9 @@ fn addr_len(a: IpAddr) -> u32 {
 }
 
 fn named_lookup(sets: &[SetWithElems], name: &str) -> Option<Expr> {
-    let set = sets.iter().find(|s| s.set.name == name && !s.set.is_anonymous())?;
+    let set = sets
+        .iter()
+        .find(|s| s.set.name == name && !s.set.is_anonymous())?;
     Some(Expr::Lookup {
         sreg: REG_1,
         set: name.to_string(),
@@ -1106,7 +1125,8 @@ impl Writer<'_> {
     pub fn nest(&mut self, kind: u16, f: impl FnOnce(&mut Writer)) {
         let start = self.0.len();
         self.0.extend_from_slice(&[0, 0]);
-        self.0.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self.0
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
         f(&mut Writer(self.0));
         let len = (self.0.len() - start) as u16;
         self.0[start..start + 2].copy_from_slice(&len.to_ne_bytes());
@@ -1282,7 +1302,9 @@ impl Expr {
             }
             Expr::Reject { kind, code } => {
                 w.be32(1, *kind);
-                w.bytes(2, &[*code]);
+                if let Some(code) = code {
+                    w.bytes(2, &[*code]);
+                }
             }
             Expr::Other { data, .. } => w.0.extend_from_slice(data),
         }
@@ -1291,10 +1313,18 @@ impl Expr {
 
 /// `NEWTABLE` of our table.
 pub fn new_table(out: &mut Vec<u8>, seq: u32) {
-    message(out, nft_type(msg::NEWTABLE), NEW, seq, NFPROTO_INET, 0, |w| {
-        w.str(TABLE_NAME, TABLE);
-        w.be32(TABLE_FLAGS, 0);
-    });
+    message(
+        out,
+        nft_type(msg::NEWTABLE),
+        NEW,
+        seq,
+        NFPROTO_INET,
+        0,
+        |w| {
+            w.str(TABLE_NAME, TABLE);
+            w.be32(TABLE_FLAGS, 0);
+        },
+    );
 }
 
 /// `DELTABLE` of our table.
@@ -1311,21 +1341,29 @@ pub fn del_table(out: &mut Vec<u8>, seq: u32) {
 }
 
 fn new_chain(out: &mut Vec<u8>, seq: u32, chain: &ChainObj) {
-    message(out, nft_type(msg::NEWCHAIN), NEW, seq, NFPROTO_INET, 0, |w| {
-        w.str(CHAIN_TABLE, TABLE);
-        w.str(CHAIN_NAME, &chain.name);
-        if let Some(b) = &chain.base {
-            w.str(CHAIN_TYPE, &b.kind);
-            w.be32(CHAIN_POLICY, b.policy);
-            w.nest(CHAIN_HOOK, |w| {
-                w.be32(HOOK_HOOKNUM, b.hooknum);
-                w.be32(HOOK_PRIORITY, b.priority as u32);
-            });
-        }
-        if chain.flags != 0 {
-            w.be32(CHAIN_FLAGS, chain.flags);
-        }
-    });
+    message(
+        out,
+        nft_type(msg::NEWCHAIN),
+        NEW,
+        seq,
+        NFPROTO_INET,
+        0,
+        |w| {
+            w.str(CHAIN_TABLE, TABLE);
+            w.str(CHAIN_NAME, &chain.name);
+            if let Some(b) = &chain.base {
+                w.str(CHAIN_TYPE, &b.kind);
+                w.be32(CHAIN_POLICY, b.policy);
+                w.nest(CHAIN_HOOK, |w| {
+                    w.be32(HOOK_HOOKNUM, b.hooknum);
+                    w.be32(HOOK_PRIORITY, b.priority as u32);
+                });
+            }
+            if chain.flags != 0 {
+                w.be32(CHAIN_FLAGS, chain.flags);
+            }
+        },
+    );
 }
 
 fn new_set(out: &mut Vec<u8>, seq: u32, s: &SetWithElems) {
@@ -1637,7 +1675,9 @@ pub fn attrs(mut data: &[u8]) -> Result<Vec<Attr<'_>>, DecodeError> {
         let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
         let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
         if len < 4 || len > data.len() {
-            return Err(bad(format!("attribute {kind} of length {len} overruns its message")));
+            return Err(bad(format!(
+                "attribute {kind} of length {len} overruns its message"
+            )));
         }
         out.push(Attr {
             kind,
@@ -1676,7 +1716,8 @@ impl<'a> Attr<'a> {
     /// A NUL-terminated string attribute.
     pub fn string(&self) -> Result<String, DecodeError> {
         let s = self.data.split(|b| *b == 0).next().unwrap_or_default();
-        String::from_utf8(s.to_vec()).map_err(|_| bad(format!("attribute {} is not UTF-8", self.kind)))
+        String::from_utf8(s.to_vec())
+            .map_err(|_| bad(format!("attribute {} is not UTF-8", self.kind)))
     }
 
     pub fn nested(&self) -> Result<Vec<Attr<'a>>, DecodeError> {
@@ -1711,7 +1752,10 @@ pub fn messages(mut data: &[u8]) -> Result<Vec<Message<'_>>, DecodeError> {
     while data.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
         if len < NLMSG_HDRLEN || len > data.len() {
-            return Err(bad(format!("message of length {len} in {} bytes", data.len())));
+            return Err(bad(format!(
+                "message of length {len} in {} bytes",
+                data.len()
+            )));
         }
         let msg = &data[..len];
         let kind = u16::from_ne_bytes([msg[4], msg[5]]);
@@ -1813,7 +1857,7 @@ pub fn decode_rule(body: &[u8]) -> Result<RuleObj, DecodeError> {
                     exprs.push(decode_expr(e.data)?);
                 }
             }
-            RULE_TABLE | RULE_HANDLE | RULE_PAD => {}
+            RULE_TABLE | RULE_HANDLE | RULE_POSITION | RULE_PAD => {}
             other => exprs.push(Expr::Other {
                 name: format!("rule attribute {other}"),
                 data: a.data.to_vec(),
@@ -1859,11 +1903,16 @@ fn decode_expr_body(name: &str, body: &[u8]) -> Result<Option<Expr>, DecodeError
             u32s[i] = Some(u32::from_be_bytes(at.data.try_into().expect("4 bytes")));
         }
     }
-    let known = |allowed: &[usize]| (0..raw.len()).all(|i| raw[i].is_none() || allowed.contains(&i));
+    let known =
+        |allowed: &[usize]| (0..raw.len()).all(|i| raw[i].is_none() || allowed.contains(&i));
     let req = |i: usize| u32s[i].ok_or_else(|| bad(format!("{name} lacks attribute {i}")));
     let value = |i: usize| -> Result<Vec<u8>, DecodeError> {
         let d = raw[i].ok_or_else(|| bad(format!("{name} lacks attribute {i}")))?;
-        Attr { kind: i as u16, data: d }.data_value()
+        Attr {
+            kind: i as u16,
+            data: d,
+        }
+        .data_value()
     };
     Ok(Some(match name {
         "meta" | "ct" if known(&[1, 2]) => {
@@ -1939,8 +1988,16 @@ fn decode_expr_body(name: &str, body: &[u8]) -> Result<Option<Expr>, DecodeError
             }
         }
         "limit" if known(&[1, 2, 3, 4, 5]) => Expr::Limit {
-            rate: Attr { kind: 1, data: raw[1].unwrap_or_default() }.be64()?,
-            unit: Attr { kind: 2, data: raw[2].unwrap_or_default() }.be64()?,
+            rate: Attr {
+                kind: 1,
+                data: raw[1].unwrap_or_default(),
+            }
+            .be64()?,
+            unit: Attr {
+                kind: 2,
+                data: raw[2].unwrap_or_default(),
+            }
+            .be64()?,
             burst: req(3)?,
             kind: req(4)?,
             flags: u32s[5].unwrap_or(0),
@@ -1950,17 +2007,23 @@ fn decode_expr_body(name: &str, body: &[u8]) -> Result<Option<Expr>, DecodeError
                 .map(|d| Attr { kind: 2, data: d }.string())
                 .transpose()?
                 .unwrap_or_default(),
-            group: raw[1].map(|d| Attr { kind: 1, data: d }.be16()).transpose()?,
+            group: raw[1]
+                .map(|d| Attr { kind: 1, data: d }.be16())
+                .transpose()?,
             snaplen: raw[3].map(|_| req(3)).transpose()?,
-            qthreshold: raw[4].map(|d| Attr { kind: 4, data: d }.be16()).transpose()?,
+            qthreshold: raw[4]
+                .map(|d| Attr { kind: 4, data: d }.be16())
+                .transpose()?,
             level: raw[5].map(|_| req(5)).transpose()?,
             flags: raw[6].map(|_| req(6)).transpose()?,
         },
         "reject" if known(&[1, 2]) => Expr::Reject {
             kind: req(1)?,
-            code: *raw[2]
-                .and_then(|d| d.first())
-                .ok_or_else(|| bad("reject without a code"))?,
+            code: match raw[2] {
+                None => None,
+                Some([code]) => Some(*code),
+                Some(_) => return Err(bad("reject code is not one byte")),
+            },
         },
         _ => return Ok(None),
     }))
@@ -2007,7 +2070,7 @@ pub fn decode_set(body: &[u8]) -> Result<SetObj, DecodeError> {
                     }
                 }
             }
-            SET_TABLE | SET_HANDLE | SET_PAD | SET_ID => {}
+            SET_TABLE | SET_HANDLE | SET_PAD | SET_ID | SET_TYPE | SET_COUNT => {}
             // The kernel reports its garbage collection interval for sets with timeouts.
             SET_GC_INTERVAL if set.flags & SET_F_TIMEOUT != 0 => {}
             // NFTA_SET_POLICY, NFTA_SET_DATA_*, expressions, ...: not ours.
@@ -2071,6 +2134,95 @@ pub struct LiveTable {
     pub interrupted: bool,
 }
 
+/// The raw messages the kernel dumped of our table (whole netlink messages), as the netlink
+/// effect collected them; [`TableDump::decode`] turns them into a [`LiveTable`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableDump {
+    pub table: Vec<Vec<u8>>,
+    pub chains: Vec<Vec<u8>>,
+    pub rules: Vec<Vec<u8>>,
+    pub sets: Vec<Vec<u8>>,
+    /// Per set name, the element messages.
+    pub elements: Vec<(String, Vec<Vec<u8>>)>,
+    pub interrupted: bool,
+}
+
+/// The bodies of the messages of our table among `raw` (a chain dump lists every table's).
+fn ours(raw: &[Vec<u8>]) -> Result<Vec<&[u8]>, DecodeError> {
+    let mut out = Vec::new();
+    for r in raw {
+        for m in messages(r)? {
+            let family = m.raw.get(NLMSG_HDRLEN).copied();
+            if family == Some(NFPROTO_INET) && table_of(m.body)?.as_deref() == Some(TABLE) {
+                out.push(m.body);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl TableDump {
+    /// Our sets' names, each with whether its elements are learned (timeout flag).
+    pub fn set_names(&self) -> Result<Vec<(String, bool)>, DecodeError> {
+        ours(&self.sets)?
+            .into_iter()
+            .map(|b| decode_set(b).map(|s| (s.name.clone(), s.flags & SET_F_TIMEOUT != 0)))
+            .collect()
+    }
+
+    pub fn decode(&self) -> Result<LiveTable, DecodeError> {
+        let mut live = LiveTable {
+            interrupted: self.interrupted,
+            ..LiveTable::default()
+        };
+        let tables = ours_tables(&self.table)?;
+        let [(_, flags)] = tables.as_slice() else {
+            return Err(bad(format!(
+                "{} tables named {TABLE} in the listing",
+                tables.len()
+            )));
+        };
+        live.flags = *flags;
+        for b in ours(&self.chains)? {
+            live.chains.push(decode_chain(b)?);
+        }
+        for b in ours(&self.rules)? {
+            live.rules.push(decode_rule(b)?);
+        }
+        for b in ours(&self.sets)? {
+            let set = decode_set(b)?;
+            let mut elems = Vec::new();
+            for (name, raw) in &self.elements {
+                if *name == set.name {
+                    for b in ours(raw)? {
+                        let (n, e) = decode_setelems(b)?;
+                        if n == set.name {
+                            elems.extend(e);
+                        }
+                    }
+                }
+            }
+            live.sets.push((set, elems));
+        }
+        Ok(live)
+    }
+}
+
+fn ours_tables(raw: &[Vec<u8>]) -> Result<Vec<(String, u32)>, DecodeError> {
+    let mut out = Vec::new();
+    for r in raw {
+        for m in messages(r)? {
+            if m.raw.get(NLMSG_HDRLEN).copied() == Some(NFPROTO_INET) {
+                let t = decode_table(m.body)?;
+                if t.0 == TABLE {
+                    out.push(t);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2082,7 +2234,11 @@ mod tests {
             net: s.parse().unwrap(),
             scope: None,
         };
-        p.allow = vec![r("198.51.100.10/32"), r("198.18.0.0/16"), r("2001:db8::10/128")];
+        p.allow = vec![
+            r("198.51.100.10/32"),
+            r("198.18.0.0/16"),
+            r("2001:db8::10/128"),
+        ];
         p.deny = vec!["198.18.0.9/32".parse().unwrap()];
         p.dns_servers = vec!["198.51.100.53".parse().unwrap()];
         p.host_loopback = Some(HostLoopback {
@@ -2127,7 +2283,10 @@ mod tests {
         let e = interval_elements(&[
             ("0.0.0.0".parse().unwrap(), "0.0.0.255".parse().unwrap()),
             ("0.0.1.0".parse().unwrap(), "0.0.2.255".parse().unwrap()),
-            ("255.0.0.0".parse().unwrap(), "255.255.255.255".parse().unwrap()),
+            (
+                "255.0.0.0".parse().unwrap(),
+                "255.255.255.255".parse().unwrap(),
+            ),
         ]);
         let flags: Vec<u32> = e.iter().map(|e| e.flags).collect();
         assert_eq!(flags, vec![0, 0, 1, 0]);
@@ -2202,7 +2361,11 @@ mod tests {
         let mut seq = 100;
         let mut elems = 0;
         for b in &batches {
-            assert!(b.bytes.len() <= MAX_BATCH_BYTES + MAX_ELEMENT_BYTES, "{}", b.bytes.len());
+            assert!(
+                b.bytes.len() <= MAX_BATCH_BYTES + MAX_ELEMENT_BYTES,
+                "{}",
+                b.bytes.len()
+            );
             let msgs = messages(&b.bytes).unwrap();
             assert_eq!(msgs.len() as u32, b.messages + 2);
             for m in &msgs {

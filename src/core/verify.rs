@@ -20,6 +20,10 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
+use super::nft_netlink::{
+    ChainObj, ElemObj, Expr, LiveTable, Lowered, RuleObj, SetObj, SetWithElems,
+    ELEM_F_INTERVAL_END, SET_F_INTERVAL,
+};
 use super::ruleset::{Element, Ruleset, SetDef, FAMILY, TABLE};
 
 /// Differences between the expected and the live ruleset; any one is fatal (fail closed).
@@ -371,6 +375,289 @@ fn merge_all(map: BTreeMap<(String, u16), Vec<Range>>) -> BTreeMap<(String, u16)
             (k, merged)
         })
         .collect()
+}
+
+/// Check `live` (our table as the kernel dumped it over netlink) against `expected` and its
+/// netlink lowering: chains, rules expression by expression (anonymous sets by contents),
+/// set definitions, and the elements of every set that is not learned at run time. A dump
+/// that repeats an element, or that the kernel flagged as interrupted by a concurrent change,
+/// is torn (see [`VerifyError::torn`]).
+pub fn verify_netlink(
+    expected: &Ruleset,
+    lowered: &Lowered,
+    live: &LiveTable,
+) -> Result<(), VerifyError> {
+    let mut problems = Vec::new();
+    let mut torn = Vec::new();
+    if live.interrupted {
+        problems.push(
+            "the kernel flagged a dump of the table as interrupted by a concurrent change".into(),
+        );
+        torn.push("(dump interrupted)".to_string());
+    }
+    if live.flags != 0 {
+        problems.push(format!(
+            "table {FAMILY} {TABLE} has flags {:#x} (a dormant table filters nothing)",
+            live.flags
+        ));
+    }
+    // Chains.
+    let mut live_chains: BTreeMap<&str, &ChainObj> = BTreeMap::new();
+    for c in &live.chains {
+        if live_chains.insert(c.name.as_str(), c).is_some() {
+            problems.push(format!("chain {} is listed twice", c.name));
+        }
+    }
+    for want in &lowered.chains {
+        match live_chains.remove(want.name.as_str()) {
+            None => problems.push(format!("chain {} is missing", want.name)),
+            Some(got) if got != want => problems.push(format!(
+                "chain {}: expected {:?} flags {:#x}, found {:?} flags {:#x}",
+                want.name, want.base, want.flags, got.base, got.flags
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in live_chains.keys() {
+        problems.push(format!("unexpected chain {name}"));
+    }
+    // Sets by name; anonymous ones are matched through the rules that use them.
+    let mut live_sets: BTreeMap<&str, &(SetObj, Vec<ElemObj>)> = BTreeMap::new();
+    for s in &live.sets {
+        if live_sets.insert(s.0.name.as_str(), s).is_some() {
+            problems.push(format!("set {} is listed twice", s.0.name));
+        }
+    }
+    let by_id: BTreeMap<u32, &SetWithElems> = lowered.sets.iter().map(|s| (s.id, s)).collect();
+    // Rules, in order, per chain.
+    for want_chain in &lowered.chains {
+        let want: Vec<&RuleObj> = lowered
+            .rules
+            .iter()
+            .filter(|r| r.chain == want_chain.name)
+            .collect();
+        let got: Vec<&RuleObj> = live
+            .rules
+            .iter()
+            .filter(|r| r.chain == want_chain.name)
+            .collect();
+        if want.len() != got.len() {
+            problems.push(format!(
+                "chain {}: expected {} rules, found {}",
+                want_chain.name,
+                want.len(),
+                got.len()
+            ));
+        }
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            if let Err(why) = same_rule(w, g, &by_id, &mut live_sets) {
+                problems.push(format!("chain {} rule {}: {why}", want_chain.name, i + 1));
+            }
+        }
+    }
+    for r in &live.rules {
+        if !lowered.chains.iter().any(|c| c.name == r.chain) {
+            problems.push(format!("rules in unknown chain {}", r.chain));
+        }
+    }
+    // Named sets.
+    for set in &expected.sets {
+        let Some(want) = lowered.sets.iter().find(|s| s.set.name == set.name) else {
+            problems.push(format!("set {} has no netlink form", set.name));
+            continue;
+        };
+        let Some((got, elems)) = live_sets.remove(set.name) else {
+            problems.push(format!("set {} is missing", set.name));
+            continue;
+        };
+        if *got != want.set {
+            problems.push(format!(
+                "set {}: definition differs (expected {:?}, found {:?})",
+                set.name, want.set, got
+            ));
+            continue;
+        }
+        if set.kind.is_learned() {
+            continue;
+        }
+        match live_groups(got, elems) {
+            None => problems.push(format!("set {}: elements in an unexpected form", set.name)),
+            Some(Listed { repeated, .. }) if repeated > 0 => {
+                problems.push(format!(
+                    "set {}: the dump repeats {repeated} of its {} elements, so it is not a faithful \
+                     picture of the set (a kernel dump torn by a concurrent hash table resize)",
+                    set.name,
+                    elems.len()
+                ));
+                torn.push(set.name.to_string());
+            }
+            Some(Listed { groups, .. }) => {
+                let want = normalise_expected(&set.elements);
+                if groups != want {
+                    problems.push(format!(
+                        "set {}: live elements differ from the policy ({} live range groups vs {} expected)",
+                        set.name,
+                        count(&groups),
+                        count(&want)
+                    ));
+                }
+            }
+        }
+    }
+    for name in live_sets.keys() {
+        problems.push(format!("unexpected set {name}"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyError { problems, torn })
+    }
+}
+
+/// Compare one rule; an anonymous set a lookup uses is compared by definition and contents
+/// and taken out of `live_sets`.
+fn same_rule(
+    want: &RuleObj,
+    got: &RuleObj,
+    by_id: &BTreeMap<u32, &SetWithElems>,
+    live_sets: &mut BTreeMap<&str, &(SetObj, Vec<ElemObj>)>,
+) -> Result<(), String> {
+    if want.exprs.len() != got.exprs.len() {
+        return Err(format!(
+            "expected {} expressions, found {}: {:?}",
+            want.exprs.len(),
+            got.exprs.len(),
+            got.exprs
+        ));
+    }
+    for (w, g) in want.exprs.iter().zip(&got.exprs) {
+        match (w, g) {
+            (
+                Expr::Lookup {
+                    sreg: ws,
+                    set: wname,
+                    set_id: Some(id),
+                    flags: wf,
+                },
+                Expr::Lookup {
+                    sreg: gs,
+                    set: gname,
+                    flags: gf,
+                    ..
+                },
+            ) if ws == gs && wf == gf => {
+                let want_set = by_id.get(id).ok_or("lookup of an unknown set")?;
+                if !want_set.set.is_anonymous() {
+                    if wname != gname {
+                        return Err(format!("looks up set {gname}, expected {wname}"));
+                    }
+                    continue;
+                }
+                let (set, elems) = live_sets.remove(gname.as_str()).ok_or_else(|| {
+                    format!("looks up {gname}, which is not an anonymous set of ours")
+                })?;
+                let mut want_def = want_set.set.clone();
+                want_def.name.clone_from(&set.name);
+                if *set != want_def {
+                    return Err(format!(
+                        "anonymous set {gname}: expected {want_def:?}, found {set:?}"
+                    ));
+                }
+                let (mut a, mut b) = (want_set.elems.clone(), elems.clone());
+                a.sort_unstable();
+                b.sort_unstable();
+                if a != b {
+                    return Err(format!("anonymous set {gname}: elements differ"));
+                }
+            }
+            _ if w == g => {}
+            _ => return Err(format!("expected {w:?}, found {g:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// A named set's live elements as the ranges [`normalise_expected`] makes of the policy's.
+fn live_groups(set: &SetObj, elems: &[ElemObj]) -> Option<Listed> {
+    let addr_len = match set.key_len {
+        4 | 12 => 4,
+        16 | 24 => 16,
+        _ => return None,
+    };
+    let v4 = addr_len == 4;
+    let num = |b: &[u8]| -> Option<u128> {
+        match b.len() {
+            4 => Some(u128::from(u32::from_be_bytes(b.try_into().ok()?))),
+            16 => Some(u128::from_be_bytes(b.try_into().ok()?)),
+            _ => None,
+        }
+    };
+    let mut sorted: Vec<&ElemObj> = elems.iter().collect();
+    sorted.sort_unstable();
+    let before = sorted.len();
+    sorted.dedup();
+    let repeated = before - sorted.len();
+    if elems
+        .iter()
+        .any(|e| !e.unknown.is_empty() || e.timeout_ms.is_some())
+    {
+        return None;
+    }
+    let mut out: BTreeMap<(String, u16), Vec<Range>> = BTreeMap::new();
+    let concat = set.key_len as usize > addr_len;
+    if concat {
+        for e in &sorted {
+            let end = e.key_end.as_deref().unwrap_or(&e.key);
+            if e.flags != 0 || e.key.len() != addr_len + 8 || end.len() != e.key.len() {
+                return None;
+            }
+            if e.key[addr_len..] != end[addr_len..] {
+                return None; // a range over protocols or ports: not ours
+            }
+            let proto = match e.key[addr_len] {
+                6 => "tcp",
+                17 => "udp",
+                _ => return None,
+            };
+            let port = u16::from_be_bytes([e.key[addr_len + 4], e.key[addr_len + 5]]);
+            out.entry((proto.to_string(), port)).or_default().push((
+                v4,
+                num(&e.key[..addr_len])?,
+                num(&end[..addr_len])?,
+            ));
+        }
+    } else if set.flags & SET_F_INTERVAL != 0 {
+        let max = if v4 { u128::from(u32::MAX) } else { u128::MAX };
+        for (i, e) in sorted.iter().enumerate() {
+            if e.key_end.is_some() || e.key.len() != addr_len || e.flags & !ELEM_F_INTERVAL_END != 0
+            {
+                return None;
+            }
+            if e.flags & ELEM_F_INTERVAL_END != 0 {
+                continue;
+            }
+            let start = num(&e.key)?;
+            let end = match sorted.get(i + 1) {
+                Some(next) => num(&next.key)?.checked_sub(1)?,
+                None => max,
+            };
+            out.entry((String::new(), 0))
+                .or_default()
+                .push((v4, start, end));
+        }
+    } else {
+        for e in &sorted {
+            if e.key_end.is_some() || e.flags != 0 || e.key.len() != addr_len {
+                return None;
+            }
+            let a = num(&e.key)?;
+            out.entry((String::new(), 0)).or_default().push((v4, a, a));
+        }
+    }
+    Some(Listed {
+        groups: merge_all(out),
+        repeated,
+    })
 }
 
 /// A destination learned from DNS: an address, optionally only for (IP protocol, port).

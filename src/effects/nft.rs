@@ -78,6 +78,15 @@ impl NftError {
 /// How commands reach nftables.
 #[derive(Clone, Copy)]
 enum Backend {
+    /// libnftables, opened on first use (loading it costs ~1 ms and ~2 MiB, which the
+    /// container start, loaded over netlink, never pays), else the nft binary.
+    Library,
+    Binary,
+}
+
+/// The backend of one command: the library when it loads, else the binary.
+#[derive(Clone, Copy)]
+enum Resolved {
     Library(&'static Library),
     Binary,
 }
@@ -121,18 +130,16 @@ impl Nft {
                 Err(NftError::BadOverride(path))
             };
         }
-        let program = find_program("nft", FALLBACK_PATHS);
-        match (libnftables::library(), program) {
-            (Ok(lib), program) => Ok(Nft {
-                backend: Backend::Library(lib),
-                ..Nft::at(program.unwrap_or_else(|| PathBuf::from("nft")))
-            }),
-            (Err(why), Some(program)) => Ok(Nft {
-                fallback: Some(why),
-                ..Nft::at(program)
-            }),
-            (Err(_), None) => Err(NftError::NotFound),
-        }
+        // The library is only loaded here when there is no binary to fall back to.
+        let program = match find_program("nft", FALLBACK_PATHS) {
+            Some(program) => program,
+            None if libnftables::library().is_ok() => PathBuf::from("nft"),
+            None => return Err(NftError::NotFound),
+        };
+        Ok(Nft {
+            backend: Backend::Library,
+            ..Nft::at(program)
+        })
     }
 
     /// Use a specific nft binary (never the library).
@@ -173,32 +180,61 @@ impl Nft {
 
     /// `libnftables` or `nft`: how commands reach the kernel.
     pub fn backend(&self) -> &'static str {
-        match self.backend {
-            Backend::Library(_) => "libnftables",
-            Backend::Binary => "nft",
+        match self.resolve() {
+            Resolved::Library(_) => "libnftables",
+            Resolved::Binary => "nft",
         }
     }
 
     /// Why the `nft` binary is used although the library was wanted, if it is.
-    pub fn fallback_reason(&self) -> Option<&str> {
-        self.fallback.as_deref()
+    pub fn fallback_reason(&self) -> Option<String> {
+        match self.backend {
+            Backend::Library => libnftables::library().err(),
+            Backend::Binary => self.fallback.clone(),
+        }
+    }
+
+    fn resolve(&self) -> Resolved {
+        match self.backend {
+            Backend::Library => match libnftables::library() {
+                Ok(lib) => Resolved::Library(lib),
+                Err(_) => Resolved::Binary,
+            },
+            Backend::Binary => Resolved::Binary,
+        }
+    }
+
+    /// Where the netlink backend (`effects::nftables_netlink`) reaches this handle's
+    /// namespace: `Some(None)` for our own, `Some(Some(netns))` for a network namespace a
+    /// thread can join. `None` for an explicit nft binary (`Nft::at`, `TEROK_SHIELD_NFT`),
+    /// and where a user namespace must be joined as well (only a forked worker can).
+    pub fn netlink_target(&self) -> Option<Option<&Path>> {
+        if matches!(self.backend, Backend::Binary) {
+            return None;
+        }
+        if let Some(user) = &self.user_ns {
+            if NsFiles::open(Some(user), None).map_or(true, |ns| ns.has_user()) {
+                return None;
+            }
+        }
+        Some(self.net_ns.as_deref())
     }
 
     /// Run one nft script (`nft -f -`): one atomic transaction.
     pub fn run_script(&self, script: &str) -> Result<(), NftError> {
-        match self.backend {
-            Backend::Library(lib) => self.in_library(lib, script, false).map(drop),
-            Backend::Binary => self.run(&["-f", "-"], Some(script.as_bytes())).map(drop),
+        match self.resolve() {
+            Resolved::Library(lib) => self.in_library(lib, script, false).map(drop),
+            Resolved::Binary => self.run(&["-f", "-"], Some(script.as_bytes())).map(drop),
         }
     }
 
     /// Our table as nft's JSON, or `None` if it does not exist.
     pub fn list_table_json(&self) -> Result<Option<Value>, NftError> {
-        let listed = match self.backend {
-            Backend::Library(lib) => self
+        let listed = match self.resolve() {
+            Resolved::Library(lib) => self
                 .in_library(lib, &format!("list table {FAMILY} {TABLE}"), true)
                 .map(String::into_bytes),
-            Backend::Binary => self.run(&["-j", "list", "table", FAMILY, TABLE], None),
+            Resolved::Binary => self.run(&["-j", "list", "table", FAMILY, TABLE], None),
         };
         match listed {
             Ok(out) => serde_json::from_slice(&out)
@@ -211,11 +247,11 @@ impl Nft {
 
     /// Our table as nft text (for `rules`), or `None` if it does not exist.
     pub fn list_table_text(&self) -> Result<Option<String>, NftError> {
-        let listed = match self.backend {
-            Backend::Library(lib) => {
+        let listed = match self.resolve() {
+            Resolved::Library(lib) => {
                 self.in_library(lib, &format!("list table {FAMILY} {TABLE}"), false)
             }
-            Backend::Binary => self
+            Resolved::Binary => self
                 .run(&["list", "table", FAMILY, TABLE], None)
                 .map(|out| String::from_utf8_lossy(&out).into_owned()),
         };
