@@ -169,8 +169,14 @@ fn element_bytes(raw: &[Vec<u8>]) -> Vec<Vec<u8>> {
     out
 }
 
+/// A kind of dumped object, the two dumps of it, and the attributes the kernel assigns.
+type Compared<'a> = (&'a str, &'a [Vec<u8>], &'a [Vec<u8>], &'a [u16]);
+
+/// A kind of tampering and the nft script that does it.
+type Tampering<'a> = (&'a str, Box<dyn Fn() -> String + 'a>);
+
 fn assert_same_dump(what: &str, nft: &TableDump, ours: &TableDump) {
-    let pairs: [(&str, &[Vec<u8>], &[Vec<u8>], &[u16]); 4] = [
+    let pairs: [Compared; 4] = [
         // table: handle, padding
         ("table", &nft.table, &ours.table, &[4, 5]),
         // chain: handle, padding
@@ -277,7 +283,7 @@ fn verification_over_netlink_detects_tampering() {
             .as_u64()
             .unwrap()
     };
-    let tampering: Vec<(&str, Box<dyn Fn() -> String>)> = vec![
+    let tampering: Vec<Tampering> = vec![
         (
             "a rule removed",
             Box::new(|| {
