@@ -99,8 +99,6 @@ enum Resolved {
 pub struct Nft {
     program: PathBuf,
     backend: Backend,
-    /// Why the library is not used although it was wanted (it could not be loaded).
-    fallback: Option<String>,
     user_ns: Option<PathBuf>,
     net_ns: Option<PathBuf>,
     session: Arc<Mutex<Option<Session>>>,
@@ -109,7 +107,13 @@ pub struct Nft {
 impl std::fmt::Debug for Nft {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Nft")
-            .field("backend", &self.backend())
+            .field(
+                "backend",
+                &match self.backend {
+                    Backend::Library => "libnftables, else nft (opened on first use)",
+                    Backend::Binary => "nft",
+                },
+            )
             .field("program", &self.program)
             .field("user_ns", &self.user_ns)
             .field("net_ns", &self.net_ns)
@@ -120,7 +124,9 @@ impl std::fmt::Debug for Nft {
 impl Nft {
     /// Find nftables: `$TEROK_SHIELD_NFT` if set (an absolute path to nft), else libnftables,
     /// else the nft binary in PATH or the usual sbin directories (the fallback is explicit:
-    /// [`Nft::fallback_reason`]).
+    /// [`Nft::fallback_reason`]). The library is opened by the first command that needs it:
+    /// loading and verifying our table (`effects::firewall`) go over netlink and need neither,
+    /// except through an explicit binary ([`Nft::at`], `$TEROK_SHIELD_NFT`).
     pub fn locate() -> Result<Nft, NftError> {
         if let Some(explicit) = std::env::var_os(NFT_ENV) {
             let path = PathBuf::from(explicit);
@@ -147,7 +153,6 @@ impl Nft {
         Nft {
             program: program.into(),
             backend: Backend::Binary,
-            fallback: None,
             user_ns: None,
             net_ns: None,
             session: Arc::default(),
@@ -190,7 +195,7 @@ impl Nft {
     pub fn fallback_reason(&self) -> Option<String> {
         match self.backend {
             Backend::Library => libnftables::library().err(),
-            Backend::Binary => self.fallback.clone(),
+            Backend::Binary => None,
         }
     }
 
@@ -204,20 +209,14 @@ impl Nft {
         }
     }
 
-    /// Where the netlink backend (`effects::nftables_netlink`) reaches this handle's
-    /// namespace: `Some(None)` for our own, `Some(Some(netns))` for a network namespace a
-    /// thread can join. `None` for an explicit nft binary (`Nft::at`, `TEROK_SHIELD_NFT`),
-    /// and where a user namespace must be joined as well (only a forked worker can).
-    pub fn netlink_target(&self) -> Option<Option<&Path>> {
-        if matches!(self.backend, Backend::Binary) {
-            return None;
+    /// The namespaces (user, network) the netlink backend (`effects::nftables_netlink`) is to
+    /// reach for this handle, or `None` for an explicit nft binary ([`Nft::at`],
+    /// `$TEROK_SHIELD_NFT`), which then loads and lists as well.
+    pub fn netlink_target(&self) -> Option<(Option<&Path>, Option<&Path>)> {
+        match self.backend {
+            Backend::Library => Some((self.user_ns.as_deref(), self.net_ns.as_deref())),
+            Backend::Binary => None,
         }
-        if let Some(user) = &self.user_ns {
-            if NsFiles::open(Some(user), None).map_or(true, |ns| ns.has_user()) {
-                return None;
-            }
-        }
-        Some(self.net_ns.as_deref())
     }
 
     /// Run one nft script (`nft -f -`): one atomic transaction.

@@ -8,24 +8,31 @@
 //!
 //! A netlink socket belongs for good to the network namespace of the thread that created it,
 //! so [`NlSocket::open_in`] creates it on a short-lived thread that joined the namespace (the
-//! process itself never moves). Joining a user namespace as well needs a single-threaded
-//! process; callers that must (a rootless container reached from outside its user namespace)
-//! go through nft's worker instead (see `effects::firewall`).
+//! process itself never moves). Joining a user namespace as well (a rootless container
+//! reached from outside it) needs a single-threaded process: [`NlSocket::open_in_namespaces`]
+//! forks a child that joins both, creates the socket and hands its descriptor back over a
+//! socket pair, then exits. The kernel checks `CAP_NET_ADMIN` against the socket's creator
+//! (root of the container's user namespace) and the sender (its owner, or root), both of
+//! which hold it.
 
 use std::fs::File;
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 use rustix::net::{
-    netlink, recv, send, socket_with, sockopt, AddressFamily, RecvFlags, SendFlags, SocketFlags,
-    SocketType,
+    netlink, recv, recvmsg, send, sendmsg, socket_with, sockopt, AddressFamily,
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
 };
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use thiserror::Error;
 
+use super::netns::NsFiles;
 use crate::core::nft_netlink::{
     message, messages, msg, nft_type, Batch, DecodeError, TableDump, NFPROTO_INET, NLMSG_DONE,
     NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
@@ -57,6 +64,8 @@ pub enum NlError {
     Timeout(Duration),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Ns(#[from] super::netns::NsError),
 }
 
 fn errno_hint(e: &io::Error) -> &'static str {
@@ -105,13 +114,51 @@ impl NlSocket {
         })
     }
 
+    /// A socket in the network namespace `net`, joining the user namespace `user` first (a
+    /// forked child does, see the module header) unless this process already lives in it.
+    pub fn open_in_namespaces(
+        user: Option<&Path>,
+        net: Option<&Path>,
+    ) -> Result<NlSocket, NlError> {
+        let ns = NsFiles::open(user, net)?;
+        if !ns.has_user() {
+            return NlSocket::open_in(net);
+        }
+        let (parent, child) = UnixStream::pair().map_err(NlError::Socket)?;
+        // SAFETY: fork(2). The child makes only syscalls (setns, setresuid, socket, sendmsg
+        // with a stack buffer: nothing allocates or locks) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(NlError::Socket(io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            drop(parent);
+            let ok = ns.enter().is_ok()
+                && new_socket()
+                    .ok()
+                    .is_some_and(|fd| send_fd(&child, fd.as_fd()).is_ok());
+            // SAFETY: leave without running the parent's atexit handlers or destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        drop(child);
+        let received = recv_fd(&parent);
+        let mut status = 0;
+        // SAFETY: our own child, reaped once; it exits right after sending.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        match received {
+            Ok(Some(fd)) => NlSocket::configure(fd).map_err(NlError::Socket),
+            Ok(None) => Err(NlError::Socket(io::Error::other(
+                "the child that joins the container's user and network namespaces could not (is the container still running, and is it yours?)",
+            ))),
+            Err(e) => Err(NlError::Socket(e)),
+        }
+    }
+
     fn open_here() -> io::Result<NlSocket> {
-        let fd = socket_with(
-            AddressFamily::NETLINK,
-            SocketType::RAW,
-            SocketFlags::CLOEXEC,
-            Some(netlink::NETFILTER),
-        )?;
+        NlSocket::configure(new_socket()?)
+    }
+
+    fn configure(fd: OwnedFd) -> io::Result<NlSocket> {
         sockopt::set_socket_timeout(&fd, sockopt::Timeout::Recv, Some(RECV_TIMEOUT))?;
         // Best effort: a bigger buffer only avoids dropped acknowledgements under load.
         let _ = sockopt::set_socket_recv_buffer_size(&fd, SOCKET_RCVBUF);
@@ -346,6 +393,47 @@ impl NlSocket {
         dump.interrupted = interrupted;
         Ok(Some(dump))
     }
+}
+
+fn new_socket() -> io::Result<OwnedFd> {
+    Ok(socket_with(
+        AddressFamily::NETLINK,
+        SocketType::RAW,
+        SocketFlags::CLOEXEC,
+        Some(netlink::NETFILTER),
+    )?)
+}
+
+/// Hand `fd` over a Unix socket (no allocation: callable after fork).
+fn send_fd(stream: &UnixStream, fd: BorrowedFd) -> io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+    sendmsg(stream, &[IoSlice::new(b"s")], &mut cmsg, SendFlags::empty())?;
+    Ok(())
+}
+
+/// Receive a descriptor [`send_fd`] sent; `None` when the peer hung up without one.
+fn recv_fd(stream: &UnixStream) -> io::Result<Option<OwnedFd>> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    stream.set_read_timeout(Some(RECV_TIMEOUT))?;
+    recvmsg(
+        stream,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    for message in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = message {
+            if let Some(fd) = fds.next() {
+                return Ok(Some(fd));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The errno of an `NLMSG_ERROR` message (0: an acknowledgement).
