@@ -79,6 +79,9 @@ fn policies() -> Vec<(String, Policy)> {
     // The dnsmasq tier: a resolver port, its scoped-name sets, a default set timeout; an
     // IPv6 gateway with one port; one inbound TCP port set.
     let mut p = Policy::new(Mode::DenyAll);
+    // Adjacent networks no prefix covers: an end marker and a start at the same key.
+    p.allow = vec![allow("198.18.1.0/24"), allow("198.18.2.0/23")];
+    p.deny = vec![net("2001:db8:1::/48"), net("2001:db8:2::/47")];
     p.resolver_port = Some(5300);
     p.learned_timeout = Some(3600);
     p.host_loopback = Some(HostLoopback {

@@ -567,8 +567,9 @@ pub fn elements(kind: SetKind, elements: &[Element]) -> Vec<ElemObj> {
 }
 
 /// nft's encoding of ranges in an interval (rbtree) set: sorted starts, each followed by an
-/// end marker at `end + 1` (none at the top of the address space, none where the next range
-/// starts right there), and a leading end marker at zero when nothing starts there.
+/// end marker at `end + 1` (none at the top of the address space; where the next range starts
+/// right there, both the end marker and that start), and a leading end marker at zero when
+/// nothing starts there.
 fn interval_elements(ranges: &[(IpAddr, IpAddr)]) -> Vec<ElemObj> {
     let mut sorted: Vec<(u128, u128, bool)> = ranges
         .iter()
@@ -594,10 +595,9 @@ fn interval_elements(ranges: &[(IpAddr, IpAddr)]) -> Vec<ElemObj> {
     if first != 0 {
         out.push(end(0));
     }
-    for (i, &(a, b, _)) in sorted.iter().enumerate() {
+    for &(a, b, _) in &sorted {
         out.push(ElemObj::key(bytes(a)));
-        let next_start = sorted.get(i + 1).map(|r| r.0);
-        if b != max && next_start != Some(b + 1) {
+        if b != max {
             out.push(end(b + 1));
         }
     }
@@ -2279,7 +2279,8 @@ mod tests {
                 (vec![198, 18, 2, 0], 1)
             ]
         );
-        // Adjacent ranges share no end marker; a range reaching the top has none.
+        // Adjacent ranges (like 140.0.0.0/6, 144.0.0.0/4): an end marker and a start at the
+        // same key, as nft sends them; a range reaching the top has no end marker.
         let e = interval_elements(&[
             ("0.0.0.0".parse().unwrap(), "0.0.0.255".parse().unwrap()),
             ("0.0.1.0".parse().unwrap(), "0.0.2.255".parse().unwrap()),
@@ -2288,8 +2289,8 @@ mod tests {
                 "255.255.255.255".parse().unwrap(),
             ),
         ]);
-        let flags: Vec<u32> = e.iter().map(|e| e.flags).collect();
-        assert_eq!(flags, vec![0, 0, 1, 0]);
+        let got: Vec<(u8, u32)> = e.iter().map(|e| (e.key[2], e.flags)).collect();
+        assert_eq!(got, vec![(0, 0), (1, 1), (1, 0), (3, 1), (0, 0)]);
     }
 
     #[test]

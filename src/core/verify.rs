@@ -592,8 +592,13 @@ fn live_groups(set: &SetObj, elems: &[ElemObj]) -> Option<Listed> {
             _ => None,
         }
     };
+    // By key, an end marker before a start at the same key (adjacent ranges: the range
+    // before ends where the next begins).
     let mut sorted: Vec<&ElemObj> = elems.iter().collect();
-    sorted.sort_unstable();
+    sorted.sort_unstable_by(|a, b| {
+        let end_first = |e: &ElemObj| e.flags & ELEM_F_INTERVAL_END == 0;
+        (&a.key, end_first(a), *a).cmp(&(&b.key, end_first(b), *b))
+    });
     let before = sorted.len();
     sorted.dedup();
     let repeated = before - sorted.len();
