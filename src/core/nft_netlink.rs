@@ -1558,10 +1558,20 @@ impl BatchBuilder {
     }
 }
 
-/// Add a set's elements as `NEWSETELEM` messages of at most [`MAX_ELEMENT_BYTES`], opening
-/// new batches as needed; with `limit`, stop (returning how many were added) once the current
-/// batch would exceed it.
-fn add_elements(b: &mut BatchBuilder, s: &SetWithElems, from: usize, inline_only: bool) -> usize {
+/// Where [`add_elements`] may put a set's elements.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// All in the current batch (an anonymous set: part of the table's one transaction).
+    Current,
+    /// In the current batch while it has room; returns how many went in.
+    WhileRoom,
+    /// In as many batches as needed.
+    Split,
+}
+
+/// Add a set's elements from `from` on as `NEWSETELEM` messages of at most
+/// [`MAX_ELEMENT_BYTES`] each; returns the index of the first element not added.
+fn add_elements(b: &mut BatchBuilder, s: &SetWithElems, from: usize, place: Placement) -> usize {
     let mut i = from;
     while i < s.elems.len() {
         let mut bytes = 0;
@@ -1571,12 +1581,11 @@ fn add_elements(b: &mut BatchBuilder, s: &SetWithElems, from: usize, inline_only
             j += 1;
         }
         let msg_len = bytes + 128;
-        if inline_only {
-            if b.current.len() + msg_len > MAX_BATCH_BYTES {
-                return i;
-            }
-        } else {
-            b.room_for(msg_len);
+        match place {
+            Placement::Current => {}
+            Placement::WhileRoom if b.current.len() + msg_len > MAX_BATCH_BYTES => return i,
+            Placement::WhileRoom => {}
+            Placement::Split => b.room_for(msg_len),
         }
         let seq = b.next_seq();
         new_setelem(&mut b.current, seq, s, &s.elems[i..j]);
@@ -1606,7 +1615,6 @@ impl Lowered {
             new_chain(&mut b.current, s, chain);
         }
         let named = self.sets.iter().filter(|s| !s.set.is_anonymous());
-        let mut done = Vec::new();
         for set in named.clone() {
             let s = b.next_seq();
             new_set(&mut b.current, s, set);
@@ -1622,7 +1630,7 @@ impl Lowered {
                     if let Some(s) = anon.next_if(|s| s.id == *id) {
                         let seq = b.next_seq();
                         new_set(&mut b.current, seq, s);
-                        add_elements(&mut b, s, 0, false);
+                        add_elements(&mut b, s, 0, Placement::Current);
                     }
                 }
             }
@@ -1636,11 +1644,10 @@ impl Lowered {
         for set in order {
             let mut from = 0;
             if inline {
-                from = add_elements(&mut b, set, 0, true);
+                from = add_elements(&mut b, set, 0, Placement::WhileRoom);
                 inline = from == set.elems.len();
             }
-            add_elements(&mut b, set, from, false);
-            done.push(set.id);
+            add_elements(&mut b, set, from, Placement::Split);
         }
         b.finish()
     }

@@ -1089,3 +1089,185 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod netlink_tests {
+    use super::*;
+    use crate::core::nft_netlink::{Verdict, ELEM_F_INTERVAL_END};
+    use crate::core::policy::{AllowRule, Mode, Policy};
+
+    fn policy() -> Policy {
+        let mut p = Policy::new(Mode::DenyAll);
+        let r = |s: &str| AllowRule {
+            net: s.parse().unwrap(),
+            scope: None,
+        };
+        p.allow = vec![
+            r("198.51.100.10/32"),
+            r("198.18.0.0/16"),
+            r("2001:db8::10/128"),
+        ];
+        p.deny = vec!["198.18.0.9/32".parse().unwrap()];
+        p.dns_servers = vec!["198.51.100.53".parse().unwrap()];
+        p
+    }
+
+    /// What the kernel would dump for `lowered`: anonymous sets numbered, no set ids.
+    fn as_live(lowered: &Lowered) -> LiveTable {
+        let mut names = BTreeMap::new();
+        let mut n = 0;
+        let sets = lowered
+            .sets
+            .iter()
+            .map(|s| {
+                let mut set = s.set.clone();
+                if set.is_anonymous() {
+                    set.name = format!("__set{n}");
+                    n += 1;
+                }
+                names.insert(s.id, set.name.clone());
+                let elems = if s.learned {
+                    Vec::new()
+                } else {
+                    s.elems.clone()
+                };
+                (set, elems)
+            })
+            .collect();
+        let rules = lowered
+            .rules
+            .iter()
+            .map(|r| RuleObj {
+                chain: r.chain.clone(),
+                exprs: r
+                    .exprs
+                    .iter()
+                    .map(|e| match e {
+                        Expr::Lookup {
+                            sreg,
+                            set_id: Some(id),
+                            flags,
+                            ..
+                        } => Expr::Lookup {
+                            sreg: *sreg,
+                            set: names[id].clone(),
+                            set_id: None,
+                            flags: *flags,
+                        },
+                        other => other.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        LiveTable {
+            flags: 0,
+            chains: lowered.chains.clone(),
+            rules,
+            sets,
+            interrupted: false,
+        }
+    }
+
+    /// A kind of tampering and what it does to a dump.
+    type Tampering = (&'static str, Box<dyn Fn(&mut LiveTable)>);
+
+    fn setup() -> (Ruleset, Lowered, LiveTable) {
+        let rs = Ruleset::generate(&policy());
+        let lowered = Lowered::new(&rs).unwrap();
+        let live = as_live(&lowered);
+        (rs, lowered, live)
+    }
+
+    fn set_mut<'a>(live: &'a mut LiveTable, name: &str) -> &'a mut (SetObj, Vec<ElemObj>) {
+        live.sets.iter_mut().find(|s| s.0.name == name).unwrap()
+    }
+
+    #[test]
+    fn a_faithful_dump_passes_and_any_tampering_fails() {
+        let (rs, lowered, live) = setup();
+        verify_netlink(&rs, &lowered, &live).unwrap();
+
+        let tamperings: Vec<Tampering> = vec![
+            ("rule removed", Box::new(|l| drop(l.rules.remove(3)))),
+            (
+                "verdict changed",
+                Box::new(|l| {
+                    let last = l.rules[0].exprs.last_mut().unwrap();
+                    *last = Expr::Immediate {
+                        dreg: 0,
+                        verdict: Verdict::Drop,
+                    };
+                }),
+            ),
+            (
+                "policy flipped",
+                Box::new(|l| l.chains[0].base.as_mut().unwrap().policy = 1),
+            ),
+            (
+                "element added",
+                Box::new(|l| {
+                    let (_, e) = set_mut(l, "allow_v4");
+                    let mut extra = e[0].clone();
+                    extra.key = vec![198, 51, 100, 99];
+                    e.push(extra);
+                }),
+            ),
+            (
+                "interval end moved",
+                Box::new(|l| {
+                    let (_, e) = set_mut(l, "allow_net_v4");
+                    let end = e
+                        .iter_mut()
+                        .rev()
+                        .find(|x| x.flags & ELEM_F_INTERVAL_END != 0)
+                        .unwrap();
+                    end.key = vec![198, 20, 0, 0];
+                }),
+            ),
+            (
+                "anonymous set element added",
+                Box::new(|l| {
+                    let (_, e) = set_mut(l, "__set0");
+                    let mut extra = e[0].clone();
+                    extra.key = vec![1];
+                    e.push(extra);
+                }),
+            ),
+            (
+                "set flags changed",
+                Box::new(|l| set_mut(l, "deny_v4").0.flags = 0),
+            ),
+            ("table dormant", Box::new(|l| l.flags = 1)),
+            (
+                "extra chain",
+                Box::new(|l| {
+                    let mut c = l.chains[2].clone();
+                    c.name = "extra".into();
+                    l.chains.push(c);
+                }),
+            ),
+        ];
+        for (what, tamper) in tamperings {
+            let mut l = live.clone();
+            tamper(&mut l);
+            let err = verify_netlink(&rs, &lowered, &l).expect_err(what);
+            assert!(!err.listing_torn(), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_element_or_an_interrupted_dump_is_torn() {
+        let (rs, lowered, mut live) = setup();
+        let (_, e) = set_mut(&mut live, "allow_v4");
+        let first = e[0].clone();
+        e.push(first);
+        let err = verify_netlink(&rs, &lowered, &live).unwrap_err();
+        assert_eq!(err.torn, vec!["allow_v4".to_string()]);
+
+        let (rs, lowered, mut live) = setup();
+        live.interrupted = true;
+        assert!(verify_netlink(&rs, &lowered, &live)
+            .unwrap_err()
+            .listing_torn());
+    }
+}

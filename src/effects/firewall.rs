@@ -79,7 +79,7 @@ pub enum FirewallError {
     Verify(#[from] VerifyError),
     /// Every listing came back torn (see `core::verify`): nothing could be verified, so the
     /// firewall counts as wrong (a starting container is refused).
-    #[error("nft listed the firewall inconsistently on {reads} reads in a row (repeated elements in set {}), so it could not be verified and is treated as wrong; this happens while the kernel is still resizing a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
+    #[error("the firewall was listed inconsistently on {reads} reads in a row (repeated elements in set {}), so it could not be verified and is treated as wrong; this happens while the kernel is still resizing a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
     Unverifiable {
         reads: usize,
         #[source]
