@@ -1255,6 +1255,19 @@ mod netlink_tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// What the kernel would dump of any policy's lowering verifies against it.
+        #[test]
+        fn any_faithful_dump_verifies(policy in crate::core::proptests::arb_policy()) {
+            let rs = Ruleset::generate(&policy);
+            let lowered = Lowered::new(&rs).unwrap();
+            let verdict = verify_netlink(&rs, &lowered, &as_live(&lowered));
+            proptest::prop_assert!(verdict.is_ok(), "{:?}", verdict);
+        }
+    }
+
     #[test]
     fn a_repeated_element_or_an_interrupted_dump_is_torn() {
         let (rs, lowered, mut live) = setup();
