@@ -20,6 +20,7 @@ pub mod learned;
 pub mod live;
 #[cfg(test)]
 mod module_graph;
+pub mod nft_netlink;
 pub mod observe;
 pub mod oci;
 pub mod oci_config;

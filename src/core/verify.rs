@@ -20,6 +20,10 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
+use super::nft_netlink::{
+    ChainObj, ElemObj, Expr, LiveTable, Lowered, RuleObj, SetObj, SetWithElems,
+    ELEM_F_INTERVAL_END, SET_F_INTERVAL,
+};
 use super::ruleset::{Element, Ruleset, SetDef, FAMILY, TABLE};
 
 /// Differences between the expected and the live ruleset; any one is fatal (fail closed).
@@ -371,6 +375,294 @@ fn merge_all(map: BTreeMap<(String, u16), Vec<Range>>) -> BTreeMap<(String, u16)
             (k, merged)
         })
         .collect()
+}
+
+/// Check `live` (our table as the kernel dumped it over netlink) against `expected` and its
+/// netlink lowering: chains, rules expression by expression (anonymous sets by contents),
+/// set definitions, and the elements of every set that is not learned at run time. A dump
+/// that repeats an element, or that the kernel flagged as interrupted by a concurrent change,
+/// is torn (see [`VerifyError::torn`]).
+pub fn verify_netlink(
+    expected: &Ruleset,
+    lowered: &Lowered,
+    live: &LiveTable,
+) -> Result<(), VerifyError> {
+    let mut problems = Vec::new();
+    let mut torn = Vec::new();
+    if live.interrupted {
+        problems.push(
+            "the kernel flagged a dump of the table as interrupted by a concurrent change".into(),
+        );
+        torn.push("(dump interrupted)".to_string());
+    }
+    if live.flags != 0 {
+        problems.push(format!(
+            "table {FAMILY} {TABLE} has flags {:#x} (a dormant table filters nothing)",
+            live.flags
+        ));
+    }
+    // Chains.
+    let mut live_chains: BTreeMap<&str, &ChainObj> = BTreeMap::new();
+    for c in &live.chains {
+        if live_chains.insert(c.name.as_str(), c).is_some() {
+            problems.push(format!("chain {} is listed twice", c.name));
+        }
+    }
+    for want in &lowered.chains {
+        match live_chains.remove(want.name.as_str()) {
+            None => problems.push(format!("chain {} is missing", want.name)),
+            Some(got) if got != want => problems.push(format!(
+                "chain {}: expected {:?} flags {:#x}, found {:?} flags {:#x}",
+                want.name, want.base, want.flags, got.base, got.flags
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in live_chains.keys() {
+        problems.push(format!("unexpected chain {name}"));
+    }
+    // Sets by name; anonymous ones are matched through the rules that use them.
+    let mut live_sets: BTreeMap<&str, &(SetObj, Vec<ElemObj>)> = BTreeMap::new();
+    for s in &live.sets {
+        if live_sets.insert(s.0.name.as_str(), s).is_some() {
+            problems.push(format!("set {} is listed twice", s.0.name));
+        }
+    }
+    let by_id: BTreeMap<u32, &SetWithElems> = lowered.sets.iter().map(|s| (s.id, s)).collect();
+    // Rules, in order, per chain.
+    for want_chain in &lowered.chains {
+        let want: Vec<&RuleObj> = lowered
+            .rules
+            .iter()
+            .filter(|r| r.chain == want_chain.name)
+            .collect();
+        let got: Vec<&RuleObj> = live
+            .rules
+            .iter()
+            .filter(|r| r.chain == want_chain.name)
+            .collect();
+        if want.len() != got.len() {
+            problems.push(format!(
+                "chain {}: expected {} rules, found {}",
+                want_chain.name,
+                want.len(),
+                got.len()
+            ));
+        }
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            if let Err(why) = same_rule(w, g, &by_id, &mut live_sets) {
+                problems.push(format!("chain {} rule {}: {why}", want_chain.name, i + 1));
+            }
+        }
+    }
+    for r in &live.rules {
+        if !lowered.chains.iter().any(|c| c.name == r.chain) {
+            problems.push(format!("rules in unknown chain {}", r.chain));
+        }
+    }
+    // Named sets.
+    for set in &expected.sets {
+        let Some(want) = lowered.sets.iter().find(|s| s.set.name == set.name) else {
+            problems.push(format!("set {} has no netlink form", set.name));
+            continue;
+        };
+        let Some((got, elems)) = live_sets.remove(set.name) else {
+            problems.push(format!("set {} is missing", set.name));
+            continue;
+        };
+        if *got != want.set {
+            problems.push(format!(
+                "set {}: definition differs (expected {:?}, found {:?})",
+                set.name, want.set, got
+            ));
+            continue;
+        }
+        if set.kind.is_learned() {
+            continue;
+        }
+        match live_groups(got, elems) {
+            None => problems.push(format!("set {}: elements in an unexpected form", set.name)),
+            Some(Listed { repeated, .. }) if repeated > 0 => {
+                problems.push(format!(
+                    "set {}: the dump repeats {repeated} of its {} elements, so it is not a faithful \
+                     picture of the set (a kernel dump torn by a concurrent hash table resize)",
+                    set.name,
+                    elems.len()
+                ));
+                torn.push(set.name.to_string());
+            }
+            Some(Listed { groups, .. }) => {
+                let want = normalise_expected(&set.elements);
+                if groups != want {
+                    problems.push(format!(
+                        "set {}: live elements differ from the policy ({} live range groups vs {} expected)",
+                        set.name,
+                        count(&groups),
+                        count(&want)
+                    ));
+                }
+            }
+        }
+    }
+    for name in live_sets.keys() {
+        problems.push(format!("unexpected set {name}"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyError { problems, torn })
+    }
+}
+
+/// Compare one rule; an anonymous set a lookup uses is compared by definition and contents
+/// and taken out of `live_sets`.
+fn same_rule(
+    want: &RuleObj,
+    got: &RuleObj,
+    by_id: &BTreeMap<u32, &SetWithElems>,
+    live_sets: &mut BTreeMap<&str, &(SetObj, Vec<ElemObj>)>,
+) -> Result<(), String> {
+    if want.exprs.len() != got.exprs.len() {
+        return Err(format!(
+            "expected {} expressions, found {}: {:?}",
+            want.exprs.len(),
+            got.exprs.len(),
+            got.exprs
+        ));
+    }
+    for (w, g) in want.exprs.iter().zip(&got.exprs) {
+        match (w, g) {
+            (
+                Expr::Lookup {
+                    sreg: ws,
+                    set: wname,
+                    set_id: Some(id),
+                    flags: wf,
+                },
+                Expr::Lookup {
+                    sreg: gs,
+                    set: gname,
+                    flags: gf,
+                    ..
+                },
+            ) if ws == gs && wf == gf => {
+                let want_set = by_id.get(id).ok_or("lookup of an unknown set")?;
+                if !want_set.set.is_anonymous() {
+                    if wname != gname {
+                        return Err(format!("looks up set {gname}, expected {wname}"));
+                    }
+                    continue;
+                }
+                let (set, elems) = live_sets.remove(gname.as_str()).ok_or_else(|| {
+                    format!("looks up {gname}, which is not an anonymous set of ours")
+                })?;
+                let mut want_def = want_set.set.clone();
+                want_def.name.clone_from(&set.name);
+                if *set != want_def {
+                    return Err(format!(
+                        "anonymous set {gname}: expected {want_def:?}, found {set:?}"
+                    ));
+                }
+                let (mut a, mut b) = (want_set.elems.clone(), elems.clone());
+                a.sort_unstable();
+                b.sort_unstable();
+                if a != b {
+                    return Err(format!("anonymous set {gname}: elements differ"));
+                }
+            }
+            _ if w == g => {}
+            _ => return Err(format!("expected {w:?}, found {g:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// A named set's live elements as the ranges [`normalise_expected`] makes of the policy's.
+fn live_groups(set: &SetObj, elems: &[ElemObj]) -> Option<Listed> {
+    let addr_len = match set.key_len {
+        4 | 12 => 4,
+        16 | 24 => 16,
+        _ => return None,
+    };
+    let v4 = addr_len == 4;
+    let num = |b: &[u8]| -> Option<u128> {
+        match b.len() {
+            4 => Some(u128::from(u32::from_be_bytes(b.try_into().ok()?))),
+            16 => Some(u128::from_be_bytes(b.try_into().ok()?)),
+            _ => None,
+        }
+    };
+    // By key, an end marker before a start at the same key (adjacent ranges: the range
+    // before ends where the next begins).
+    let mut sorted: Vec<&ElemObj> = elems.iter().collect();
+    sorted.sort_unstable_by(|a, b| {
+        let end_first = |e: &ElemObj| e.flags & ELEM_F_INTERVAL_END == 0;
+        (&a.key, end_first(a), *a).cmp(&(&b.key, end_first(b), *b))
+    });
+    let before = sorted.len();
+    sorted.dedup();
+    let repeated = before - sorted.len();
+    if elems
+        .iter()
+        .any(|e| !e.unknown.is_empty() || e.timeout_ms.is_some())
+    {
+        return None;
+    }
+    let mut out: BTreeMap<(String, u16), Vec<Range>> = BTreeMap::new();
+    let concat = set.key_len as usize > addr_len;
+    if concat {
+        for e in &sorted {
+            let end = e.key_end.as_deref().unwrap_or(&e.key);
+            if e.flags != 0 || e.key.len() != addr_len + 8 || end.len() != e.key.len() {
+                return None;
+            }
+            if e.key[addr_len..] != end[addr_len..] {
+                return None; // a range over protocols or ports: not ours
+            }
+            let proto = match e.key[addr_len] {
+                6 => "tcp",
+                17 => "udp",
+                _ => return None,
+            };
+            let port = u16::from_be_bytes([e.key[addr_len + 4], e.key[addr_len + 5]]);
+            out.entry((proto.to_string(), port)).or_default().push((
+                v4,
+                num(&e.key[..addr_len])?,
+                num(&end[..addr_len])?,
+            ));
+        }
+    } else if set.flags & SET_F_INTERVAL != 0 {
+        let max = if v4 { u128::from(u32::MAX) } else { u128::MAX };
+        for (i, e) in sorted.iter().enumerate() {
+            if e.key_end.is_some() || e.key.len() != addr_len || e.flags & !ELEM_F_INTERVAL_END != 0
+            {
+                return None;
+            }
+            if e.flags & ELEM_F_INTERVAL_END != 0 {
+                continue;
+            }
+            let start = num(&e.key)?;
+            let end = match sorted.get(i + 1) {
+                Some(next) => num(&next.key)?.checked_sub(1)?,
+                None => max,
+            };
+            out.entry((String::new(), 0))
+                .or_default()
+                .push((v4, start, end));
+        }
+    } else {
+        for e in &sorted {
+            if e.key_end.is_some() || e.flags != 0 || e.key.len() != addr_len {
+                return None;
+            }
+            let a = num(&e.key)?;
+            out.entry((String::new(), 0)).or_default().push((v4, a, a));
+        }
+    }
+    Some(Listed {
+        groups: merge_all(out),
+        repeated,
+    })
 }
 
 /// A destination learned from DNS: an address, optionally only for (IP protocol, port).
@@ -795,5 +1087,200 @@ mod tests {
             &json!({"set": ["a", "b"]}),
             &json!({"set": ["a", "a"]})
         ));
+    }
+}
+
+#[cfg(test)]
+mod netlink_tests {
+    use super::*;
+    use crate::core::nft_netlink::{Verdict, ELEM_F_INTERVAL_END};
+    use crate::core::policy::{AllowRule, Mode, Policy};
+
+    fn policy() -> Policy {
+        let mut p = Policy::new(Mode::DenyAll);
+        let r = |s: &str| AllowRule {
+            net: s.parse().unwrap(),
+            scope: None,
+        };
+        p.allow = vec![
+            r("198.51.100.10/32"),
+            r("198.18.0.0/16"),
+            r("2001:db8::10/128"),
+        ];
+        p.deny = vec!["198.18.0.9/32".parse().unwrap()];
+        p.dns_servers = vec!["198.51.100.53".parse().unwrap()];
+        p
+    }
+
+    /// What the kernel would dump for `lowered`: anonymous sets numbered, no set ids.
+    fn as_live(lowered: &Lowered) -> LiveTable {
+        let mut names = BTreeMap::new();
+        let mut n = 0;
+        let sets = lowered
+            .sets
+            .iter()
+            .map(|s| {
+                let mut set = s.set.clone();
+                if set.is_anonymous() {
+                    set.name = format!("__set{n}");
+                    n += 1;
+                }
+                names.insert(s.id, set.name.clone());
+                let elems = if s.learned {
+                    Vec::new()
+                } else {
+                    s.elems.clone()
+                };
+                (set, elems)
+            })
+            .collect();
+        let rules = lowered
+            .rules
+            .iter()
+            .map(|r| RuleObj {
+                chain: r.chain.clone(),
+                exprs: r
+                    .exprs
+                    .iter()
+                    .map(|e| match e {
+                        Expr::Lookup {
+                            sreg,
+                            set_id: Some(id),
+                            flags,
+                            ..
+                        } => Expr::Lookup {
+                            sreg: *sreg,
+                            set: names[id].clone(),
+                            set_id: None,
+                            flags: *flags,
+                        },
+                        other => other.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        LiveTable {
+            flags: 0,
+            chains: lowered.chains.clone(),
+            rules,
+            sets,
+            interrupted: false,
+        }
+    }
+
+    /// A kind of tampering and what it does to a dump.
+    type Tampering = (&'static str, Box<dyn Fn(&mut LiveTable)>);
+
+    fn setup() -> (Ruleset, Lowered, LiveTable) {
+        let rs = Ruleset::generate(&policy());
+        let lowered = Lowered::new(&rs).unwrap();
+        let live = as_live(&lowered);
+        (rs, lowered, live)
+    }
+
+    fn set_mut<'a>(live: &'a mut LiveTable, name: &str) -> &'a mut (SetObj, Vec<ElemObj>) {
+        live.sets.iter_mut().find(|s| s.0.name == name).unwrap()
+    }
+
+    #[test]
+    fn a_faithful_dump_passes_and_any_tampering_fails() {
+        let (rs, lowered, live) = setup();
+        verify_netlink(&rs, &lowered, &live).unwrap();
+
+        let tamperings: Vec<Tampering> = vec![
+            ("rule removed", Box::new(|l| drop(l.rules.remove(3)))),
+            (
+                "verdict changed",
+                Box::new(|l| {
+                    let last = l.rules[0].exprs.last_mut().unwrap();
+                    *last = Expr::Immediate {
+                        dreg: 0,
+                        verdict: Verdict::Drop,
+                    };
+                }),
+            ),
+            (
+                "policy flipped",
+                Box::new(|l| l.chains[0].base.as_mut().unwrap().policy = 1),
+            ),
+            (
+                "element added",
+                Box::new(|l| {
+                    let (_, e) = set_mut(l, "allow_v4");
+                    let mut extra = e[0].clone();
+                    extra.key = vec![198, 51, 100, 99];
+                    e.push(extra);
+                }),
+            ),
+            (
+                "interval end moved",
+                Box::new(|l| {
+                    let (_, e) = set_mut(l, "allow_net_v4");
+                    let end = e
+                        .iter_mut()
+                        .rev()
+                        .find(|x| x.flags & ELEM_F_INTERVAL_END != 0)
+                        .unwrap();
+                    end.key = vec![198, 20, 0, 0];
+                }),
+            ),
+            (
+                "anonymous set element added",
+                Box::new(|l| {
+                    let (_, e) = set_mut(l, "__set0");
+                    let mut extra = e[0].clone();
+                    extra.key = vec![1];
+                    e.push(extra);
+                }),
+            ),
+            (
+                "set flags changed",
+                Box::new(|l| set_mut(l, "deny_v4").0.flags = 0),
+            ),
+            ("table dormant", Box::new(|l| l.flags = 1)),
+            (
+                "extra chain",
+                Box::new(|l| {
+                    let mut c = l.chains[2].clone();
+                    c.name = "extra".into();
+                    l.chains.push(c);
+                }),
+            ),
+        ];
+        for (what, tamper) in tamperings {
+            let mut l = live.clone();
+            tamper(&mut l);
+            let err = verify_netlink(&rs, &lowered, &l).expect_err(what);
+            assert!(!err.listing_torn(), "{what}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// What the kernel would dump of any policy's lowering verifies against it.
+        #[test]
+        fn any_faithful_dump_verifies(policy in crate::core::proptests::arb_policy()) {
+            let rs = Ruleset::generate(&policy);
+            let lowered = Lowered::new(&rs).unwrap();
+            let verdict = verify_netlink(&rs, &lowered, &as_live(&lowered));
+            proptest::prop_assert!(verdict.is_ok(), "{:?}", verdict);
+        }
+    }
+
+    #[test]
+    fn a_repeated_element_or_an_interrupted_dump_is_torn() {
+        let (rs, lowered, mut live) = setup();
+        let (_, e) = set_mut(&mut live, "allow_v4");
+        let first = e[0].clone();
+        e.push(first);
+        let err = verify_netlink(&rs, &lowered, &live).unwrap_err();
+        assert_eq!(err.torn, vec!["allow_v4".to_string()]);
+
+        let (rs, lowered, mut live) = setup();
+        live.interrupted = true;
+        assert!(verify_netlink(&rs, &lowered, &live)
+            .unwrap_err()
+            .listing_torn());
     }
 }

@@ -9,14 +9,21 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::nft::{Nft, NftError};
+use super::nftables_netlink::{NlError, NlSocket};
+use crate::core::nft_netlink::{LowerError, Lowered};
 use crate::core::policy::Policy;
 use crate::core::ruleset::Ruleset;
-use crate::core::verify::{reread_after, verify, VerifyError};
+use crate::core::verify::{reread_after, verify, verify_netlink, VerifyError};
+
+/// [`ApplyReport::backend`] of the netlink backend.
+pub const NETLINK: &str = "netlink";
 
 /// What an apply did and how long each phase took (reported by benchmarks and the audit log).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ApplyReport {
-    /// `libnftables` (in-process) or `nft` (the binary: the library could not be loaded).
+    /// `netlink` (our own nf_tables messages: the default), `libnftables` (in-process, for
+    /// a namespace only a forked worker can reach) or `nft` (the binary: forced by
+    /// `TEROK_SHIELD_NFT`, or the library could not be loaded).
     pub backend: &'static str,
     pub transactions: usize,
     pub elements: usize,
@@ -53,13 +60,26 @@ pub enum FirewallError {
     },
     #[error("failed to read the firewall back for verification: {0}")]
     Read(#[source] NftError),
+    #[error(transparent)]
+    Lower(#[from] LowerError),
+    #[error("failed to load the ruleset over netlink: {0}")]
+    LoadNetlink(#[source] NlError),
+    #[error("failed to load set elements over netlink (batch {index} of {total}); the firewall stays in default-deny with a partial allowlist: {source}")]
+    LoadElementsNetlink {
+        index: usize,
+        total: usize,
+        #[source]
+        source: NlError,
+    },
+    #[error("failed to read the firewall back over netlink for verification: {0}")]
+    ReadNetlink(#[source] NlError),
     #[error("the shield table vanished right after it was applied; another tool may be flushing nftables")]
     Missing,
     #[error(transparent)]
     Verify(#[from] VerifyError),
     /// Every listing came back torn (see `core::verify`): nothing could be verified, so the
     /// firewall counts as wrong (a starting container is refused).
-    #[error("nft listed the firewall inconsistently on {reads} reads in a row (repeated elements in set {}), so it could not be verified and is treated as wrong; this happens while the kernel is still resizing a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
+    #[error("the firewall was listed inconsistently on {reads} reads in a row (repeated elements in set {}), so it could not be verified and is treated as wrong; this happens while the kernel is still resizing a very large set: try again, and if it persists, report it with the kernel version: {source}", .source.torn.join(", "))]
     Unverifiable {
         reads: usize,
         #[source]
@@ -89,6 +109,9 @@ pub fn apply_at_start(nft: &Nft, policy: &Policy) -> Result<ApplyReport, Firewal
 }
 
 fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, FirewallError> {
+    if let Some((user, net)) = nft.netlink_target() {
+        return apply_netlink(user, net, policy, replace);
+    }
     let t0 = Instant::now();
     let ruleset = Ruleset::generate(policy);
     let transactions = if replace {
@@ -126,6 +149,81 @@ fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, 
         load,
         verify: t2.elapsed(),
     })
+}
+
+/// [`apply_with`] over netlink: the table in one batch, elements in the batches after it,
+/// then read back from the kernel's dumps and verified against the same lowering.
+fn apply_netlink(
+    user: Option<&std::path::Path>,
+    net: Option<&std::path::Path>,
+    policy: &Policy,
+    replace: bool,
+) -> Result<ApplyReport, FirewallError> {
+    let t0 = Instant::now();
+    let ruleset = Ruleset::generate(policy);
+    let lowered = Lowered::new(&ruleset)?;
+    let generate = t0.elapsed();
+
+    let t1 = Instant::now();
+    let mut sock = NlSocket::open_in_namespaces(user, net).map_err(FirewallError::LoadNetlink)?;
+    let batches = lowered.batches(replace, sock.take_seq(0));
+    let total = batches.len();
+    sock.take_seq(batches.iter().map(|b| b.messages + 2).sum());
+    sock.send_batches(&batches).map_err(|(index, source)| {
+        if index == 0 {
+            FirewallError::LoadNetlink(source)
+        } else {
+            FirewallError::LoadElementsNetlink {
+                index: index + 1,
+                total,
+                source,
+            }
+        }
+    })?;
+    let load = t1.elapsed();
+
+    let t2 = Instant::now();
+    let reads = read_back_netlink(&mut sock, &ruleset, &lowered)?;
+    Ok(ApplyReport {
+        backend: NETLINK,
+        transactions: total,
+        elements: ruleset.element_count(),
+        reads,
+        generate,
+        load,
+        verify: t2.elapsed(),
+    })
+}
+
+/// [`read_back`] over netlink.
+fn read_back_netlink(
+    sock: &mut NlSocket,
+    expected: &Ruleset,
+    lowered: &Lowered,
+) -> Result<usize, FirewallError> {
+    let mut reads = 0;
+    loop {
+        let dump = sock
+            .dump_table()
+            .map_err(FirewallError::ReadNetlink)?
+            .ok_or(FirewallError::Missing)?;
+        reads += 1;
+        let live = dump
+            .decode()
+            .map_err(|e| FirewallError::ReadNetlink(e.into()))?;
+        drop(dump);
+        let Err(err) = verify_netlink(expected, lowered, &live) else {
+            return Ok(reads);
+        };
+        drop(live);
+        match reread_after(reads, &err) {
+            Some(pause) => std::thread::sleep(pause),
+            None if err.listing_torn() => {
+                return Err(FirewallError::Unverifiable { reads, source: err })
+            }
+            None => return Err(err.into()),
+        }
+    }
 }
 
 /// Move a live table from `old` to `new` policy: rewrite only the changed sets when the
@@ -178,6 +276,12 @@ pub fn check(nft: &Nft, policy: &Policy) -> Result<(), FirewallError> {
 /// listings that took. A listing that came back torn (see `core::verify`) is taken again,
 /// a few times; any other difference fails at once. Nothing is ever passed unverified.
 fn read_back(nft: &Nft, expected: &Ruleset) -> Result<usize, FirewallError> {
+    if let Some((user, net)) = nft.netlink_target() {
+        let lowered = Lowered::new(expected)?;
+        let mut sock =
+            NlSocket::open_in_namespaces(user, net).map_err(FirewallError::ReadNetlink)?;
+        return read_back_netlink(&mut sock, expected, &lowered);
+    }
     let mut reads = 0;
     loop {
         let live = nft
@@ -416,11 +520,11 @@ mod tests {
         Nft::at(crate::effects::nft::find_program("nft", &["/usr/sbin/nft", "/sbin/nft"]).unwrap())
     }
 
-    /// The library and the binary are the same parser: a ruleset loaded through either lists
-    /// back identically (rules, sets, elements, handles), in every mode, and the library's
-    /// own listing is the binary's, JSON and text alike.
+    /// A ruleset loaded over netlink (the default) and one loaded by the nft binary list back
+    /// identically (rules, sets, elements, handles), in every mode, and the library's own
+    /// listing is the binary's, JSON and text alike.
     #[test]
-    fn library_and_binary_load_and_list_identically() {
+    fn netlink_and_binary_load_and_list_identically() {
         let (Some(by_lib), Some(by_bin)) = (TempNetns::new("eqlib"), TempNetns::new("eqbin"))
         else {
             return;
@@ -435,7 +539,7 @@ mod tests {
         let bin_of_lib = binary().in_netns(by_lib.path());
         for mode in [Mode::DenyAll, Mode::Bypass, Mode::BypassAll, Mode::Block] {
             let policy = rich_policy(mode);
-            assert_eq!(apply(&lib, &policy).unwrap().backend, "libnftables");
+            assert_eq!(apply(&lib, &policy).unwrap().backend, NETLINK);
             assert_eq!(apply(&bin, &policy).unwrap().backend, "nft");
             let listed = |n: &Nft| n.list_table_json().unwrap().unwrap();
             assert_eq!(listed(&bin_of_lib), listed(&bin), "{mode:?}");
@@ -475,9 +579,10 @@ mod tests {
     }
 
     /// A user namespace to join as well (a rootless container reached from the user's
-    /// shell): the library runs in a forked worker that joined both.
+    /// shell): a forked child that joined both opens the netlink socket (and the library, for
+    /// the listing below, runs in a forked worker that joined both).
     #[test]
-    fn the_library_works_through_a_user_namespace_worker() {
+    fn a_user_namespace_is_joined_through_a_forked_child() {
         if TempNetns::new("userns-probe").is_none() {
             return;
         }
@@ -501,11 +606,11 @@ mod tests {
             .unwrap()
             .in_namespaces(Some(user.clone()), net.clone());
         let policy = rich_policy(Mode::DenyAll);
-        let result = apply(&nft, &policy).and_then(|_| check(&nft, &policy));
+        let result = apply(&nft, &policy).and_then(|r| check(&nft, &policy).map(|()| r));
         let seen_by_binary = binary().in_namespaces(Some(user), net).list_table_json();
         let _ = holder.kill();
         let _ = holder.wait();
-        result.unwrap();
+        assert_eq!(result.unwrap().backend, NETLINK);
         assert!(seen_by_binary.unwrap().is_some());
     }
 

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod nflog;
 pub mod nfnetlink;
 pub mod nft;
+pub mod nftables_netlink;
 pub mod paths;
 pub mod podman;
 pub mod prebound;

@@ -78,6 +78,15 @@ impl NftError {
 /// How commands reach nftables.
 #[derive(Clone, Copy)]
 enum Backend {
+    /// libnftables, opened on first use (loading it costs ~1 ms and ~2 MiB, which the
+    /// container start, loaded over netlink, never pays), else the nft binary.
+    Library,
+    Binary,
+}
+
+/// The backend of one command: the library when it loads, else the binary.
+#[derive(Clone, Copy)]
+enum Resolved {
     Library(&'static Library),
     Binary,
 }
@@ -90,8 +99,6 @@ enum Backend {
 pub struct Nft {
     program: PathBuf,
     backend: Backend,
-    /// Why the library is not used although it was wanted (it could not be loaded).
-    fallback: Option<String>,
     user_ns: Option<PathBuf>,
     net_ns: Option<PathBuf>,
     session: Arc<Mutex<Option<Session>>>,
@@ -100,7 +107,13 @@ pub struct Nft {
 impl std::fmt::Debug for Nft {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Nft")
-            .field("backend", &self.backend())
+            .field(
+                "backend",
+                &match self.backend {
+                    Backend::Library => "libnftables, else nft (opened on first use)",
+                    Backend::Binary => "nft",
+                },
+            )
             .field("program", &self.program)
             .field("user_ns", &self.user_ns)
             .field("net_ns", &self.net_ns)
@@ -111,7 +124,9 @@ impl std::fmt::Debug for Nft {
 impl Nft {
     /// Find nftables: `$TEROK_SHIELD_NFT` if set (an absolute path to nft), else libnftables,
     /// else the nft binary in PATH or the usual sbin directories (the fallback is explicit:
-    /// [`Nft::fallback_reason`]).
+    /// [`Nft::fallback_reason`]). The library is opened by the first command that needs it:
+    /// loading and verifying our table (`effects::firewall`) go over netlink and need neither,
+    /// except through an explicit binary ([`Nft::at`], `$TEROK_SHIELD_NFT`).
     pub fn locate() -> Result<Nft, NftError> {
         if let Some(explicit) = std::env::var_os(NFT_ENV) {
             let path = PathBuf::from(explicit);
@@ -121,18 +136,16 @@ impl Nft {
                 Err(NftError::BadOverride(path))
             };
         }
-        let program = find_program("nft", FALLBACK_PATHS);
-        match (libnftables::library(), program) {
-            (Ok(lib), program) => Ok(Nft {
-                backend: Backend::Library(lib),
-                ..Nft::at(program.unwrap_or_else(|| PathBuf::from("nft")))
-            }),
-            (Err(why), Some(program)) => Ok(Nft {
-                fallback: Some(why),
-                ..Nft::at(program)
-            }),
-            (Err(_), None) => Err(NftError::NotFound),
-        }
+        // The library is only loaded here when there is no binary to fall back to.
+        let program = match find_program("nft", FALLBACK_PATHS) {
+            Some(program) => program,
+            None if libnftables::library().is_ok() => PathBuf::from("nft"),
+            None => return Err(NftError::NotFound),
+        };
+        Ok(Nft {
+            backend: Backend::Library,
+            ..Nft::at(program)
+        })
     }
 
     /// Use a specific nft binary (never the library).
@@ -140,7 +153,6 @@ impl Nft {
         Nft {
             program: program.into(),
             backend: Backend::Binary,
-            fallback: None,
             user_ns: None,
             net_ns: None,
             session: Arc::default(),
@@ -173,32 +185,55 @@ impl Nft {
 
     /// `libnftables` or `nft`: how commands reach the kernel.
     pub fn backend(&self) -> &'static str {
-        match self.backend {
-            Backend::Library(_) => "libnftables",
-            Backend::Binary => "nft",
+        match self.resolve() {
+            Resolved::Library(_) => "libnftables",
+            Resolved::Binary => "nft",
         }
     }
 
     /// Why the `nft` binary is used although the library was wanted, if it is.
-    pub fn fallback_reason(&self) -> Option<&str> {
-        self.fallback.as_deref()
+    pub fn fallback_reason(&self) -> Option<String> {
+        match self.backend {
+            Backend::Library => libnftables::library().err(),
+            Backend::Binary => None,
+        }
+    }
+
+    fn resolve(&self) -> Resolved {
+        match self.backend {
+            Backend::Library => match libnftables::library() {
+                Ok(lib) => Resolved::Library(lib),
+                Err(_) => Resolved::Binary,
+            },
+            Backend::Binary => Resolved::Binary,
+        }
+    }
+
+    /// The namespaces (user, network) the netlink backend (`effects::nftables_netlink`) is to
+    /// reach for this handle, or `None` for an explicit nft binary ([`Nft::at`],
+    /// `$TEROK_SHIELD_NFT`), which then loads and lists as well.
+    pub fn netlink_target(&self) -> Option<(Option<&Path>, Option<&Path>)> {
+        match self.backend {
+            Backend::Library => Some((self.user_ns.as_deref(), self.net_ns.as_deref())),
+            Backend::Binary => None,
+        }
     }
 
     /// Run one nft script (`nft -f -`): one atomic transaction.
     pub fn run_script(&self, script: &str) -> Result<(), NftError> {
-        match self.backend {
-            Backend::Library(lib) => self.in_library(lib, script, false).map(drop),
-            Backend::Binary => self.run(&["-f", "-"], Some(script.as_bytes())).map(drop),
+        match self.resolve() {
+            Resolved::Library(lib) => self.in_library(lib, script, false).map(drop),
+            Resolved::Binary => self.run(&["-f", "-"], Some(script.as_bytes())).map(drop),
         }
     }
 
     /// Our table as nft's JSON, or `None` if it does not exist.
     pub fn list_table_json(&self) -> Result<Option<Value>, NftError> {
-        let listed = match self.backend {
-            Backend::Library(lib) => self
+        let listed = match self.resolve() {
+            Resolved::Library(lib) => self
                 .in_library(lib, &format!("list table {FAMILY} {TABLE}"), true)
                 .map(String::into_bytes),
-            Backend::Binary => self.run(&["-j", "list", "table", FAMILY, TABLE], None),
+            Resolved::Binary => self.run(&["-j", "list", "table", FAMILY, TABLE], None),
         };
         match listed {
             Ok(out) => serde_json::from_slice(&out)
@@ -211,11 +246,11 @@ impl Nft {
 
     /// Our table as nft text (for `rules`), or `None` if it does not exist.
     pub fn list_table_text(&self) -> Result<Option<String>, NftError> {
-        let listed = match self.backend {
-            Backend::Library(lib) => {
+        let listed = match self.resolve() {
+            Resolved::Library(lib) => {
                 self.in_library(lib, &format!("list table {FAMILY} {TABLE}"), false)
             }
-            Backend::Binary => self
+            Resolved::Binary => self
                 .run(&["list", "table", FAMILY, TABLE], None)
                 .map(|out| String::from_utf8_lossy(&out).into_owned()),
         };
