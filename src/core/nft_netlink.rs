@@ -54,6 +54,7 @@ pub mod msg {
     pub const GETSET: u16 = 10;
     pub const NEWSETELEM: u16 = 12;
     pub const GETSETELEM: u16 = 13;
+    pub const DELSETELEM: u16 = 14;
 }
 
 /// The full netlink message type of an nf_tables message.
@@ -1574,13 +1575,7 @@ enum Placement {
 fn add_elements(b: &mut BatchBuilder, s: &SetWithElems, from: usize, place: Placement) -> usize {
     let mut i = from;
     while i < s.elems.len() {
-        let mut bytes = 0;
-        let mut j = i;
-        while j < s.elems.len() && bytes + elem_size(&s.elems[j]) <= MAX_ELEMENT_BYTES {
-            bytes += elem_size(&s.elems[j]);
-            j += 1;
-        }
-        let msg_len = bytes + 128;
+        let (j, msg_len) = chunk_end(s, i);
         match place {
             Placement::Current => {}
             Placement::WhileRoom if b.current.len() + msg_len > MAX_BATCH_BYTES => return i,
@@ -1594,7 +1589,61 @@ fn add_elements(b: &mut BatchBuilder, s: &SetWithElems, from: usize, place: Plac
     i
 }
 
+/// The end of the `NEWSETELEM` message that carries `s`'s elements from `from` on, and
+/// that message's size (bounded: at most [`MAX_ELEMENT_BYTES`] of elements).
+fn chunk_end(s: &SetWithElems, from: usize) -> (usize, usize) {
+    let mut bytes = 0;
+    let mut j = from;
+    while j < s.elems.len() && bytes + elem_size(&s.elems[j]) <= MAX_ELEMENT_BYTES {
+        bytes += elem_size(&s.elems[j]);
+        j += 1;
+    }
+    (j, bytes + 128)
+}
+
+/// `DELSETELEM` naming no element: the kernel empties the set (nft's `flush set`).
+fn flush_set(out: &mut Vec<u8>, seq: u32, s: &SetWithElems) {
+    message(
+        out,
+        nft_type(msg::DELSETELEM),
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        NFPROTO_INET,
+        0,
+        |w| {
+            w.str(ELEM_LIST_TABLE, TABLE);
+            w.str(ELEM_LIST_SET, &s.set.name);
+        },
+    );
+}
+
 impl Lowered {
+    /// The batches that rewrite the named sets `names` of a live table whose chains and
+    /// sets already are this lowering's (a live allow or deny: see
+    /// `Ruleset::changed_sets`), numbered from `first_seq`. Each set is flushed and gets its
+    /// first elements in the same batch, so no packet ever sees it empty (a deny set
+    /// emptied for a moment would let a denied host through); a very large set continues in
+    /// further batches, which only add.
+    pub fn set_rewrite_batches(&self, names: &[&str], first_seq: u32) -> Vec<Batch> {
+        let mut b = BatchBuilder::new(first_seq);
+        let sets = self
+            .sets
+            .iter()
+            .filter(|s| !s.set.is_anonymous() && names.contains(&s.set.name.as_str()));
+        for set in sets {
+            let (first_end, first_len) = chunk_end(set, 0);
+            b.room_for(128 + first_len);
+            let seq = b.next_seq();
+            flush_set(&mut b.current, seq, set);
+            if first_end > 0 {
+                let seq = b.next_seq();
+                new_setelem(&mut b.current, seq, set, &set.elems[..first_end]);
+            }
+            add_elements(&mut b, set, first_end, Placement::Split);
+        }
+        b.finish()
+    }
+
     /// The batches that create our table, numbered from `first_seq`. The first creates the
     /// whole table (with `replace`, after deleting any previous one, as nft's `table t {}`,
     /// `delete table t`, `table t {...}` does), with as many elements as fit; the rest only

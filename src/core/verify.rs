@@ -668,6 +668,34 @@ fn live_groups(set: &SetObj, elems: &[ElemObj]) -> Option<Listed> {
 /// A destination learned from DNS: an address, optionally only for (IP protocol, port).
 pub type Learned = (IpAddr, Option<(u8, u16)>);
 
+/// The DNS-learned elements of the learned set `set` as netlink lists them (keys in nft's
+/// layout: an address, or address . protocol . port with each field padded to 4 bytes).
+/// Keys of any other length, or of another protocol than TCP and UDP, are skipped.
+pub fn learned_from_netlink(set: &str, elems: &[crate::core::nft_netlink::ElemObj]) -> Vec<Learned> {
+    let addr = |k: &[u8]| -> Option<IpAddr> {
+        match k.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(k).ok()?)),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(k).ok()?)),
+            _ => None,
+        }
+    };
+    let scoped = set.starts_with("dns_svc_");
+    elems
+        .iter()
+        .filter_map(|e| {
+            let k = e.key.as_slice();
+            if !scoped {
+                return Some((addr(k)?, None));
+            }
+            let split = k.len().checked_sub(8)?;
+            let (a, rest) = k.split_at(split);
+            let proto = rest[0];
+            let port = u16::from_be_bytes([rest[4], rest[5]]);
+            (proto == 6 || proto == 17).then_some((addr(a)?, Some((proto, port))))
+        })
+        .collect()
+}
+
 /// The elements of the DNS-learned sets in a live table listing: what the resolver added at
 /// run time, which `Policy` does not know and revocation must keep.
 pub fn learned_elements(live: &Value) -> Vec<Learned> {

@@ -230,6 +230,9 @@ fn read_back_netlink(
 /// chains are the same, else replace the table; verify either way. If the quick path leaves
 /// anything unexpected (the live table had drifted), fall back to a full replacement.
 pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, FirewallError> {
+    if let Some((user, net)) = nft.netlink_target() {
+        return update_netlink(nft, (user, net), old, new);
+    }
     let t0 = Instant::now();
     let target = Ruleset::generate(new);
     let Some(transactions) = Ruleset::generate(old).update_to(&target) else {
@@ -259,6 +262,62 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
     Ok(ApplyReport {
         backend: nft.backend(),
         transactions: total,
+        elements: target.element_count(),
+        reads,
+        generate,
+        load,
+        verify: t2.elapsed(),
+    })
+}
+
+/// [`update`] over netlink: the changed sets rewritten in batches of our own (each set
+/// flushed and refilled in one transaction), then the table read back and verified.
+fn update_netlink(
+    nft: &Nft,
+    (user, net): (Option<&std::path::Path>, Option<&std::path::Path>),
+    old: &Policy,
+    new: &Policy,
+) -> Result<ApplyReport, FirewallError> {
+    let t0 = Instant::now();
+    let target = Ruleset::generate(new);
+    let Some(changed) = Ruleset::generate(old).changed_sets(&target) else {
+        return apply(nft, new);
+    };
+    let names: Vec<&str> = changed.iter().map(|s| s.name).collect();
+    let lowered = Lowered::new(&target)?;
+    let generate = t0.elapsed();
+
+    let t1 = Instant::now();
+    let mut sock = NlSocket::open_in_namespaces(user, net).map_err(FirewallError::LoadNetlink)?;
+    let batches = if names.is_empty() {
+        Vec::new()
+    } else {
+        lowered.set_rewrite_batches(&names, sock.take_seq(0))
+    };
+    sock.take_seq(batches.iter().map(|b| b.messages + 2).sum());
+    match sock.send_batches(&batches) {
+        Ok(()) => {}
+        // The first batch is one transaction: refused, it changed nothing; the live table
+        // may have drifted from `old`, so replace it whole.
+        Err((0, _)) => return apply(nft, new),
+        Err((index, source)) => {
+            return Err(FirewallError::LoadElementsNetlink {
+                index: index + 1,
+                total: batches.len(),
+                source,
+            })
+        }
+    }
+    let load = t1.elapsed();
+
+    let t2 = Instant::now();
+    let reads = match read_back_netlink(&mut sock, &target, &lowered) {
+        Err(FirewallError::Verify(_)) => return apply(nft, new),
+        other => other?,
+    };
+    Ok(ApplyReport {
+        backend: NETLINK,
+        transactions: batches.len(),
         elements: target.element_count(),
         reads,
         generate,

@@ -319,6 +319,37 @@ impl NlSocket {
     }
 
     /// Every message the kernel dumps of our table, or `None` if the table does not exist.
+    /// The elements of our named set `set` as the kernel lists them (a learned set's too,
+    /// which [`NlSocket::dump_table`] leaves out). A dump interrupted by a concurrent change
+    /// is as good as any: the resolver adds to these sets all the time, and a reader of them
+    /// only needs what was there at some moment.
+    pub fn dump_set_elements(
+        &mut self,
+        set: &str,
+    ) -> Result<Vec<crate::core::nft_netlink::ElemObj>, NlError> {
+        let mut interrupted = false;
+        let raw = self
+            .request(
+                msg::GETSETELEM,
+                NLM_F_DUMP,
+                |w| {
+                    w.str(1, TABLE);
+                    w.str(2, set);
+                },
+                &mut interrupted,
+            )?
+            .map_err(|source| NlError::Refused {
+                what: format!("listing the elements of set {set}"),
+                source,
+            })?;
+        let mut out = Vec::new();
+        for body in &raw {
+            let (_, elems) = crate::core::nft_netlink::decode_setelems(body)?;
+            out.extend(elems);
+        }
+        Ok(out)
+    }
+
     pub fn dump_table(&mut self) -> Result<Option<TableDump>, NlError> {
         use crate::core::nft_netlink::Writer;
         let mut interrupted = false;
