@@ -671,7 +671,10 @@ pub type Learned = (IpAddr, Option<(u8, u16)>);
 /// The DNS-learned elements of the learned set `set` as netlink lists them (keys in nft's
 /// layout: an address, or address . protocol . port with each field padded to 4 bytes).
 /// Keys of any other length, or of another protocol than TCP and UDP, are skipped.
-pub fn learned_from_netlink(set: &str, elems: &[crate::core::nft_netlink::ElemObj]) -> Vec<Learned> {
+pub fn learned_from_netlink(
+    set: &str,
+    elems: &[crate::core::nft_netlink::ElemObj],
+) -> Vec<Learned> {
     let addr = |k: &[u8]| -> Option<IpAddr> {
         match k.len() {
             4 => Some(IpAddr::from(<[u8; 4]>::try_from(k).ok()?)),
@@ -840,6 +843,48 @@ pub(crate) mod tests_support {
 mod tests {
     use super::tests_support::as_live;
     use super::*;
+
+    fn elem(key: Vec<u8>) -> crate::core::nft_netlink::ElemObj {
+        crate::core::nft_netlink::ElemObj {
+            key,
+            key_end: None,
+            flags: 0,
+            timeout_ms: Some(60_000),
+            unknown: Vec::new(),
+        }
+    }
+
+    /// Learned keys as netlink lists them: plain addresses, and address . protocol . port
+    /// with each field padded to 4 bytes; anything else (a key of a length we never write,
+    /// a protocol other than TCP or UDP) is left out rather than guessed.
+    #[test]
+    fn learned_elements_are_read_from_netlink_keys() {
+        let v4 = elem(vec![198, 51, 100, 7]);
+        let v6 = elem(
+            "2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+                .to_vec(),
+        );
+        let odd = elem(vec![1, 2, 3]);
+        assert_eq!(
+            learned_from_netlink("dns_v4", &[v4.clone(), odd.clone()]),
+            vec![("198.51.100.7".parse().unwrap(), None)]
+        );
+        assert_eq!(
+            learned_from_netlink("dns_v6", &[v6]),
+            vec![("2001:db8::7".parse().unwrap(), None)]
+        );
+        let mut svc = vec![198, 51, 100, 8, 6, 0, 0, 0];
+        svc.extend_from_slice(&[1, 187, 0, 0]); // 443, padded
+        let mut icmp = vec![198, 51, 100, 9, 1, 0, 0, 0];
+        icmp.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(
+            learned_from_netlink("dns_svc_v4", &[elem(svc), elem(icmp), odd]),
+            vec![("198.51.100.8".parse().unwrap(), Some((6, 443)))]
+        );
+    }
     use crate::core::policy::{AllowRule, Mode, Policy};
     use serde_json::json;
 

@@ -232,6 +232,33 @@ fn add_addresses(
         .context("the firewall could not be updated")
 }
 
+/// The DNS-learned elements live in the container's table: one netlink dump per learned
+/// set of `policy`'s ruleset (or, with an explicit nft binary, nft's JSON listing).
+fn learned_live(nft: &Nft, policy: &Policy) -> anyhow::Result<Vec<crate::core::verify::Learned>> {
+    use crate::effects::nftables_netlink::{NlError, NlSocket};
+    let Some((user, net)) = nft.netlink_target() else {
+        return Ok(nft
+            .list_table_json()?
+            .map(|live| crate::core::verify::learned_elements(&live))
+            .unwrap_or_default());
+    };
+    let mut sock = NlSocket::open_in_namespaces(user, net)?;
+    let mut learned = Vec::new();
+    let ruleset = crate::core::ruleset::Ruleset::generate(policy);
+    for set in ruleset.sets.iter().filter(|s| s.kind.is_learned()) {
+        match sock.dump_set_elements(set.name) {
+            Ok(elems) => {
+                learned.extend(crate::core::verify::learned_from_netlink(set.name, &elems))
+            }
+            // No table (yet, or any more): nothing learned keeps a flow alive.
+            Err(NlError::Refused { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(learned)
+}
+
 /// Inside the container's namespaces: take away what a revoking change no longer permits,
 /// learned elements first (so a cut flow cannot come back through one), then open flows.
 pub fn revoke_here(
@@ -243,10 +270,7 @@ pub fn revoke_here(
     if bundle.dns_tier != crate::core::bundle::DnsTier::Static {
         forget_unjustified(bundle_dir, bundle)?;
     }
-    let learned = nft
-        .list_table_json()?
-        .map(|live| crate::core::verify::learned_elements(&live))
-        .unwrap_or_default();
+    let learned = learned_live(nft, policy)?;
     conntrack::revoke_current_netns(policy, &learned).context("failed to cut open connections")?;
     Ok(())
 }
