@@ -13,7 +13,7 @@ use super::nftables_netlink::{NlError, NlSocket};
 use crate::core::nft_netlink::{LowerError, Lowered};
 use crate::core::policy::Policy;
 use crate::core::ruleset::Ruleset;
-use crate::core::verify::{reread_after, verify, verify_netlink, VerifyError};
+use crate::core::verify::{reread_after, verify, verify_netlink_after, VerifyError};
 
 /// [`ApplyReport::backend`] of the netlink backend.
 pub const NETLINK: &str = "netlink";
@@ -202,6 +202,7 @@ fn read_back_netlink(
     lowered: &Lowered,
 ) -> Result<usize, FirewallError> {
     let mut reads = 0;
+    let mut previous = None;
     loop {
         let dump = sock
             .dump_table()
@@ -212,10 +213,10 @@ fn read_back_netlink(
             .decode()
             .map_err(|e| FirewallError::ReadNetlink(e.into()))?;
         drop(dump);
-        let Err(err) = verify_netlink(expected, lowered, &live) else {
+        let Err(err) = verify_netlink_after(expected, lowered, previous.as_ref(), &live) else {
             return Ok(reads);
         };
-        drop(live);
+        previous = Some(live);
         match reread_after(reads, &err) {
             Some(pause) => std::thread::sleep(pause),
             None if err.listing_torn() => {
