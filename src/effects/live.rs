@@ -89,7 +89,7 @@ pub fn execute(plan: &LivePlan, old: &Bundle, container: &Container) -> anyhow::
     }
     audit::record(
         container.dir,
-        plan.bundle.audit_enabled,
+        audit::AuditLog::of(&plan.bundle),
         container.name,
         plan.report.event,
         true,
@@ -110,6 +110,12 @@ pub fn report_fields<const N: usize>(
         fields.insert("target".into(), Value::from(target.as_str()));
     }
     fields.insert("addresses".into(), Value::from(report.addresses.clone()));
+    if report.addresses_omitted > 0 {
+        fields.insert(
+            "addresses_omitted".into(),
+            Value::from(report.addresses_omitted),
+        );
+    }
     fields.insert("mode".into(), Value::from(report.mode.status_name()));
     if let Some(profile) = &report.profile {
         fields.insert("profile".into(), Value::from(profile.as_str()));
