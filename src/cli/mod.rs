@@ -576,6 +576,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // Already inside the container's namespaces: nft needs no joining.
         let learned = crate::effects::nft::Nft::locate()?
+            .with_table_read_lock(bundle_dir)
             .list_table_json()?
             .map(|live| crate::core::verify::learned_elements(&live))
             .unwrap_or_default();

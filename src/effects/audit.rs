@@ -258,6 +258,13 @@ mod tests {
             assert!(current <= cap, "audit.jsonl {current} bytes after {i}");
             if let Ok(m) = std::fs::metadata(dir.join(ROTATED_AUDIT_FILE)) {
                 assert!(m.len() <= cap, "audit.jsonl.1 {} bytes after {i}", m.len());
+                // Rotated only when full: a rotation that replaced it with a nearly empty
+                // file discarded a whole log's worth of lines.
+                assert!(
+                    m.len() > cap / 2,
+                    "audit.jsonl.1 {} bytes after {i}",
+                    m.len()
+                );
             }
         }
         // Nothing between the oldest line kept and the newest is missing.

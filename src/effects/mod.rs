@@ -21,3 +21,4 @@ pub mod procfs;
 pub mod profiles;
 pub mod resolver;
 pub mod state;
+pub mod table_read;
