@@ -316,7 +316,7 @@ client() {
         (sleep 20 && hang_report "$c-$j $kind $n") &
         wd=$!
         AS_USER_TIMEOUT=60 as_user "$BIN" "${args[@]}" >"$WORK/log/op-$c.out" 2>"$WORK/log/op-$c.err" || rc=$?
-        kill "$wd" 2>/dev/null
+        kill "$wd" 2>/dev/null || true # (gone already after a report)
         wait "$wd" 2>/dev/null || true
         e=${EPOCHREALTIME/./}
         echo "$kind $n $target $rc $(((e - s) / 1000)) $((SECONDS - LOAD_T0))" >>"$WORK/log/ops-$c.txt"
@@ -393,6 +393,10 @@ while read -r kind n target rc ms; do
     ((rc == 0)) && continue
     OP_FAILS=$((OP_FAILS + 1))
 done <"$WORK/log/ops.txt"
+DONE_OPS=$(awk '$1 != "deny_allowed_ip"' "$WORK/log/ops.txt" | wc -l)
+# (an allow_deny_ip counts as two of the OPS)
+DONE_OPS=$((DONE_OPS + $(grep -c '^deny_allowed_ip ' "$WORK/log/ops.txt" || true)))
+((DONE_OPS >= OPS)) || fail "only $DONE_OPS of $OPS live operations ran (a client died; see $KEEP)"
 ((OP_FAILS == 0)) || fail "$OP_FAILS live operations failed: $(sort "$WORK/log/op-errors.txt" | cut -c1-300 | head -5 | tr '\n' '|')"
 
 # Kernel table = state.json, per container; and no lost update.
