@@ -352,6 +352,7 @@ run_clients() {
         left=$((left - n_ops))
         client "$((phase * 100 + c))" "$n_ops" "$pace" &
         pids+=($!)
+        BG_PIDS+=($!)
     done
     for c in "${pids[@]}"; do wait "$c" || true; done
 }

@@ -8,12 +8,19 @@
 //! in the soak (scripts/soak.sh) live commands on DNS-hammered containers took 10-60 s, each
 //! holding the bundle lock, and one ran into the 60 s limit.
 //!
-//! So a reader holds the bundle's `.table-read.lock` exclusively for one listing, and the
-//! resolver holds it shared around each insertion. The resolver waits at most
-//! [`LEARN_WAIT`] for a reader (an answer is delayed by at most that, once a listing is under
-//! way); after that it inserts anyway, since a reader that hangs must not stop name
-//! resolution. A reader waits at most [`READ_WAIT`] and then lists without the lock (only
-//! slower). Neither lock affects what is read or written: this is about liveness only.
+//! So a reader announces itself on the bundle's `.table-read.readers` lock (exclusive; it
+//! also keeps readers one at a time), then holds `.table-read.lock` exclusively for one
+//! listing. The resolver, before each insertion, waits while a reader is announced (taking
+//! and at once dropping the readers lock shared), then holds `.table-read.lock` shared
+//! around the insertion. The announcement is what keeps a reader from starving: insertions
+//! of several resolver threads overlap, so a shared lock held for each of them is almost
+//! never free, while the readers lock is held by an insertion for a microsecond.
+//!
+//! The resolver waits at most [`LEARN_WAIT`] for a reader (an answer is delayed by at most
+//! that, once a listing is under way); after that it inserts anyway, since a reader that
+//! hangs must not stop name resolution. A reader waits at most [`READ_WAIT`] and then lists
+//! without the lock (only slower). Neither lock affects what is read or written: this is
+//! about liveness only.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -22,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{flock, FlockOperation};
 
-/// The lock file in a container's bundle directory.
+/// The lock files in a container's bundle directory.
 pub const TABLE_READ_LOCK: &str = ".table-read.lock";
+pub const READERS_LOCK: &str = ".table-read.readers";
 /// Longest a resolver insertion waits for a listing to end.
 pub const LEARN_WAIT: Duration = Duration::from_secs(2);
 /// Longest a reader waits for the insertions under way (each takes microseconds).
@@ -58,51 +66,75 @@ fn take(file: &File, op: FlockOperation, wait: Duration) -> bool {
 /// Held by a reader for one listing; released on drop.
 #[derive(Debug)]
 pub struct ReadGuard {
-    _file: Option<File>,
+    _table: Option<File>,
+    _readers: Option<File>,
+}
+
+impl Drop for ReadGuard {
+    /// Unlocked explicitly: a process forked while the guard was held (the libnftables
+    /// session worker, opened on the first listing) shares the open files, and closing
+    /// ours would then not release the locks; unlocking does.
+    fn drop(&mut self) {
+        for file in [&self._table, &self._readers].into_iter().flatten() {
+            let _ = flock(file, FlockOperation::Unlock);
+        }
+    }
 }
 
 /// Keep the resolver's insertions out of `dir`'s table while the guard lives (see the
-/// module docs). Never fails: without the lock the listing is only slower.
+/// module docs). Never fails: without the locks the listing is only slower.
 pub fn for_reading(dir: &Path) -> ReadGuard {
-    let file = open(&dir.join(TABLE_READ_LOCK))
-        .ok()
-        .filter(|f| take(f, FlockOperation::NonBlockingLockExclusive, READ_WAIT));
-    ReadGuard { _file: file }
+    let exclusive = |name: &str| {
+        open(&dir.join(name))
+            .ok()
+            .filter(|f| take(f, FlockOperation::NonBlockingLockExclusive, READ_WAIT))
+    };
+    let readers = exclusive(READERS_LOCK);
+    let table = exclusive(TABLE_READ_LOCK);
+    ReadGuard {
+        _table: table,
+        _readers: readers,
+    }
 }
 
 /// The resolver's side: insertions wait for a listing under way.
 #[derive(Debug)]
 pub struct LearnGate {
-    path: PathBuf,
-    /// Opened on first use, one per worker thread (flock belongs to the open file, so each
-    /// thread's shared lock is its own).
-    file: Option<File>,
+    dir: PathBuf,
+    /// Opened on first use, one pair per worker thread (flock belongs to the open file, so
+    /// each thread's shared lock is its own).
+    files: Option<(File, File)>,
     wait: Duration,
 }
 
 impl LearnGate {
     pub fn new(dir: &Path) -> LearnGate {
         LearnGate {
-            path: dir.join(TABLE_READ_LOCK),
-            file: None,
+            dir: dir.to_path_buf(),
+            files: None,
             wait: LEARN_WAIT,
         }
     }
 
-    /// Run `insert` with the shared lock held if it could be had within the wait.
+    /// Run `insert` once no reader is announced and with the table lock held shared, if
+    /// both could be had within the wait.
     pub fn around<T>(&mut self, insert: impl FnOnce() -> T) -> T {
-        if self.file.is_none() {
-            self.file = open(&self.path).ok();
+        if self.files.is_none() {
+            self.files = open(&self.dir.join(READERS_LOCK))
+                .and_then(|r| Ok((r, open(&self.dir.join(TABLE_READ_LOCK))?)))
+                .ok();
         }
-        let locked = self
-            .file
-            .as_ref()
-            .is_some_and(|f| take(f, FlockOperation::NonBlockingLockShared, self.wait));
-        let out = insert();
-        if locked {
-            if let Some(f) = &self.file {
-                let _ = flock(f, FlockOperation::Unlock);
+        let deadline = Instant::now() + self.wait;
+        let locked = self.files.as_ref().is_some_and(|(readers, table)| {
+            if take(readers, FlockOperation::NonBlockingLockShared, self.wait) {
+                let _ = flock(readers, FlockOperation::Unlock);
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            take(table, FlockOperation::NonBlockingLockShared, left)
+        });
+        let out = insert();
+        if let (true, Some((_, table))) = (locked, &self.files) {
+            let _ = flock(table, FlockOperation::Unlock);
         }
         out
     }
@@ -166,13 +198,91 @@ mod tests {
         // Two workers insert at once (nested: b inside a) without waiting on each other.
         let both = a.around(|| b.around(|| true));
         assert!(both);
-        // While an insertion holds the lock, a reader cannot take it.
+        // While an insertion holds the table lock, a reader cannot take it; the readers
+        // lock it leaves free, so a reader can announce itself.
         let mut c = LearnGate::new(&dir);
-        let reader_got_it = c.around(|| {
-            let f = open(&dir.join(TABLE_READ_LOCK)).unwrap();
-            take(&f, FlockOperation::NonBlockingLockExclusive, Duration::ZERO)
+        let (announced, table_taken) = c.around(|| {
+            let r = open(&dir.join(READERS_LOCK)).unwrap();
+            let t = open(&dir.join(TABLE_READ_LOCK)).unwrap();
+            (
+                take(&r, FlockOperation::NonBlockingLockExclusive, Duration::ZERO),
+                take(&t, FlockOperation::NonBlockingLockExclusive, Duration::ZERO),
+            )
         });
-        assert!(!reader_got_it);
+        assert!(announced && !table_taken);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by the soak: the libnftables session worker, forked on the first listing while
+    /// the guard was held, kept the locks (shared open files) for the whole command, and the
+    /// command's own connection-revoking helper then waited for them.
+    #[test]
+    fn a_child_forked_while_reading_does_not_keep_the_lock() {
+        let dir = temp_dir("fork");
+        let reading = for_reading(&dir);
+        // What a process forked now would hold: the same open file descriptions.
+        let inherited = {
+            let t = reading._table.as_ref().unwrap().try_clone().unwrap();
+            let r = reading._readers.as_ref().unwrap().try_clone().unwrap();
+            (t, r)
+        };
+        drop(reading);
+        let t = open(&dir.join(TABLE_READ_LOCK)).unwrap();
+        let r = open(&dir.join(READERS_LOCK)).unwrap();
+        assert!(take(
+            &r,
+            FlockOperation::NonBlockingLockExclusive,
+            Duration::ZERO
+        ));
+        assert!(take(
+            &t,
+            FlockOperation::NonBlockingLockExclusive,
+            Duration::ZERO
+        ));
+        drop(inherited);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The starvation the soak showed with a single lock: insertions that overlap hold the
+    /// table lock shared without a break, and a reader trying for it exclusively never got
+    /// it. Once a reader is announced, a new insertion waits for it.
+    #[test]
+    fn an_announced_reader_keeps_new_insertions_waiting() {
+        let dir = temp_dir("announce");
+        // An insertion under way holds the table lock...
+        let table = open(&dir.join(TABLE_READ_LOCK)).unwrap();
+        assert!(take(
+            &table,
+            FlockOperation::NonBlockingLockShared,
+            Duration::ZERO
+        ));
+        // ...a reader announces itself and waits for the table...
+        let readers = open(&dir.join(READERS_LOCK)).unwrap();
+        assert!(take(
+            &readers,
+            FlockOperation::NonBlockingLockExclusive,
+            Duration::ZERO
+        ));
+        let reader_listed = Arc::new(AtomicBool::new(false));
+        let (d, listed) = (dir.clone(), reader_listed.clone());
+        // ...and a new insertion arrives: it must not start before the reader has listed.
+        let resolver = std::thread::spawn(move || {
+            let mut gate = LearnGate::new(&d);
+            gate.wait = Duration::from_secs(600);
+            gate.around(|| listed.load(Ordering::SeqCst))
+        });
+        // The insertion under way ends; the reader takes the table, lists, lets go.
+        drop(table);
+        let t = open(&dir.join(TABLE_READ_LOCK)).unwrap();
+        assert!(take(
+            &t,
+            FlockOperation::NonBlockingLockExclusive,
+            Duration::from_secs(600)
+        ));
+        reader_listed.store(true, Ordering::SeqCst);
+        drop(t);
+        drop(readers);
+        assert!(resolver.join().unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
