@@ -27,8 +27,9 @@
 #   - `terok-shield status NAME` of each container: the live table read back from the kernel
 #     equals what its state.json says (rules, sets, literal elements, mode);
 #   - no lost update: every allow/deny that succeeded is in the container's state.json;
-#   - RSS of each container's resolver at the end within 10% of where it settled (after the
-#     warm-up), its open descriptors not more than then, and it is the same process;
+#   - RSS of each container's resolver at the end within 10% of where it settled (its highest
+#     sample from the end of the warm-up to mid-load), its open descriptors not more than
+#     then, and it is the same process;
 #   - no zombie whose parent is one of ours or that is a terok-shield process;
 #   - every audit.jsonl and audit.jsonl.1 at most audit.max_bytes (set to 65536 here, so that
 #     the refused-packet events rotate it).
@@ -381,6 +382,8 @@ read -r Z_ALL_END Z_MINE_END < <(zombies)
 say "end sample taken"
 
 # --- checks --------------------------------------------------------------------------------
+# From here on every check runs and reports; none aborts the script.
+set +e
 FAILS=()
 fail() { FAILS+=("$*"); say "FAIL: $*"; }
 
@@ -426,7 +429,16 @@ for n in "${NAMES[@]}"; do
     done <"$WORK/log/ops.txt"
 done
 
-# Resolvers: same process, RSS within 10% of settled, descriptors not grown.
+# Resolvers: same process, RSS within 10% of settled, descriptors not grown. "Settled" is the
+# highest sample from the end of the warm-up to the middle of the load: a resolver under a
+# DNS flood swings by a factor of two (learned.jsonl compaction reads the file whole), and a
+# leak is growth beyond the swing the same load already showed.
+K_MID=$(((LOAD_SECONDS / 2 - WARMUP) / 10))
+for ((k = 1; k <= K_MID; k++)); do
+    [ -f "$WORK/log/sample-p$k.txt" ] && cat "$WORK/log/sample-p$k.txt"
+done | cat "$WORK/log/sample-settled.txt" - | awk '
+    { if (!($1 in rss) || $3 > rss[$1]) rss[$1] = $3; if (!($1 in fds) || $4 > fds[$1]) fds[$1] = $4; pid[$1] = $2 }
+    END { for (n in rss) print n, pid[n], rss[n], fds[n] }' | sort -t- -k2 -n >"$WORK/log/sample-settled-max.txt"
 RSS_BAD=0 FD_BAD=0
 while read -r n pid rss fds; do
     read -r _ pid2 rss2 fds2 < <(grep "^$n " "$WORK/log/sample-end.txt")
@@ -442,7 +454,7 @@ while read -r n pid rss fds; do
         FD_BAD=$((FD_BAD + 1))
         fail "$n: resolver open descriptors grew from $fds to $fds2"
     fi
-done <"$WORK/log/sample-settled.txt"
+done <"$WORK/log/sample-settled-max.txt"
 
 ((Z_MINE_END <= Z_MINE_SETTLED && Z_MINE_END == 0)) || fail "zombies of ours: $Z_MINE_END (at settle: $Z_MINE_SETTLED)"
 
@@ -504,9 +516,9 @@ pct() { # p50/p90 of column 5 in ms
     echo "| dns_blast rounds: answers ok / refused or other / lost, mean q/s | $B_ROUNDS: $B_OK / $B_OTHER / $B_LOST, $B_QPS |"
     echo "| refused packets sent by workloads (TCP + UDP) | $((TCP + UDP)) ($TCP + $UDP) |"
     echo "| refused packets in the retained audit logs (+ counted as dropped) | $LOGGED (+ $DROPPED) |"
-    echo "| resolver RSS settled / max / end (mean over containers) | $(awk '{ s += $3 } END { printf "%d", s / NR }' "$WORK/log/sample-settled.txt") / $MAXRSS (max of all) / $(awk '{ s += $3 } END { printf "%d", s / NR }' "$WORK/log/sample-end.txt") KiB |"
-    echo "| resolver RSS end vs settled, worst | $(paste "$WORK/log/sample-settled.txt" "$WORK/log/sample-end.txt" | awk '{ d = ($7 - $3) * 100 / $3; if (NR == 1 || d > m) m = d } END { printf "%+.1f%%", m }') (limit +10%) |"
-    echo "| resolver open fds settled / end (sum) | $(awk '{ s += $4 } END { print s }' "$WORK/log/sample-settled.txt") / $(awk '{ s += $4 } END { print s }' "$WORK/log/sample-end.txt") |"
+    echo "| resolver RSS after warm-up / settled (highest to mid-load) / end, mean over containers | $(awk '{ s += $3 } END { printf "%d", s / NR }' "$WORK/log/sample-settled.txt") / $(awk '{ s += $3 } END { printf "%d", s / NR }' "$WORK/log/sample-settled-max.txt") / $(awk '{ s += $3 } END { printf "%d", s / NR }' "$WORK/log/sample-end.txt") KiB (highest sample of any: $MAXRSS KiB) |"
+    echo "| resolver RSS end vs settled, worst container | $(sort -t- -k2 -n "$WORK/log/sample-end.txt" | paste "$WORK/log/sample-settled-max.txt" - | awk '{ d = ($7 - $3) * 100 / $3; if (NR == 1 || d > m) m = d } END { printf "%+.1f%%", m }') (limit +10%) |"
+    echo "| resolver open fds settled / end (sum) | $(awk '{ s += $4 } END { print s }' "$WORK/log/sample-settled-max.txt") / $(awk '{ s += $4 } END { print s }' "$WORK/log/sample-end.txt") |"
     echo "| zombies on the machine settled / end (ours) | $Z_ALL_SETTLED / $Z_ALL_END ($Z_MINE_SETTLED / $Z_MINE_END) |"
     echo "| audit logs: largest file / cap, rotated logs | $AUDIT_MAX / $AUDIT_CAP bytes, $AUDIT_ROTATED of $CONTAINERS |"
     echo "| status (kernel table = state.json) | $((CONTAINERS - STATUS_BAD)) of $CONTAINERS agree |"

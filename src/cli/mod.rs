@@ -571,15 +571,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         let runtime = crate::effects::state::read_runtime(bundle_dir)?
             .context("the container has no runtime record")?;
         let facts = runtime.facts();
-        if bundle.dns_tier != crate::core::bundle::DnsTier::Static {
-            forget_unjustified(bundle_dir, &bundle)?;
-        }
         // Already inside the container's namespaces: nft needs no joining.
-        let learned = crate::effects::nft::Nft::locate()?
+        let mut learned = crate::effects::nft::Nft::locate()?
             .with_table_read_lock(bundle_dir)
             .list_table_json()?
             .map(|live| crate::core::verify::learned_elements(&live))
             .unwrap_or_default();
+        if bundle.dns_tier != crate::core::bundle::DnsTier::Static {
+            let forgotten = forget_unjustified(bundle_dir, &bundle, &learned)?;
+            learned.retain(|(addr, _)| !forgotten.contains(addr));
+        }
         crate::effects::conntrack::revoke_current_netns(&bundle.policy(&facts), &learned)?;
         return Ok(());
     }
@@ -676,10 +677,14 @@ fn report_ready() -> std::io::Result<()> {
 /// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name
 /// brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what).
 /// Elements that expired already are skipped.
+/// Delete the learned elements no allowed name justifies any more, of those `present` in the
+/// live table (records of elements already gone, expired or forgotten by an earlier
+/// command, would each fail a transaction); returns their addresses.
 fn forget_unjustified(
     bundle_dir: &Path,
     bundle: &crate::core::bundle::Bundle,
-) -> anyhow::Result<()> {
+    present: &[crate::core::verify::Learned],
+) -> anyhow::Result<std::collections::HashSet<std::net::IpAddr>> {
     use crate::effects::learned_log::{read_learned, LEARNED_FILE};
     use crate::effects::resolver::keys_for;
     let records = read_learned(&bundle_dir.join(LEARNED_FILE));
@@ -692,8 +697,15 @@ fn forget_unjustified(
     } else {
         crate::core::learned::unjustified(&records, &policy, now)
     };
+    let present: std::collections::HashSet<std::net::IpAddr> =
+        present.iter().map(|(addr, _)| *addr).collect();
+    let doomed: Vec<_> = doomed
+        .into_iter()
+        .filter(|r| present.contains(&r.addr))
+        .collect();
+    let forgotten = doomed.iter().map(|r| r.addr).collect();
     if doomed.is_empty() {
-        return Ok(());
+        return Ok(forgotten);
     }
     // Per set, in chunks: one transaction per element cost a kernel RCU grace period each,
     // minutes for the ~20,000 elements a DNS-hammered container's `block` doomed (soak).
@@ -725,7 +737,7 @@ fn forget_unjustified(
             }
         }
     }
-    Ok(())
+    Ok(forgotten)
 }
 
 /// An error and its causes on one line, `outer: cause: cause`. A cause whose text the line
