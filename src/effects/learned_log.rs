@@ -142,6 +142,71 @@ pub fn restore_learned(path: &std::path::Path, records: &[u8]) -> io::Result<()>
         .write_all(records)
 }
 
+/// Inside a container's namespaces: remove the DNS-learned elements that only a now-denied
+/// name brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what),
+/// of those still `present` in the live table (records of elements already gone, expired
+/// or forgotten by an earlier command, would each fail a transaction); returns their
+/// addresses.
+pub fn forget_unjustified(
+    bundle_dir: &std::path::Path,
+    bundle: &crate::core::bundle::Bundle,
+    present: &[crate::core::verify::Learned],
+) -> anyhow::Result<std::collections::HashSet<std::net::IpAddr>> {
+    use crate::effects::learned_log::{read_learned, LEARNED_FILE};
+    use crate::effects::resolver::keys_for;
+    let records = read_learned(&bundle_dir.join(LEARNED_FILE));
+    let now = crate::effects::audit::unix_secs();
+    let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);
+    let doomed = if bundle.dns_tier == crate::core::bundle::DnsTier::Dnsmasq {
+        crate::core::learned::unjustified_by(&records, now, |d| {
+            crate::core::dnsmasq::forwards(&policy, d)
+        })
+    } else {
+        crate::core::learned::unjustified(&records, &policy, now)
+    };
+    let present: std::collections::HashSet<std::net::IpAddr> =
+        present.iter().map(|(addr, _)| *addr).collect();
+    let doomed: Vec<_> = doomed
+        .into_iter()
+        .filter(|r| present.contains(&r.addr))
+        .collect();
+    let forgotten = doomed.iter().map(|r| r.addr).collect();
+    if doomed.is_empty() {
+        return Ok(forgotten);
+    }
+    // Per set, in chunks: one transaction per element cost a kernel RCU grace period each,
+    // minutes for the ~20,000 elements a DNS-hammered container's `block` doomed (soak).
+    let mut per_set: std::collections::BTreeMap<&str, Vec<_>> = Default::default();
+    for r in &doomed {
+        let Some(scope) = r.port_scope() else {
+            continue;
+        };
+        let set = crate::core::dns_policy::set_for(r.addr, scope);
+        per_set
+            .entry(set)
+            .or_default()
+            .extend(keys_for(r.addr, scope));
+    }
+    let mut sock = crate::effects::nfnetlink::NfSock::open()?;
+    for (set, keys) in per_set {
+        for chunk in keys.chunks(1024) {
+            match sock.delete_elements(set, chunk) {
+                // Some element expired meanwhile (the chunk was refused whole): one by one.
+                Err(e) if e.raw_os_error() == Some(2) => {
+                    for key in chunk {
+                        match sock.delete_elements(set, std::slice::from_ref(key)) {
+                            Err(e) if e.raw_os_error() == Some(2) => {}
+                            other => other?,
+                        }
+                    }
+                }
+                other => other?,
+            }
+        }
+    }
+    Ok(forgotten)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
