@@ -262,11 +262,13 @@ sleep "$WARMUP"
 sample settled
 read -r Z_ALL_SETTLED Z_MINE_SETTLED < <(zombies)
 say "settled after ${WARMUP} s of load: resolver RSS $(awk '{ s += $3 } END { printf "%d", s / NR }' "$WORK/log/sample-settled.txt") KiB on average"
-# Periodic samples in the background (for the maximum).
+# Periodic samples in the background (for the maximum): every 2 s in the short run, so that
+# its shorter settle window still sees a flooded resolver's swing.
+SAMPLE_EVERY=$([ "$SHORT" = yes ] && echo 2 || echo 10)
 (
     k=0
     while ((SECONDS < LOAD_END)); do
-        sleep 10
+        sleep "$SAMPLE_EVERY"
         k=$((k + 1))
         sample "p$k"
     done
@@ -433,7 +435,7 @@ done
 # highest sample from the end of the warm-up to the middle of the load: a resolver under a
 # DNS flood swings by a factor of two (learned.jsonl compaction reads the file whole), and a
 # leak is growth beyond the swing the same load already showed.
-K_MID=$(((LOAD_SECONDS / 2 - WARMUP) / 10))
+K_MID=$(((LOAD_SECONDS / 2 - WARMUP) / SAMPLE_EVERY))
 for ((k = 1; k <= K_MID; k++)); do
     [ -f "$WORK/log/sample-p$k.txt" ] && cat "$WORK/log/sample-p$k.txt"
 done | cat "$WORK/log/sample-settled.txt" - | awk '
