@@ -31,37 +31,28 @@
 set -euo pipefail
 
 ROUNDS=${1:-50}
-E2E_USER=${E2E_USER:-shieldtest}
 IMAGE=${E2E_IMAGE:-localhost/shield-test:latest}
 NAME=bench-live
 WORK=/tmp/terok-shield-bench-live
 NS=tsbench-dns
 HOST_VETH=tsbench-host
-NS_VETH=dns0
 HOST_ADDR=198.18.254.1
 DNS_ADDR=198.18.254.2
-LOCK=/run/terok-shield-e2e.lock
 
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 say() { printf 'bench: %s\n' "$*" >&2; }
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=../scripts/lib/world.sh
+. "$REPO/scripts/lib/world.sh"
 
-[ "$(id -u)" -eq 0 ] || die "run as root (podman runs as $E2E_USER through runuser; the fake DNS needs a namespace)"
+[ "$(id -u)" -eq 0 ] || die "run as root (podman runs as the test user through runuser; the fake DNS needs a namespace)"
 [[ "$ROUNDS" =~ ^[0-9]+$ ]] && [ "$ROUNDS" -ge 5 ] && [ "$ROUNDS" -le 5000 ] || die "ROUNDS must be a number from 5 to 5000"
-id -u "$E2E_USER" >/dev/null 2>&1 || die "user $E2E_USER missing: run scripts/podman-env.sh first"
 for tool in perl ip flock runuser; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool missing"
 done
-E2E_UID=$(id -u "$E2E_USER")
-E2E_GID=$(id -g "$E2E_USER")
-E2E_HOME=$(getent passwd "$E2E_USER" | cut -d: -f6)
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-
+test_user_init "${E2E_USER:-shieldtest}"
 # Every command as the test user is bounded; the shield finds its files under $WORK.
-as_user() {
-    (cd / && timeout 120 runuser -u "$E2E_USER" -- env -i HOME="$E2E_HOME" XDG_RUNTIME_DIR="/run/user/$E2E_UID" \
-        PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
-        TEROK_SHIELD_CONFIG_DIR="$WORK/config" TEROK_SHIELD_STATE_DIR="$WORK/state" "$@")
-}
+SHIELD_CONFIG_DIR=$WORK/config SHIELD_STATE_DIR=$WORK/state
 as_user podman image exists "$IMAGE" || die "image $IMAGE missing for $E2E_USER: run scripts/podman-env.sh first"
 
 # --- binary --------------------------------------------------------------------------------
@@ -74,25 +65,19 @@ else
 fi
 
 # --- exclusive use of the fake-internet addresses ------------------------------------------
-exec 9>"$LOCK"
-if ! flock -n 9; then
-    say "waiting for an e2e run to release $LOCK"
-    flock -w 1800 9 || die "$LOCK still held after 30 minutes"
-fi
+take_e2e_lock 1800
 
 DNS_PID=""
 cleanup() {
     set +e
     as_user podman rm -f -t 0 "$NAME" >/dev/null 2>&1
     if [ -n "$DNS_PID" ]; then kill "$DNS_PID" 2>/dev/null; wait "$DNS_PID" 2>/dev/null; fi
-    ip link del "$HOST_VETH" 2>/dev/null
-    ip netns del "$NS" 2>/dev/null
+    world_down "$NS" "$HOST_VETH"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 # Leftovers of a killed run.
-ip link del "$HOST_VETH" 2>/dev/null || true
-ip netns del "$NS" 2>/dev/null || true
+world_down "$NS" "$HOST_VETH"
 as_user podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
 rm -rf "$WORK"
 
@@ -104,13 +89,7 @@ chown -R "$E2E_UID:$E2E_GID" "$WORK/config" "$WORK/state"
 chmod 700 "$WORK/config" "$WORK/state"
 
 # --- fake DNS in its own namespace ---------------------------------------------------------
-ip netns add "$NS"
-ip -n "$NS" link set lo up
-ip link add "$HOST_VETH" type veth peer name "$NS_VETH" netns "$NS"
-ip addr add "$HOST_ADDR/30" dev "$HOST_VETH"
-ip link set "$HOST_VETH" up
-ip -n "$NS" addr add "$DNS_ADDR/30" dev "$NS_VETH"
-ip -n "$NS" link set "$NS_VETH" up
+world_up "$NS" "$HOST_VETH" "$HOST_ADDR" "$DNS_ADDR" "" ""
 cat >"$WORK/bin/fake-dns.pl" <<'PERL'
 # bench helper: authoritative answers for d<N>.bench.test only; exits after ARGV[1] seconds.
 use strict;

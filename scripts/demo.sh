@@ -44,16 +44,13 @@ cargo build --release --quiet
 
 say "rootless Podman for user $USER_NAME (scripts/podman-env.sh)"
 ./scripts/podman-env.sh >/dev/null
-USER_UID=$(id -u "$USER_NAME")
-as_user() {
-    runuser -u "$USER_NAME" -- env XDG_RUNTIME_DIR="/run/user/$USER_UID" HOME="$(getent passwd "$USER_NAME" | cut -d: -f6)" \
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        TEROK_SHIELD_CONFIG_DIR="$DEMO_DIR/config" TEROK_SHIELD_STATE_DIR="$DEMO_DIR/state" "$@"
-}
+# shellcheck source=lib/world.sh
+. scripts/lib/world.sh
+test_user_init "$USER_NAME"
+SHIELD_CONFIG_DIR=$DEMO_DIR/config SHIELD_STATE_DIR=$DEMO_DIR/state
 
 # The end-to-end tests route the same fake prefix: take their machine-wide lock.
-exec 9>/run/terok-shield-e2e.lock
-flock -w 900 9 || die "another end-to-end run holds /run/terok-shield-e2e.lock"
+take_e2e_lock 900
 
 HTTPD_PIDS=()
 cleanup() {
@@ -63,24 +60,14 @@ cleanup() {
     # the user's containers.conf) out again.
     [ -x "$DEMO_DIR/bin/terok-shield" ] && as_user "$DEMO_DIR/bin/terok-shield" setup --remove --force >/dev/null 2>&1
     for pid in "${HTTPD_PIDS[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
-    ip netns del "$WORLD" 2>/dev/null    # also removes the veth pair and its route
-    ip link del "$HOST_VETH" 2>/dev/null
+    world_down "$WORLD" "$HOST_VETH"    # the veth pair and its route go with it
     rm -rf "$DEMO_DIR"
 }
 trap cleanup EXIT
 cleanup
 
 say "fake internet: namespace $WORLD with web servers on $ALLOWED and $REFUSED"
-ip netns add "$WORLD"
-ip link add "$HOST_VETH" type veth peer name wan0 netns "$WORLD"
-ip addr add 198.18.254.1/30 dev "$HOST_VETH"
-ip link set "$HOST_VETH" up
-ip -n "$WORLD" addr add 198.18.254.2/30 dev wan0
-ip -n "$WORLD" link set wan0 up
-ip -n "$WORLD" link set lo up
-for a in "$ALLOWED" "$REFUSED"; do ip -n "$WORLD" addr add "$a/32" dev lo; done
-ip -n "$WORLD" route add default via 198.18.254.1
-ip route replace 198.51.100.0/24 via 198.18.254.2 dev "$HOST_VETH"
+world_up "$WORLD" "$HOST_VETH" 198.18.254.1 198.18.254.2 198.51.100.0/24 "$ALLOWED $REFUSED"
 for a in "$ALLOWED" "$REFUSED"; do
     mkdir -p "$DEMO_DIR/www/$a"
     echo "hello from $a" >"$DEMO_DIR/www/$a/index.html"

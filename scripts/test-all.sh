@@ -92,4 +92,6 @@ log "cargo test --all-targets (CI=${CI:-unset})"
 timeout --kill-after=30s 35m cargo test --all-targets
 log "demo: a shielded container reaches an allowlisted host and is refused another"
 timeout --kill-after=30s 15m ./scripts/demo.sh
+log "short soak: 5 containers, 150 live operations from 4 clients, 90 s of load (scripts/soak.sh --short)"
+timeout --kill-after=30s 10m ./scripts/soak.sh --short
 log "all checks passed"

@@ -157,7 +157,7 @@ fn write_fresh_bundle(
     save_bundle(&dir, &bundle)?;
     audit::record(
         &dir,
-        bundle.audit_enabled,
+        audit::AuditLog::of(&bundle),
         &input.name,
         "prepare",
         true,
@@ -197,7 +197,7 @@ fn join(
     }
     audit::record(
         &input.state_dir,
-        bundle.audit_enabled,
+        audit::AuditLog::of(bundle),
         &input.name,
         "apply",
         true,
@@ -221,7 +221,7 @@ pub fn member_stopping(input: &HookInput) -> bool {
     }
     audit::record(
         &input.state_dir,
-        bundle.audit_enabled,
+        audit::AuditLog::of(&bundle),
         &input.name,
         "stop",
         true,

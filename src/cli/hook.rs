@@ -76,7 +76,9 @@ pub fn run(stage: Stage) -> anyhow::Result<()> {
             let _ = append_line(&input.state_dir.join(HOOK_ERROR_FILE), &line);
             audit::record(
                 &input.state_dir,
-                true,
+                load_bundle(&input.state_dir, &input.name)
+                    .map(|b| audit::AuditLog::of(&b))
+                    .unwrap_or_else(|_| audit::AuditLog::default_on()),
                 &input.name,
                 "failure",
                 false,
@@ -214,7 +216,7 @@ pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
     )?;
     audit::record(
         dir,
-        bundle.audit_enabled,
+        audit::AuditLog::of(&bundle),
         &input.name,
         "apply",
         true,
@@ -348,9 +350,9 @@ fn poststop(input: &HookInput) -> anyhow::Result<()> {
     if super::annotated::member_stopping(input) {
         return Ok(()); // the pod's shield stays with its owner
     }
-    let enabled = load_bundle(dir, &input.name)
-        .map(|b| b.audit_enabled)
-        .unwrap_or(true);
+    let log = load_bundle(dir, &input.name)
+        .map(|b| audit::AuditLog::of(&b))
+        .unwrap_or_else(|_| audit::AuditLog::default_on());
     if let Some((pid, start)) = crate::effects::state::read_runtime(dir)
         .ok()
         .flatten()
@@ -364,7 +366,7 @@ fn poststop(input: &HookInput) -> anyhow::Result<()> {
     }
     audit::record(
         dir,
-        enabled,
+        log,
         &input.name,
         "stop",
         true,

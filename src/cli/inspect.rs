@@ -48,10 +48,12 @@ pub fn live(name: &ContainerName, ctx: &Context) -> anyhow::Result<Live> {
     if crate::effects::netns::is_own_netns(&netns)? {
         bail!("container `{name}` (pid {}) shares this shell's network namespace; refusing to touch it", runtime.pid);
     }
-    let nft = Nft::locate()?.in_namespaces(
-        Some(PathBuf::from(format!("/proc/{}/ns/user", runtime.pid))),
-        netns,
-    );
+    let nft = Nft::locate()?
+        .in_namespaces(
+            Some(PathBuf::from(format!("/proc/{}/ns/user", runtime.pid))),
+            netns,
+        )
+        .with_table_read_lock(&dir);
     Ok(Live {
         bundle,
         runtime,

@@ -216,7 +216,7 @@ pub fn member_hook(raw: &[u8]) -> anyhow::Result<()> {
         );
         crate::effects::audit::record(
             &dir,
-            true,
+            crate::effects::audit::AuditLog::default_on(),
             &name,
             "failure",
             false,

@@ -209,7 +209,7 @@ pub fn prepare(
     }
     audit::record(
         &dir,
-        bundle.audit_enabled,
+        audit::AuditLog::of(&bundle),
         &name,
         "prepare",
         true,
@@ -418,7 +418,7 @@ pub fn run_resolve(name: &str, force: bool, json_out: bool, ctx: &Context) -> an
         }
         audit::record(
             &store.dir(&name),
-            bundle.audit_enabled,
+            audit::AuditLog::of(&bundle),
             &name,
             "resolve",
             true,

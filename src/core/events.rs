@@ -531,38 +531,64 @@ impl Aggregator {
 }
 
 /// Which name led to which address, for the `name` field of packet events: learned answers
-/// (learned.jsonl) and the static tier's cache. Bounded: past `cap` entries it starts over
-/// with the newest ones, which matter most.
+/// (learned.jsonl) and the static tier's cache, each until its address's allowance ends (as
+/// learned.jsonl's compaction drops them too). Bounded: expired entries are pruned whenever
+/// the index has doubled since the last pruning, and past `cap` entries it starts over with
+/// the newest ones, which matter most.
 #[derive(Debug, Clone, Default)]
 pub struct NameIndex {
-    names: HashMap<IpAddr, String>,
+    /// Address -> (name, unix seconds until which it is kept).
+    names: HashMap<IpAddr, (String, u64)>,
     cap: usize,
+    /// Prune expired entries once the index holds this many.
+    prune_at: usize,
 }
+
+/// The index is never pruned below this many entries (pruning is a walk over all of them).
+const NAME_PRUNE_MIN: usize = 256;
 
 impl NameIndex {
     pub fn new(cap: usize) -> NameIndex {
         NameIndex {
             names: HashMap::new(),
             cap,
+            prune_at: NAME_PRUNE_MIN,
         }
     }
 
-    /// Remember that `name` led to `addr` (a later name for the same address wins).
-    pub fn insert(&mut self, addr: IpAddr, name: &str) {
+    /// Remember that `name` led to `addr` until `until` (unix seconds; `u64::MAX`: for as
+    /// long as the index lives). A later name for the same address wins.
+    pub fn insert(&mut self, addr: IpAddr, name: &str, until: u64) {
         if self.names.len() >= self.cap && !self.names.contains_key(&addr) {
-            self.names.clear();
+            self.clear();
         }
-        if self.names.get(&addr).map(String::as_str) != Some(name) {
-            self.names.insert(addr, name.to_string());
+        match self.names.get_mut(&addr) {
+            Some((known, kept)) if known == name => *kept = (*kept).max(until),
+            _ => {
+                self.names.insert(addr, (name.to_string(), until));
+            }
         }
     }
 
     pub fn get(&self, addr: &IpAddr) -> Option<&str> {
-        self.names.get(addr).map(String::as_str)
+        self.names.get(addr).map(|(name, _)| name.as_str())
     }
 
     pub fn clear(&mut self) {
         self.names.clear();
+        self.names.shrink_to(NAME_PRUNE_MIN);
+        self.prune_at = NAME_PRUNE_MIN;
+    }
+
+    /// Drop the entries kept until `now` or earlier, if the index has doubled since the
+    /// last time (amortised: a steady flow of new names costs O(1) per name).
+    pub fn prune_expired(&mut self, now: u64) {
+        if self.names.len() < self.prune_at {
+            return;
+        }
+        self.names.retain(|_, (_, until)| *until > now);
+        self.names.shrink_to(self.names.len() * 2);
+        self.prune_at = (self.names.len() * 2).max(NAME_PRUNE_MIN);
     }
 }
 
@@ -854,13 +880,37 @@ mod tests {
     fn name_index_is_bounded() {
         let mut n = NameIndex::new(2);
         let a = |i: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, i));
-        n.insert(a(1), "one.example");
-        n.insert(a(2), "two.example");
-        n.insert(a(2), "again.example");
+        n.insert(a(1), "one.example", u64::MAX);
+        n.insert(a(2), "two.example", u64::MAX);
+        n.insert(a(2), "again.example", u64::MAX);
         assert_eq!(n.get(&a(2)), Some("again.example"));
-        n.insert(a(3), "three.example");
+        n.insert(a(3), "three.example", u64::MAX);
         assert_eq!(n.get(&a(3)), Some("three.example"));
         assert!(n.names.len() <= 2);
+    }
+
+    /// Found by scripts/soak.sh: a workload asking new names kept growing its resolver's
+    /// memory (+10-12% over ten minutes) with names of addresses long expired, which
+    /// stayed until learned.jsonl reached 1 MiB and was compacted.
+    #[test]
+    fn names_of_expired_addresses_are_pruned_as_the_index_grows() {
+        let mut n = NameIndex::new(65_536);
+        let a = |i: u32| IpAddr::V4(Ipv4Addr::from(0xc633_6400 + i));
+        n.insert(a(0), "static.example", u64::MAX);
+        // A steady flow of new names, each kept 20 s, one per second for an hour.
+        let mut most = 0;
+        for t in 1..3600u32 {
+            n.insert(a(t), &format!("w{t}.example"), u64::from(t) + 20);
+            most = most.max(n.names.len());
+            n.prune_expired(u64::from(t));
+        }
+        assert!(most <= NAME_PRUNE_MIN, "the index grew to {most} entries");
+        assert_eq!(n.get(&a(0)), Some("static.example"));
+        assert_eq!(n.get(&a(3599)), Some("w3599.example"));
+        assert_eq!(n.get(&a(5)), None, "expired long ago");
+        // A name asked again keeps its address for the later of the two times.
+        n.insert(a(3599), "w3599.example", 10);
+        assert_eq!(n.names[&a(3599)].1, 3619);
     }
 
     proptest! {

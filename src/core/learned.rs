@@ -5,6 +5,7 @@
 //! the addresses that name brought are removed: not those another still-allowed name also
 //! brought. Pure, so the rule is tested without a resolver.
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use hickory_proto::rr::RecordType;
@@ -58,25 +59,59 @@ pub fn unjustified_by(
     now: u64,
     allowed: impl Fn(&DomainName) -> bool,
 ) -> Vec<LearnedRecord> {
+    // Linear in the records (a busy resolver leaves tens of thousands): each name is
+    // decided once, and the elements some allowed name still brought are collected first.
     let live: Vec<&LearnedRecord> = records.iter().filter(|r| r.until > now).collect();
-    let mut out: Vec<LearnedRecord> = Vec::new();
-    for r in &live {
-        if allowed(&r.domain) {
-            continue;
-        }
-        let still_justified = live
-            .iter()
-            .any(|o| o.addr == r.addr && o.scope == r.scope && allowed(&o.domain));
-        if !still_justified && !out.iter().any(|x| x.addr == r.addr && x.scope == r.scope) {
-            out.push((*r).clone());
-        }
-    }
-    out
+    let mut decided: HashMap<&DomainName, bool> = HashMap::new();
+    let allowed_by_record: Vec<bool> = live
+        .iter()
+        .map(|r| {
+            *decided
+                .entry(&r.domain)
+                .or_insert_with(|| allowed(&r.domain))
+        })
+        .collect();
+    let justified: HashSet<(&IpAddr, &Option<String>)> = live
+        .iter()
+        .zip(&allowed_by_record)
+        .filter(|(_, ok)| **ok)
+        .map(|(r, _)| (&r.addr, &r.scope))
+        .collect();
+    let mut seen: HashSet<(&IpAddr, &Option<String>)> = HashSet::new();
+    live.iter()
+        .zip(&allowed_by_record)
+        .filter(|(r, ok)| !**ok && !justified.contains(&(&r.addr, &r.scope)))
+        .filter(|(r, _)| seen.insert((&r.addr, &r.scope)))
+        .map(|(r, _)| (*r).clone())
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by scripts/soak.sh: `block` of a container whose resolver had learned ~20,000
+    /// addresses ran its connection-revoking helper for minutes: every record was compared
+    /// with every other (and the policy asked again for each pair).
+    #[test]
+    fn many_records_are_sorted_out_in_one_pass() {
+        let n = 40_000u32;
+        let records: Vec<LearnedRecord> = (0..n)
+            .map(|i| LearnedRecord {
+                domain: format!("t{}.bench.test", i % 5000).parse().unwrap(),
+                addr: IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i)),
+                scope: None,
+                until: 100,
+            })
+            .collect();
+        let asked = std::cell::Cell::new(0);
+        let doomed = unjustified_by(&records, 10, |_| {
+            asked.set(asked.get() + 1);
+            false
+        });
+        assert_eq!(doomed.len(), n as usize);
+        assert_eq!(asked.get(), 5000, "each name is decided once");
+    }
     use crate::core::bundle::{Bundle, DnsTier};
     use crate::core::policy::Mode;
 

@@ -144,8 +144,11 @@ pub struct Report {
     /// The target as typed, or the new mode's name; `None` for `reset`.
     pub target: Option<String>,
     /// Addresses the change concerns: resolved or literal for allow and deny, forgotten for
-    /// reset.
+    /// reset; at most [`REPORTED_ADDRESSES_MAX`] of them (the first in order).
     pub addresses: Vec<String>,
+    /// How many more there were than `addresses` lists: a `reset` of a busy container
+    /// forgets tens of thousands, and one audit line must stay far below the log's cap.
+    pub addresses_omitted: usize,
     /// The container's mode after the change.
     pub mode: Mode,
     /// The user profile the allowed target was saved in (`SaveAllow`).
@@ -315,12 +318,16 @@ pub fn plan(
     let old_policy = bundle.policy(facts);
     let new_policy = new.policy(facts);
     let steps = steps(change, &new, &old_policy, &new_policy);
-    let message = message(change, &new, &addresses);
+    let addresses_omitted = addresses.len().saturating_sub(REPORTED_ADDRESSES_MAX);
+    let mut addresses = addresses;
+    addresses.truncate(REPORTED_ADDRESSES_MAX);
+    let message = message(change, &new, &addresses, addresses_omitted);
     Ok(LivePlan {
         report: Report {
             event,
             target,
             addresses,
+            addresses_omitted,
             mode: new.mode,
             profile: match change {
                 LiveChange::SaveAllow { profile, .. } => Some(profile.clone()),
@@ -412,10 +419,18 @@ pub fn addresses_added(old: &Policy, new: &Policy) -> Option<Vec<(&'static str, 
     (!out.is_empty()).then_some(out)
 }
 
+/// Most addresses one report (an audit line, the printed message) lists; the rest are
+/// counted in [`Report::addresses_omitted`]. 32 addresses keep a line near 1 KiB, whatever
+/// the container learned.
+pub const REPORTED_ADDRESSES_MAX: usize = 32;
+
 /// The line printed for a change without `--json`.
-fn message(change: &LiveChange, new: &Bundle, addresses: &[String]) -> String {
+fn message(change: &LiveChange, new: &Bundle, addresses: &[String], omitted: usize) -> String {
     let name = &new.name;
-    let listed = addresses.join(", ");
+    let mut listed = addresses.join(", ");
+    if omitted > 0 {
+        listed.push_str(&format!(" and {omitted} more"));
+    }
     match change {
         LiveChange::Allow { typed, .. } if addresses.is_empty() => format!(
             "Allowed {typed} for {name} (its addresses open as the container's resolver answers for it)\n"

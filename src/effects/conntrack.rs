@@ -214,17 +214,25 @@ pub fn revoke_in(
     unsafe {
         cmd.pre_exec(move || ns.enter());
     }
-    let out = cmd
-        .output()
+    let mut child = cmd
+        .spawn()
         .context("failed to start the connection-revoking helper")?;
-    if !out.status.success() {
+    // Bounded like every nft call: a helper that hangs must not hold the bundle lock (and
+    // every later live command on the container) for ever.
+    let (status, _, stderr) = super::nft::communicate(&mut child, None, REVOKE_TIMEOUT)
+        .context("the connection-revoking helper did not finish; run the command again")?;
+    if !status.success() {
         anyhow::bail!(
             "failed to cut open connections: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&stderr).trim()
         );
     }
     Ok(())
 }
+
+/// How long the connection-revoking helper may take: a dump and the deletes of a busy
+/// container's flows take well under a second.
+const REVOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// In the container's namespaces: delete every flow that neither `policy` nor a DNS-learned
 /// set element (`learned`, read from the live table) permits (`Policy::keeps_flow`).

@@ -38,6 +38,9 @@ pub const MAX_KEYS: usize = 256;
 const DNS_QUEUE: usize = 1024;
 /// Addresses whose name is remembered.
 const MAX_NAMES: usize = 65_536;
+/// How long the name of an answer that taught the firewall nothing is kept (dns.max_ttl's
+/// default).
+const NAMED_KEEP_SECS: u64 = 3600;
 /// Most of learned.jsonl read per refresh (it is compacted past 1 MiB).
 const LEARNED_READ_LIMIT: u64 = 8 << 20;
 /// Longest wait for packets before looking at the DNS queue and the clock.
@@ -194,8 +197,11 @@ impl EventReader {
             match message {
                 FromResolver::Refused(key) => lines.extend(self.aggregator.observe(key, now)),
                 FromResolver::Named { name, addrs } => {
+                    // Answers that taught the firewall nothing (their addresses were
+                    // allowed already): named for as long as the longest allowance.
+                    let until = crate::effects::audit::unix_secs() + NAMED_KEEP_SECS;
                     for addr in addrs {
-                        self.writer.names.index.insert(addr, &name);
+                        self.writer.names.index.insert(addr, &name, until);
                     }
                 }
             }
@@ -329,7 +335,7 @@ impl Names {
             if let Ok(bundle) = load_bundle(&self.dir, &self.name) {
                 for (domain, resolved) in &bundle.resolved {
                     for addr in &resolved.addrs {
-                        self.index.insert(*addr, domain.as_str());
+                        self.index.insert(*addr, domain.as_str(), u64::MAX);
                     }
                 }
                 self.state_stamp = state;
@@ -354,9 +360,10 @@ impl Names {
         let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         for line in bytes[..whole].split(|b| *b == b'\n') {
             if let Ok(r) = serde_json::from_slice::<LearnedRecord>(line) {
-                self.index.insert(r.addr, r.domain.as_str());
+                self.index.insert(r.addr, r.domain.as_str(), r.until);
             }
         }
+        self.index.prune_expired(crate::effects::audit::unix_secs());
         whole as u64
     }
 }

@@ -94,7 +94,7 @@ pub fn execute(plan: &LivePlan, old: &Bundle, container: &Container) -> anyhow::
     }
     audit::record(
         container.dir,
-        plan.bundle.audit_enabled,
+        audit::AuditLog::of(&plan.bundle),
         container.name,
         plan.report.event,
         true,
@@ -115,6 +115,12 @@ pub fn report_fields<const N: usize>(
         fields.insert("target".into(), Value::from(target.as_str()));
     }
     fields.insert("addresses".into(), Value::from(report.addresses.clone()));
+    if report.addresses_omitted > 0 {
+        fields.insert(
+            "addresses_omitted".into(),
+            Value::from(report.addresses_omitted),
+        );
+    }
     fields.insert("mode".into(), Value::from(report.mode.status_name()));
     if let Some(profile) = &report.profile {
         fields.insert("profile".into(), Value::from(profile.as_str()));
@@ -267,48 +273,14 @@ pub fn revoke_here(
     policy: &Policy,
     nft: &Nft,
 ) -> anyhow::Result<()> {
+    // What is learned now decides both which records may go (only elements still in the
+    // table are deleted) and which flows they keep alive.
+    let mut learned = learned_live(nft, policy)?;
     if bundle.dns_tier != crate::core::bundle::DnsTier::Static {
-        forget_unjustified(bundle_dir, bundle)?;
+        let forgotten =
+            crate::effects::learned_log::forget_unjustified(bundle_dir, bundle, &learned)?;
+        learned.retain(|(addr, _)| !forgotten.contains(addr));
     }
-    let learned = learned_live(nft, policy)?;
     conntrack::revoke_current_netns(policy, &learned).context("failed to cut open connections")?;
-    Ok(())
-}
-
-/// Inside a container's namespaces: remove DNS-learned elements that only a now-denied name
-/// brought (the builtin resolver, or dnsmasq's supervisor, recorded who brought what).
-/// Elements that expired already are skipped.
-fn forget_unjustified(
-    bundle_dir: &Path,
-    bundle: &crate::core::bundle::Bundle,
-) -> anyhow::Result<()> {
-    use crate::effects::learned_log::{read_learned, LEARNED_FILE};
-    use crate::effects::resolver::keys_for;
-    let records = read_learned(&bundle_dir.join(LEARNED_FILE));
-    let now = crate::effects::audit::unix_secs();
-    let policy = crate::core::dns_policy::DnsPolicy::from_bundle(bundle);
-    let doomed = if bundle.dns_tier == crate::core::bundle::DnsTier::Dnsmasq {
-        crate::core::learned::unjustified_by(&records, now, |d| {
-            crate::core::dnsmasq::forwards(&policy, d)
-        })
-    } else {
-        crate::core::learned::unjustified(&records, &policy, now)
-    };
-    if doomed.is_empty() {
-        return Ok(());
-    }
-    let mut sock = crate::effects::nfnetlink::NfSock::open()?;
-    for r in doomed {
-        let Some(scope) = r.port_scope() else {
-            continue;
-        };
-        let set = crate::core::dns_policy::set_for(r.addr, scope);
-        for key in keys_for(r.addr, scope) {
-            match sock.delete_elements(set, &[key]) {
-                Err(e) if e.raw_os_error() == Some(2) => {} // expired meanwhile
-                other => other?,
-            }
-        }
-    }
     Ok(())
 }

@@ -23,3 +23,4 @@ pub mod procfs;
 pub mod profiles;
 pub mod resolver;
 pub mod state;
+pub mod table_read;

@@ -102,6 +102,9 @@ pub struct Nft {
     user_ns: Option<PathBuf>,
     net_ns: Option<PathBuf>,
     session: Arc<Mutex<Option<Session>>>,
+    /// The container's bundle: listings hold its table-read lock (see
+    /// [`crate::effects::table_read`]).
+    bundle_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Nft {
@@ -156,7 +159,23 @@ impl Nft {
             user_ns: None,
             net_ns: None,
             session: Arc::default(),
+            bundle_dir: None,
         }
+    }
+
+    /// List the table while holding `dir`'s table-read lock, so that the container's
+    /// resolver does not make the listing start over (see [`crate::effects::table_read`]).
+    pub fn with_table_read_lock(self, dir: &Path) -> Nft {
+        Nft {
+            bundle_dir: Some(dir.to_path_buf()),
+            ..self
+        }
+    }
+
+    fn reading(&self) -> Option<crate::effects::table_read::ReadGuard> {
+        self.bundle_dir
+            .as_deref()
+            .map(crate::effects::table_read::for_reading)
     }
 
     /// Run nft inside the network namespace at `path` (e.g. `/run/netns/NAME`).
@@ -229,6 +248,7 @@ impl Nft {
 
     /// Our table as nft's JSON, or `None` if it does not exist.
     pub fn list_table_json(&self) -> Result<Option<Value>, NftError> {
+        let _reading = self.reading();
         let listed = match self.resolve() {
             Resolved::Library(lib) => self
                 .in_library(lib, &format!("list table {FAMILY} {TABLE}"), true)
@@ -246,6 +266,7 @@ impl Nft {
 
     /// Our table as nft text (for `rules`), or `None` if it does not exist.
     pub fn list_table_text(&self) -> Result<Option<String>, NftError> {
+        let _reading = self.reading();
         let listed = match self.resolve() {
             Resolved::Library(lib) => {
                 self.in_library(lib, &format!("list table {FAMILY} {TABLE}"), false)

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +35,7 @@ use crate::effects::learned_log::{LearnedLog, LEARNED_FILE};
 use crate::effects::nfnetlink::{NfSock, SetKey};
 use crate::effects::prebound::Inherited;
 use crate::effects::state::{load_bundle, STATE_FILE};
+use crate::effects::table_read::LearnGate;
 
 pub use crate::core::policy::RESOLVER_MARK;
 
@@ -961,6 +962,8 @@ fn to_sockaddr(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::sockle
 #[derive(Default)]
 struct Worker {
     nf: Option<NfSock>,
+    /// Insertions wait for a listing of the table under way (see `effects::table_read`).
+    gate: Option<LearnGate>,
     /// xorshift state for upstream IDs, seeded from /dev/urandom on first use.
     rng: u64,
     /// The upstream's answer (capacity 64 KiB, only as much touched as answers need).
@@ -1046,7 +1049,7 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
             shared.settings.ttl_bounds,
         ) {
             AnswerDecision::Answer(a) => {
-                if learn(worker, &a.inserts).is_err() {
+                if learn(worker, &shared.settings.bundle_dir, &a.inserts).is_err() {
                     // Never hand out an address the firewall would refuse.
                     return Some(servfail_response(&req, raw));
                 }
@@ -1117,14 +1120,25 @@ pub fn keys_for(addr: IpAddr, scope: Option<crate::core::target::PortScope>) -> 
 }
 
 /// Insert learned addresses into the DNS-learned sets (grouped per set and timeout).
-fn learn(worker: &mut Worker, inserts: &[crate::core::dns_policy::Insert]) -> io::Result<()> {
+fn learn(
+    worker: &mut Worker,
+    bundle_dir: &Path,
+    inserts: &[crate::core::dns_policy::Insert],
+) -> io::Result<()> {
     if inserts.is_empty() {
         return Ok(());
     }
-    for ins in inserts {
-        add_learned(worker, ins.set(), &keys_for(ins.addr, ins.scope), ins.ttl)?;
-    }
-    Ok(())
+    let mut gate = worker
+        .gate
+        .take()
+        .unwrap_or_else(|| LearnGate::new(bundle_dir));
+    let result = gate.around(|| {
+        inserts.iter().try_for_each(|ins| {
+            add_learned(worker, ins.set(), &keys_for(ins.addr, ins.scope), ins.ttl)
+        })
+    });
+    worker.gate = Some(gate);
+    result
 }
 
 fn add_learned(worker: &mut Worker, set: &str, keys: &[SetKey], ttl: Duration) -> io::Result<()> {

@@ -246,6 +246,38 @@ fn modes_that_take_access_away_cut_connections_and_bypass_modes_do_not() {
     }
 }
 
+/// Found by scripts/soak.sh: a `reset` of a container whose resolver was under load listed
+/// all of its ~40,000 learned addresses in one 400 KB audit line, six times the log's cap.
+#[test]
+fn a_reset_of_many_learned_addresses_reports_a_bounded_list_and_the_count() {
+    let b = bundle(DnsTier::Builtin);
+    let learned: Vec<IpAddr> = (0..40_000u32)
+        .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i)))
+        .collect();
+    let observed = Observed {
+        resolved: None,
+        learned,
+    };
+    let p = plan(&b, &RuntimeFacts::default(), &LiveChange::Reset, &observed).unwrap();
+    assert_eq!(p.report.addresses.len(), REPORTED_ADDRESSES_MAX);
+    assert_eq!(p.report.addresses[0], "198.18.0.0");
+    assert_eq!(p.report.addresses_omitted, 40_000 - REPORTED_ADDRESSES_MAX);
+    assert!(
+        p.report.message.contains("198.18.0.31 and 39968 more;"),
+        "{}",
+        p.report.message
+    );
+    assert!(p.report.message.len() < 2048, "{}", p.report.message);
+    // A short list is whole.
+    let few = Observed {
+        resolved: None,
+        learned: vec![ip("198.51.100.71")],
+    };
+    let p = plan(&b, &RuntimeFacts::default(), &LiveChange::Reset, &few).unwrap();
+    assert_eq!(p.report.addresses, ["198.51.100.71"]);
+    assert_eq!(p.report.addresses_omitted, 0);
+}
+
 #[test]
 fn reset_flushes_the_learned_sets_and_their_record_and_nothing_else() {
     let mut b = bundle(DnsTier::Builtin);
