@@ -2217,6 +2217,19 @@ fn ours(raw: &[Vec<u8>]) -> Result<Vec<&[u8]>, DecodeError> {
     Ok(out)
 }
 
+/// The elements of our set `set` in the whole messages of one `GETSETELEM` dump (messages
+/// of other tables, families or sets are skipped).
+pub fn set_elements_of(raw: &[Vec<u8>], set: &str) -> Result<Vec<ElemObj>, DecodeError> {
+    let mut out = Vec::new();
+    for body in ours(raw)? {
+        let (name, elems) = decode_setelems(body)?;
+        if name == set {
+            out.extend(elems);
+        }
+    }
+    Ok(out)
+}
+
 impl TableDump {
     /// Our sets' names, each with whether its elements are learned (timeout flag).
     pub fn set_names(&self) -> Result<Vec<(String, bool)>, DecodeError> {

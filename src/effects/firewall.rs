@@ -370,6 +370,46 @@ mod tests {
     use crate::core::policy::{AllowRule, HostLoopback, Mode};
     use crate::core::target::{PortScope, Protocol};
 
+    /// The learned sets' elements, dumped over netlink as the connection cut reads them:
+    /// plain and port-scoped, IPv4 and IPv6, each once.
+    #[test]
+    fn learned_elements_are_dumped_over_netlink() {
+        let Some(ns) = TempNetns::new("learned-dump") else {
+            return;
+        };
+        apply(&ns.nft(), &rich_policy(Mode::DenyAll)).unwrap();
+        let add = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin.take().unwrap().write_all(
+                    b"add element inet terok_shield dns_v4 { 198.51.100.7 timeout 60s }\n\
+                      add element inet terok_shield dns_v6 { 2001:db8::7 timeout 60s }\n\
+                      add element inet terok_shield dns_svc_v4 { 198.51.100.8 . tcp . 443 timeout 60s }\n",
+                )?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(add.success());
+        let mut sock = NlSocket::open_in(Some(&ns.path())).unwrap();
+        let mut learned = Vec::new();
+        for set in ["dns_v4", "dns_v6", "dns_svc_v4", "dns_svc_v6"] {
+            let elems = sock.dump_set_elements(set).unwrap();
+            learned.extend(crate::core::verify::learned_from_netlink(set, &elems));
+        }
+        learned.sort();
+        let want: Vec<crate::core::verify::Learned> = vec![
+            ("198.51.100.7".parse().unwrap(), None),
+            ("198.51.100.8".parse().unwrap(), Some((6, 443))),
+            ("2001:db8::7".parse().unwrap(), None),
+        ];
+        assert_eq!(learned, want);
+        let missing = sock.dump_set_elements("no_such_set").unwrap_err();
+        assert!(missing.to_string().contains("no_such_set"), "{missing}");
+    }
+
     fn rich_policy(mode: Mode) -> Policy {
         let mut p = Policy::new(mode);
         let r = |s: &str, scope| AllowRule {

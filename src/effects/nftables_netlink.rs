@@ -342,12 +342,7 @@ impl NlSocket {
                 what: format!("listing the elements of set {set}"),
                 source,
             })?;
-        let mut out = Vec::new();
-        for body in &raw {
-            let (_, elems) = crate::core::nft_netlink::decode_setelems(body)?;
-            out.extend(elems);
-        }
-        Ok(out)
+        Ok(crate::core::nft_netlink::set_elements_of(&raw, set)?)
     }
 
     pub fn dump_table(&mut self) -> Result<Option<TableDump>, NlError> {
