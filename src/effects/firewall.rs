@@ -370,6 +370,26 @@ mod tests {
     use crate::core::policy::{AllowRule, HostLoopback, Mode};
     use crate::core::target::{PortScope, Protocol};
 
+    /// A live deny over netlink rewrites only the changed set, in one batch, and verifies on
+    /// the first read: no fallback to replacing the table.
+    #[test]
+    fn a_live_deny_rewrites_one_set_over_netlink() {
+        let Some(ns) = TempNetns::new("deny-quick") else {
+            return;
+        };
+        let nft = ns.nft();
+        let old = rich_policy(Mode::DenyAll);
+        apply(&nft, &old).unwrap();
+        let mut new = old.clone();
+        new.deny.push("198.51.100.77/32".parse().unwrap());
+        let report = update(&nft, &old, &new).unwrap();
+        eprintln!("{report:?}");
+        assert_eq!(report.backend, NETLINK);
+        assert_eq!(report.transactions, 1, "{report:?}");
+        assert_eq!(report.reads, 1, "{report:?}");
+        check(&nft, &new).unwrap();
+    }
+
     /// The learned sets' elements, dumped over netlink as the connection cut reads them:
     /// plain and port-scoped, IPv4 and IPv6, each once.
     #[test]
