@@ -40,8 +40,17 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 command -v dnsmasq >/dev/null || { echo "dnsmasq missing: apt-get install dnsmasq-base" >&2; exit 1; }
 
 PIDS=()
+# `prepare` as root installs the shield's OCI hooks system-wide (/etc/containers/oci/hooks.d);
+# the benchmark only needs the bundle, so it takes out again what it installed (never hooks
+# that were there before it ran).
+SYSTEM_HOOK=/etc/containers/oci/hooks.d/terok-shield-createRuntime.json
+HOOKS_BEFORE=$([ -e "$SYSTEM_HOOK" ] && echo yes || echo no)
 cleanup() {
     set +e
+    if [ "$HOOKS_BEFORE" = no ] && [ -e "$SYSTEM_HOOK" ] && [ -n "${BIN:-}" ]; then
+        "$BIN" setup --remove --force >/dev/null 2>&1 \
+            || echo "bench: could not take out the OCI hooks it installed: run terok-shield setup --remove" >&2
+    fi
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     # Leftovers of an interrupted earlier run: only processes inside our own throwaway netns,
     # by PID (never by name: other resolvers on this machine are none of our business).
