@@ -271,8 +271,9 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
     })
 }
 
-/// [`update`] over netlink: the changed sets rewritten in batches of our own (each set
-/// flushed and refilled in one transaction), then the table read back and verified.
+/// [`update`] over netlink: the changed sets brought to the new policy in batches of our own
+/// (new elements added, or the set flushed and refilled in one transaction), then the table
+/// read back and verified.
 fn update_netlink(
     nft: &Nft,
     (user, net): (Option<&std::path::Path>, Option<&std::path::Path>),
@@ -281,11 +282,13 @@ fn update_netlink(
 ) -> Result<ApplyReport, FirewallError> {
     let t0 = Instant::now();
     let target = Ruleset::generate(new);
-    let Some(changed) = Ruleset::generate(old).changed_sets(&target) else {
+    let current = Ruleset::generate(old);
+    let Some(changed) = current.changed_sets(&target) else {
         return apply(nft, new);
     };
     let names: Vec<&str> = changed.iter().map(|s| s.name).collect();
     let lowered = Lowered::new(&target)?;
+    let lowered_old = Lowered::new(&current)?;
     let generate = t0.elapsed();
 
     let t1 = Instant::now();
@@ -293,7 +296,7 @@ fn update_netlink(
     let batches = if names.is_empty() {
         Vec::new()
     } else {
-        lowered.set_rewrite_batches(&names, sock.take_seq(0))
+        lowered.set_update_batches(&lowered_old, &names, sock.take_seq(0))
     };
     sock.take_seq(batches.iter().map(|b| b.messages + 2).sum());
     match sock.send_batches(&batches) {
@@ -388,6 +391,40 @@ mod tests {
         assert_eq!(report.transactions, 1, "{report:?}");
         assert_eq!(report.reads, 1, "{report:?}");
         check(&nft, &new).unwrap();
+    }
+
+    /// Live changes that only add to sets, and ones that must take elements away (a deny
+    /// merging with its neighbour, a deny lifted, an allow taken back), each leave exactly
+    /// the new policy live, verified on the first read, without replacing the table.
+    #[test]
+    fn live_changes_that_add_or_take_away_leave_exactly_the_new_policy() {
+        let Some(ns) = TempNetns::new("live-steps") else {
+            return;
+        };
+        let nft = ns.nft();
+        let mut policy = rich_policy(Mode::DenyAll);
+        apply(&nft, &policy).unwrap();
+        let steps: [&dyn Fn(&mut Policy); 6] = [
+            &|p| p.deny.push("198.51.100.77/32".parse().unwrap()),
+            &|p| p.deny.push("198.51.100.76/32".parse().unwrap()),
+            &|p| p.deny.push("2001:db8:5::/48".parse().unwrap()),
+            &|p| p.deny.retain(|n| n.to_string() != "198.51.100.77/32"),
+            &|p| {
+                p.allow.push(AllowRule {
+                    net: "198.51.100.88/32".parse().unwrap(),
+                    scope: None,
+                })
+            },
+            &|p| p.allow.retain(|r| r.net.to_string() != "198.51.100.10/32"),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            let old = policy.clone();
+            step(&mut policy);
+            let report = update(&nft, &old, &policy).unwrap();
+            assert_eq!(report.backend, NETLINK, "step {i}");
+            assert_eq!(report.reads, 1, "step {i}: {report:?}");
+            check(&nft, &policy).unwrap_or_else(|e| panic!("step {i}: {e}"));
+        }
     }
 
     /// The learned sets' elements, dumped over netlink as the connection cut reads them:
