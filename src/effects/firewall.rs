@@ -166,10 +166,8 @@ fn apply_netlink(
 
     let t1 = Instant::now();
     let mut sock = NlSocket::open_in_namespaces(user, net).map_err(FirewallError::LoadNetlink)?;
-    let batches = lowered.batches(replace, sock.take_seq(0));
-    let total = batches.len();
-    sock.take_seq(batches.iter().map(|b| b.messages + 2).sum());
-    sock.send_batches(&batches).map_err(|(index, source)| {
+    let (total, sent) = sock.number_and_send(|first| lowered.batches(replace, first));
+    sent.map_err(|(index, source)| {
         if index == 0 {
             FirewallError::LoadNetlink(source)
         } else {
@@ -293,13 +291,14 @@ fn update_netlink(
 
     let t1 = Instant::now();
     let mut sock = NlSocket::open_in_namespaces(user, net).map_err(FirewallError::LoadNetlink)?;
-    let batches = if names.is_empty() {
-        Vec::new()
-    } else {
-        lowered.set_update_batches(&lowered_old, &names, sock.take_seq(0))
-    };
-    sock.take_seq(batches.iter().map(|b| b.messages + 2).sum());
-    match sock.send_batches(&batches) {
+    let (total, sent) = sock.number_and_send(|first| {
+        if names.is_empty() {
+            Vec::new()
+        } else {
+            lowered.set_update_batches(&lowered_old, &names, first)
+        }
+    });
+    match sent {
         Ok(()) => {}
         // The first batch is one transaction: refused, it changed nothing; the live table
         // may have drifted from `old`, so replace it whole.
@@ -307,7 +306,7 @@ fn update_netlink(
         Err((index, source)) => {
             return Err(FirewallError::LoadElementsNetlink {
                 index: index + 1,
-                total: batches.len(),
+                total,
                 source,
             })
         }
@@ -321,7 +320,7 @@ fn update_netlink(
     };
     Ok(ApplyReport {
         backend: NETLINK,
-        transactions: batches.len(),
+        transactions: total,
         elements: target.element_count(),
         reads,
         generate,

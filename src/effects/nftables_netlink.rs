@@ -191,6 +191,18 @@ impl NlSocket {
         first
     }
 
+    /// Number the batches `build` makes from this socket's next sequence number (it gets
+    /// that number), take the numbers they use, and send them; how many batches there were,
+    /// and [`NlSocket::send_batches`]'s outcome.
+    pub fn number_and_send(
+        &mut self,
+        build: impl FnOnce(u32) -> Vec<Batch>,
+    ) -> (usize, Result<(), (usize, NlError)>) {
+        let batches = build(self.take_seq(0));
+        self.take_seq(batches.iter().map(|b| b.messages + 2).sum());
+        (batches.len(), self.send_batches(&batches))
+    }
+
     /// Send batches one after another, each waiting for the kernel's verdict on every
     /// message; the first refusal stops (earlier batches stay applied).
     pub fn send_batches(&mut self, batches: &[Batch]) -> Result<(), (usize, NlError)> {
