@@ -16,6 +16,12 @@
 //!     `qps=.. ok=.. other=.. lost=.. in_set=..`; with SET (e.g. dns_v4), every A answer's
 //!     address is looked up in `inet terok_shield SET` over netlink right after the answer
 //!     arrived (pacing then includes that look-up: not for throughput).
+//! dns_blast relay ADDR:PORT UPSTREAM:PORT [SET]
+//!     the floor of any forwarder, for comparison: one blocking loop, one question at a time
+//!     (take it, send it upstream from a connected socket, take the answer, send it back), no
+//!     parsing and no policy. With SET (e.g. dns_v4), the answer's first A address first goes
+//!     into `inet terok_shield SET` (timeout 60 s) in one nf_tables transaction whose ack is
+//!     awaited, as a shield's resolver must do before answering.
 //! dns_blast latency QUERIES SET NAME=ADDR:PORT[+] ...
 //!     sequential questions, servers alternating in order; prints p50/p90 per server and the
 //!     p50 added over the first server; for servers marked `+`, the share of answers whose
@@ -42,6 +48,11 @@ fn main() {
             args[4].parse().expect("WINDOW"),
             &args[5],
             args.get(6).map(String::as_str),
+        ),
+        Some("relay") if args.len() == 4 || args.len() == 5 => relay(
+            parse_addr(&args[2]),
+            parse_addr(&args[3]),
+            args.get(4).map(String::as_str),
         ),
         Some("latency") if args.len() >= 5 => {
             latency(args[2].parse().expect("QUERIES"), &args[3], &args[4..])
@@ -383,6 +394,8 @@ fn blast(
     let mut b = Batch::new();
     let mut sent_at: Vec<Option<Instant>> = vec![None; 1 << 16];
     let mut in_flight: Vec<u16> = Vec::with_capacity(window);
+    // Time from sending each question to its answer (microseconds), for the tail.
+    let mut took_us: Vec<u32> = Vec::with_capacity(queries);
     let (mut next, mut ok, mut other, mut lost, mut in_set, mut checked) = (0usize, 0, 0, 0, 0, 0);
     let mut out = Batch::new();
     let mut send_more = |count: usize,
@@ -427,9 +440,10 @@ fn blast(
                 continue;
             }
             let id = u16::from_be_bytes([m[0], m[1]]);
-            if sent_at[id as usize].take().is_none() {
+            let Some(at) = sent_at[id as usize].take() else {
                 continue; // late answer to a question already counted lost
-            }
+            };
+            took_us.push(at.elapsed().as_micros() as u32);
             in_flight.retain(|x| *x != id);
             finished += 1;
             let rcode = m[3] & 0x0f;
@@ -465,11 +479,47 @@ fn blast(
     } else {
         "-".into()
     };
+    took_us.sort_unstable();
+    let pct = |p: usize| {
+        took_us
+            .get(took_us.len().saturating_sub(1) * p / 100)
+            .copied()
+    };
+    let mean = took_us.iter().map(|&t| u64::from(t)).sum::<u64>() / took_us.len().max(1) as u64;
     println!(
-        "qps={:.0} ok={ok} other={other} lost={lost} in_set={in_set}",
-        (ok + other) as f64 / secs
+        "qps={:.0} ok={ok} other={other} lost={lost} in_set={in_set} us: mean={mean} p50={} p90={} p99={} max={}",
+        (ok + other) as f64 / secs,
+        pct(50).unwrap_or(0),
+        pct(90).unwrap_or(0),
+        pct(99).unwrap_or(0),
+        pct(100).unwrap_or(0),
     );
     Ok(())
+}
+
+/// See `relay` at the top. Runs until killed.
+fn relay(at: SocketAddr, upstream: SocketAddr, set: Option<&str>) -> io::Result<()> {
+    use terok_shield::effects::nfnetlink::{NfSock, SetKey};
+    let clients = UdpSocket::bind(at)?;
+    let up = UdpSocket::bind(if upstream.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    up.connect(upstream)?;
+    let mut nf = set.map(|_| NfSock::open()).transpose()?;
+    let mut q = [0u8; MSG];
+    let mut r = [0u8; MSG];
+    loop {
+        let (n, client) = clients.recv_from(&mut q)?;
+        up.send(&q[..n])?;
+        let m = up.recv(&mut r)?;
+        if let (Some(nf), Some(set), Some(a)) = (nf.as_mut(), set, first_a(&r[..m])) {
+            let key = SetKey::V4(std::net::Ipv4Addr::from(a));
+            nf.add_elements(set, &[key], Some(Duration::from_secs(60)))?;
+        }
+        clients.send_to(&r[..m], client)?;
+    }
 }
 
 /// Sequential questions to each server in turn: added latency and set membership on arrival.

@@ -6,7 +6,8 @@
 //! for allowed names forwards the question under a fresh random ID from a marked socket (the
 //! ruleset lets only marked sockets reach a DNS server), then puts every learned address into
 //! the DNS-learned sets *before* the answer goes back: the first connection never races the
-//! set update. One thread per question, bounded; upstream waits are bounded.
+//! set update. UDP is served by one event loop (many questions in flight), TCP by a bounded
+//! number of threads; upstream waits are bounded.
 //!
 //! The container's event reader ([`crate::effects::events`]) runs as a thread of this
 //! process; refused questions are handed to it without waiting.
@@ -99,18 +100,112 @@ struct Shared {
 }
 
 impl Shared {
+    /// The policy as state.json says now: one stat(2), a reload when the file changed.
     fn policy(&self) -> Arc<DnsPolicy> {
+        self.refresh().0
+    }
+
+    /// [`Shared::policy`], and whether it is current: false when state.json changed but could
+    /// not be read. The last good policy then stays (fail closed: it can only be narrower
+    /// than what was allowed when it was read) and the next look tries again.
+    fn refresh(&self) -> (Arc<DnsPolicy>, bool) {
         let stamp = stamp(&self.state_path);
         let mut cache = self.policy.lock().unwrap_or_else(|p| p.into_inner());
         if stamp.is_none() || stamp != cache.stamp {
-            // A bundle that cannot be read keeps the last good policy (fail closed: it can
-            // only be narrower than what was allowed when it was read).
-            if let Ok(b) = load_bundle(&self.settings.bundle_dir, &self.settings.name) {
-                cache.policy = Arc::new(DnsPolicy::from_bundle(&b));
-                cache.stamp = stamp;
+            match load_bundle(&self.settings.bundle_dir, &self.settings.name) {
+                Ok(b) => {
+                    cache.policy = Arc::new(DnsPolicy::from_bundle(&b));
+                    cache.stamp = stamp;
+                }
+                Err(_) => return (cache.policy.clone(), false),
             }
         }
+        (cache.policy.clone(), stamp.is_some())
+    }
+
+    /// The policy as last read, without looking at state.json.
+    fn cached_policy(&self) -> Arc<DnsPolicy> {
+        let cache = self.policy.lock().unwrap_or_else(|p| p.into_inner());
         cache.policy.clone()
+    }
+}
+
+/// Tells the event loop when state.json may have changed, so that a wake-up costs no stat(2)
+/// while nothing does: an inotify watch on the bundle directory (state.json is replaced by
+/// rename, which queues the event before `rename` returns, so before the CLI that made the
+/// change exits). Without a working watch (inotify unavailable, or the directory gone) every
+/// wake-up looks at the file, as [`Shared::policy`] does.
+struct StateWatch {
+    fd: Option<OwnedFd>,
+    /// Look at state.json on the next wake-up. Set at start: a change between the first
+    /// reading of the bundle and the watch is seen by the first look.
+    stale: bool,
+}
+
+impl StateWatch {
+    fn new(ep: &OwnedFd, dir: &Path) -> StateWatch {
+        use rustix::fs::inotify;
+        let watched = || -> io::Result<OwnedFd> {
+            let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+            let flags = inotify::WatchFlags::MOVED_TO
+                | inotify::WatchFlags::MOVED_FROM
+                | inotify::WatchFlags::CREATE
+                | inotify::WatchFlags::CLOSE_WRITE
+                | inotify::WatchFlags::DELETE
+                | inotify::WatchFlags::DELETE_SELF
+                | inotify::WatchFlags::MOVE_SELF
+                | inotify::WatchFlags::ONLYDIR;
+            inotify::add_watch(&fd, dir, flags)?;
+            epoll::add(ep, &fd, token(Source::Watch, 0), epoll::EventFlags::IN)?;
+            Ok(fd)
+        };
+        StateWatch {
+            fd: watched().ok(),
+            stale: true,
+        }
+    }
+
+    /// Take the queued directory events (called when epoll says there are some).
+    fn drain(&mut self) {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let Some(fd) = &self.fd else { return };
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut reader = Reader::new(fd, &mut buf);
+        let mut gone = false;
+        loop {
+            match reader.next() {
+                Ok(ev) => {
+                    let flags = ev.events();
+                    if flags.intersects(
+                        ReadFlags::IGNORED | ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF,
+                    ) {
+                        gone = true; // the directory is no longer where we look
+                    }
+                    let about_state = ev
+                        .file_name()
+                        .is_none_or(|n| n.to_bytes() == STATE_FILE.as_bytes());
+                    if about_state || flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+                        self.stale = true;
+                    }
+                }
+                Err(Errno::INTR) => {}
+                Err(_) => break, // AGAIN: drained
+            }
+        }
+        if gone {
+            self.fd = None; // closing takes it out of epoll; from now on: a stat per wake-up
+            self.stale = true;
+        }
+    }
+
+    /// The policy for this wake-up: looked up afresh only when state.json may have changed.
+    fn policy(&mut self, shared: &Shared) -> Arc<DnsPolicy> {
+        if self.fd.is_some() && !self.stale {
+            return shared.cached_policy();
+        }
+        let (policy, current) = shared.refresh();
+        self.stale = !current;
+        policy
     }
 }
 
@@ -186,8 +281,10 @@ pub fn serve(
         tcp.push(listener);
     }
     let upstreams = shared.settings.upstreams.len();
+    let watch = StateWatch::new(&ep, &shared.settings.bundle_dir);
     let mut event_loop = EventLoop {
         per_server: UPSTREAM_TIMEOUT / upstreams.max(1) as u32,
+        watch,
         shared,
         ep,
         clients,
@@ -255,6 +352,8 @@ enum Source {
     Tcp,
     /// A connected, marked socket to one upstream server: its answers.
     Upstream,
+    /// The inotify watch on the bundle directory ([`StateWatch`]).
+    Watch,
 }
 
 fn token(source: Source, index: usize) -> epoll::EventData {
@@ -266,7 +365,8 @@ fn untoken(data: epoll::EventData) -> (Source, usize) {
     let source = match v >> 32 {
         0 => Source::Client,
         1 => Source::Tcp,
-        _ => Source::Upstream,
+        2 => Source::Upstream,
+        _ => Source::Watch,
     };
     (source, (v & 0xffff_ffff) as usize)
 }
@@ -315,6 +415,7 @@ struct EventLoop {
     /// Connected, marked socket per upstream server (opened on first use).
     upstream: Vec<Option<UdpSocket>>,
     per_server: Duration,
+    watch: StateWatch,
     pending: HashMap<u16, Pending>,
     /// No pending deadline is earlier than this.
     earliest: Option<Instant>,
@@ -334,6 +435,9 @@ impl EventLoop {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
         let mut rx = RecvBatch::new();
         loop {
+            if self.pending.is_empty() {
+                self.earliest = None; // nothing to time out: sleep without a timer
+            }
             let timeout = self.earliest.map(|at| {
                 // Rounded up to the next millisecond: waking early only spins.
                 let left =
@@ -349,9 +453,12 @@ impl EventLoop {
                 Ok(_) | Err(Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            // One look at state.json per wake-up: every question and answer handled below
-            // is judged by the policy as it is now.
-            let policy = self.shared.policy();
+            // Every question and answer handled below is judged by the policy as it is now:
+            // the watch's events first, then one look at state.json if they name it.
+            if events.iter().any(|ev| untoken(ev.data).0 == Source::Watch) {
+                self.watch.drain();
+            }
+            let policy = self.watch.policy(&self.shared);
             // Answers first (their clients have waited longest), then new questions.
             for ev in &events {
                 if let (Source::Upstream, i) = untoken(ev.data) {
@@ -360,11 +467,12 @@ impl EventLoop {
             }
             self.finish();
             self.flush_replies();
+            self.record_learned();
             for ev in &events {
                 match untoken(ev.data) {
                     (Source::Client, i) => self.take_questions(i, &policy, &mut rx),
                     (Source::Tcp, i) => self.accept(i),
-                    (Source::Upstream, _) => {}
+                    (Source::Upstream, _) | (Source::Watch, _) => {}
                 }
             }
             self.flush_forwards();
@@ -694,7 +802,9 @@ impl EventLoop {
             .zip(&failed)
             .filter(|(_, f)| !**f)
             .flat_map(|((_, a), _)| a.inserts.iter());
-        record_learned(&self.shared, &mut self.worker.lines, learned);
+        // Recorded by `record_learned` once the replies are out: the record is for a later
+        // `deny NAME`, and no reply waits on it (the set insertion it describes is done).
+        learned_lines(&mut self.worker.lines, learned);
         for (p, a) in &self.done {
             if a.inserts.is_empty() {
                 self.shared
@@ -712,6 +822,12 @@ impl EventLoop {
             };
             self.reply(p.listener, p.client, msg);
         }
+    }
+
+    /// Append the learned.jsonl records of the answers just sent.
+    fn record_learned(&mut self) {
+        append_learned(&self.shared, &self.worker.lines);
+        self.worker.lines.clear();
     }
 
     /// Questions whose server has had its time go to the next one (or get SERVFAIL).
@@ -1079,9 +1195,18 @@ fn record_learned<'a>(
     lines: &mut Vec<u8>,
     inserts: impl IntoIterator<Item = &'a crate::core::dns_policy::Insert>,
 ) {
+    lines.clear();
+    learned_lines(lines, inserts);
+    append_learned(shared, lines);
+}
+
+/// Append the learned.jsonl lines of `inserts` to `lines`.
+fn learned_lines<'a>(
+    lines: &mut Vec<u8>,
+    inserts: impl IntoIterator<Item = &'a crate::core::dns_policy::Insert>,
+) {
     use crate::core::learned::LearnedRecord;
     let now = crate::effects::audit::unix_secs();
-    lines.clear();
     for ins in inserts {
         let rec = LearnedRecord {
             domain: ins.domain.clone(),
@@ -1096,9 +1221,14 @@ fn record_learned<'a>(
             lines.truncate(mark);
         }
     }
+}
+
+/// Write `lines` (whole learned.jsonl records) to the log, if any.
+fn append_learned(shared: &Shared, lines: &[u8]) {
     if lines.is_empty() {
         return;
     }
+    let now = crate::effects::audit::unix_secs();
     let mut log = shared.learned.lock().unwrap_or_else(|p| p.into_inner());
     log.append(lines, now);
 }
@@ -1229,4 +1359,77 @@ fn socket2_free_tcp(server: SocketAddr, wait: Duration) -> io::Result<TcpStream>
     // by the kernel's SYN retries, so cap it with SO_SNDTIMEO (honoured by connect).
     connect(&stream, &server)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ts-watch-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// What the event loop does on a wake-up: take the watch's events if epoll has any.
+    fn wake(ep: &OwnedFd, watch: &mut StateWatch) {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(4);
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        epoll::wait(ep, spare_capacity(&mut events), Some(&zero)).unwrap();
+        if events.iter().any(|ev| untoken(ev.data).0 == Source::Watch) {
+            watch.drain();
+        }
+    }
+
+    #[test]
+    fn the_watch_notices_state_json_replaced_and_ignores_the_learned_log() {
+        let dir = scratch("notice");
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
+        let mut watch = StateWatch::new(&ep, &dir);
+        assert!(watch.fd.is_some(), "inotify is available here");
+        assert!(watch.stale, "the first wake-up looks at the file");
+        watch.stale = false; // as after that first look
+
+        // The resolver's own appends to learned.jsonl (kept open, never closed) and other
+        // files' writes are no reason to look.
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(LEARNED_FILE))
+            .unwrap();
+        log.write_all(b"{}\n").unwrap();
+        std::fs::write(dir.join("audit.jsonl"), b"{}\n").unwrap();
+        wake(&ep, &mut watch);
+        assert!(!watch.stale, "no event names state.json");
+
+        // The CLI's write: a temporary file renamed over state.json.
+        std::fs::write(dir.join("state.json.tmp"), b"{}").unwrap();
+        std::fs::rename(dir.join("state.json.tmp"), dir.join(STATE_FILE)).unwrap();
+        wake(&ep, &mut watch);
+        assert!(watch.stale, "a replaced state.json is looked at");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn without_its_directory_the_watch_falls_back_to_a_look_per_wake_up() {
+        let dir = scratch("gone");
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
+        let mut watch = StateWatch::new(&ep, &dir);
+        watch.stale = false;
+        std::fs::remove_dir_all(&dir).unwrap();
+        wake(&ep, &mut watch);
+        assert!(
+            watch.fd.is_none(),
+            "the watch is dropped with its directory"
+        );
+        assert!(watch.stale);
+
+        let missing = StateWatch::new(&ep, &dir);
+        assert!(missing.fd.is_none(), "no directory, no watch");
+        assert!(missing.stale, "so every wake-up looks");
+    }
 }
