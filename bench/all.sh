@@ -100,6 +100,10 @@ A_DOM=$(live_net "terok-shield allow NAME <fresh domain>")
 D_IP=$(live_net "terok-shield deny NAME <IP>")
 D_CIDR=$(live_net "terok-shield deny NAME <CIDR>")
 D_DOM=$(live_net "terok-shield deny NAME <domain>")
+# The kernel's floor of a deletion, measured with nft itself in the same run.
+NFT_ADD=$(cell "$L" "kernel floor: nft add element" 2 | num)
+NFT_DEL=$(cell "$L" "kernel floor: nft delete element" 2 | num)
+NFT_DEL_EXTRA=$(awk -v a="$NFT_DEL" -v b="$NFT_ADD" 'BEGIN { printf "%.2f", a - b }')
 
 # Throughput rows are the last "| ours" / "| dnsmasq " rows; the latency row is the first.
 qps() { grep -F "| $2" "$1" | tail -1 | awk -F'|' '{ gsub(/ /, "", $3); print $3 }'; }
@@ -108,6 +112,10 @@ D1=$OUT/dns-1.txt D8=$OUT/dns-8.txt D32=$OUT/dns-32.txt
 RSS_AFTER=$(grep -F "resolver memory (after the run)" "$D8" | grep -oE 'Rss [0-9]+' | num)
 LAT_OURS=$(added "$D1" "ours " | num)
 LAT_DNSMASQ=$(added "$D1" "dnsmasq " | num)
+# Floors (bench/dns-latency.sh, one in flight): a bare forwarder, and one that puts each
+# answer's address into the set before answering, as the shield's resolver must.
+LAT_RELAY=$(added "$D1" "relay " | num)
+LAT_RELAY_INS=$(added "$D1" "relay+insert " | num)
 
 # --- the table -----------------------------------------------------------------------------
 row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$@"; }
@@ -124,14 +132,21 @@ row "poststop hook, wall (net of timing wrapper)" "$PS_MS ms ($PS_NET ms)" "wrap
 row "hook max RSS (createRuntime / poststop)" "$H_RSS / $PS_RSS KiB" "" "" "<= 5120 KiB" "$(le "$H_RSS" 5120)"
 row "\`allow\` IP / domain, own time" "$A_IP / $A_DOM ms" "runuser wrapper $L_W ms" "" "<= 5 ms" "$(le "$(printf '%s\n%s\n' "$A_IP" "$A_DOM" | sort -n | tail -1)" 5)"
 row "\`deny\` IP / CIDR / domain, own time" "$D_IP / $D_CIDR / $D_DOM ms" "runuser wrapper $L_W ms" "" "<= 10 ms" "$(le "$(printf '%s\n%s\n%s\n' "$D_IP" "$D_CIDR" "$D_DOM" | sort -n | tail -1)" 10)"
+row "floor: nft add / delete element, wall (delete's extra)" "$NFT_ADD / $NFT_DEL ms ($NFT_DEL_EXTRA ms)" "" "" "" ""
 for w in 1 8 32; do
     f=$OUT/dns-$w.txt
     o=$(qps "$f" "ours ")
     d=$(qps "$f" "dnsmasq ")
     R=$(ratio "$o" "$d")
     row "resolver throughput, $w in flight" "$o q/s" "dnsmasq $d q/s" "$R x" ">= 1.00 x" "$(ge "$R" 1.00)"
+    if [ "$w" = 1 ]; then
+        r=$(qps "$f" "relay ")
+        ri=$(qps "$f" "relay+insert ")
+        row "floor, 1 in flight: bare forwarder / + set insertion per answer" "$r / $ri q/s" "dnsmasq $d q/s" "$(ratio "$r" "$d") / $(ratio "$ri" "$d") x" "" ""
+    fi
 done
 row "resolver added p50 latency" "$LAT_OURS ms" "dnsmasq $LAT_DNSMASQ ms" "" "<= 0.1 ms" "$(le "$LAT_OURS" 0.1)"
+row "floor: added p50, bare forwarder / + set insertion per answer" "$LAT_RELAY / $LAT_RELAY_INS ms" "" "" "" ""
 row "resolver RSS after load" "$RSS_AFTER KiB" "" "" "<= 4096 KiB" "$(le "$RSS_AFTER" 4096)"
 R=$(ratio "$SC_B" "$SC_P")
 row "100k+100k literal entries: start (median of $SCALE_ROUNDS)" "$SC_B ms" "plain podman $SC_P ms" "$R x" "<= 1.5 x" "$(le "$R" 1.5)"

@@ -17,6 +17,11 @@
 #   dnsmasq+nftset  127.0.0.3:53   dnsmasq as the dnsmasq tier runs it (src/core/dnsmasq.rs
 #                                  `arguments()`): --nftset into dns_v4/dns_v6, --no-negcache,
 #                                  fixed --query-port, --cache-size=0
+#   relay           127.0.0.5:53   the floor of any forwarder (examples/dns_blast.rs `relay`):
+#                                  one blocking loop, no parsing, no policy
+#   relay+insert    127.0.0.6:53   the same, putting each answer's address into dns_v4 (one
+#                                  nf_tables transaction, ack awaited) before answering: the
+#                                  floor of a forwarder that keeps the shield's promise
 # The load generator is examples/dns_blast.rs (batched recvmmsg/sendmmsg, one thread; the
 # Python client used before set the pace itself). Reported:
 #   - p50/p90 added latency over asking the upstream directly (unique names, sequential,
@@ -107,6 +112,10 @@ ip netns exec "$NS" $SRV dnsmasq --keep-in-foreground --conf-file=/dev/null --no
     --user=root --pid-file= --log-facility=- --query-port=53053 --server=127.0.0.53 \
     --nftset=/#/4#inet#terok_shield#dns_v4,6#inet#terok_shield#dns_v6 2>"$WORK/dnsmasq-nftset.log" &
 PIDS+=($!)
+ip netns exec "$NS" $SRV "$BLAST" relay 127.0.0.5:53 127.0.0.53:53 &
+PIDS+=($!)
+ip netns exec "$NS" $SRV "$BLAST" relay 127.0.0.6:53 127.0.0.53:53 dns_v4 &
+PIDS+=($!)
 sleep 0.5
 
 flush() { ip netns exec "$NS" nft flush set inet terok_shield dns_v4; }
@@ -130,7 +139,7 @@ mem "idle, before the run"
 echo
 flush
 ip netns exec "$NS" $GEN "$BLAST" latency "$N" dns_v4 upstream=127.0.0.53:53 ours=127.0.0.1:53+ \
-    dnsmasq=127.0.0.2:53 dnsmasq+nftset=127.0.0.3:53+
+    dnsmasq=127.0.0.2:53 dnsmasq+nftset=127.0.0.3:53+ relay=127.0.0.5:53 relay+insert=127.0.0.6:53+
 
 echo
 echo "answers in dns_v4 on arrival under load ($BLAST_Q questions, $WINDOW in flight, every answer checked):"
@@ -141,6 +150,8 @@ done
 
 declare -A QPS
 SERVERS=(upstream:127.0.0.53 ours:127.0.0.1 dnsmasq:127.0.0.2 dnsmasq+nftset:127.0.0.3)
+# The relays answer one question at a time: a floor for one in flight only.
+[ "$WINDOW" -eq 1 ] && SERVERS+=(relay:127.0.0.5 relay+insert:127.0.0.6)
 echo
 echo "throughput rounds ($BLAST_Q unique names, $WINDOW in flight; order rotates per round):"
 for ((r = 0; r < N_ROUNDS; r++)); do

@@ -13,6 +13,12 @@
 #   terok-shield deny NAME IP       the address allowed earlier in the round (adds a conntrack cut)
 #   terok-shield deny NAME CIDR     a fresh /24 of 198.19.128.0/17 each round
 #   terok-shield deny NAME DOMAIN   the name allowed earlier in the round
+#   nft add / delete element        the kernel's floor, with nft itself (as root, no wrapper) on
+#                                   a scratch table in the namespace `tsbench-floor`: one address
+#                                   added to, then deleted from, an interval set like the
+#                                   shield's allow sets. A deletion costs more than an addition
+#                                   at any loader: the kernel frees deleted elements after an RCU
+#                                   grace period, and the netlink socket's release waits for it.
 # and prints median, p90, min and max of each row.
 #
 # Network: the fake DNS server (a few lines of perl) answers on 198.18.254.2:53 inside the
@@ -35,6 +41,7 @@ IMAGE=${E2E_IMAGE:-localhost/shield-test:latest}
 NAME=bench-live
 WORK=/tmp/terok-shield-bench-live
 NS=tsbench-dns
+FLOOR_NS=tsbench-floor
 HOST_VETH=tsbench-host
 HOST_ADDR=198.18.254.1
 DNS_ADDR=198.18.254.2
@@ -73,11 +80,13 @@ cleanup() {
     as_user podman rm -f -t 0 "$NAME" >/dev/null 2>&1
     if [ -n "$DNS_PID" ]; then kill "$DNS_PID" 2>/dev/null; wait "$DNS_PID" 2>/dev/null; fi
     world_down "$NS" "$HOST_VETH"
+    ip netns del "$FLOOR_NS" 2>/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 # Leftovers of a killed run.
 world_down "$NS" "$HOST_VETH"
+ip netns del "$FLOOR_NS" 2>/dev/null || true
 as_user podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
 rm -rf "$WORK"
 
@@ -159,6 +168,14 @@ timed() {
 }
 ip_of() { echo "198.19.$(($1 / 250)).$(($1 % 250 + 1))"; }
 
+# The kernel floor's scratch table (no interface, no traffic: only the set is touched).
+ip netns add "$FLOOR_NS"
+ip netns exec "$FLOOR_NS" nft -f - <<'NFT' || die "cannot make the floor's scratch table"
+table inet floor {
+    set allow_v4 { type ipv4_addr; flags interval; elements = { 198.51.100.10 } }
+}
+NFT
+
 say "warm-up (3 rounds, not counted)"
 for w in 1 2 3; do
     ip=$(ip_of $((5000 + w)))
@@ -181,6 +198,8 @@ for i in $(seq 1 "$ROUNDS"); do
     timed deny_ip as_user "$BIN" deny "$NAME" "$ip"
     timed deny_cidr as_user "$BIN" deny "$NAME" "198.19.$((128 + i % 128)).0/24"
     timed deny_domain as_user "$BIN" deny "$NAME" "d$i.bench.test"
+    timed nft_add ip netns exec "$FLOOR_NS" nft add element inet floor allow_v4 "{ $ip }"
+    timed nft_delete ip netns exec "$FLOOR_NS" nft delete element inet floor allow_v4 "{ $ip }"
 done
 
 state=$(as_user "$BIN" status "$NAME" | awk '/^State:/ { print $2 }')
@@ -210,6 +229,8 @@ line "terok-shield allow NAME <fresh domain>" allow_domain
 line "terok-shield deny NAME <IP>" deny_ip
 line "terok-shield deny NAME <CIDR>" deny_cidr
 line "terok-shield deny NAME <domain>" deny_domain
+line "kernel floor: nft add element (root)" nft_add
+line "kernel floor: nft delete element (root)" nft_delete
 W=$(stat "$WORK/log/true_wrapper.txt" | cut -d' ' -f1)
 echo
 printf 'Medians net of the wrapper baseline (%s ms):' "$W"
@@ -217,6 +238,8 @@ for r in version allow_ip allow_domain deny_ip deny_cidr deny_domain; do
     m=$(stat "$WORK/log/$r.txt" | cut -d' ' -f1)
     printf ' %s %s ms;' "$r" "$(awk -v a="$m" -v b="$W" 'BEGIN { printf "%.2f", a - b }')"
 done
+printf 'Kernel floor of deleting one element (nft delete - nft add, medians): %s ms\n' \
+    "$(awk -v a="$(stat "$WORK/log/nft_delete.txt" | cut -d' ' -f1)" -v b="$(stat "$WORK/log/nft_add.txt" | cut -d' ' -f1)" 'BEGIN { printf "%.2f", a - b }')"
 echo
 cat <<EOF
 
