@@ -86,11 +86,20 @@ fn remove(system: bool, force: bool, ctx: &Context) -> anyhow::Result<()> {
     let mut out = if removed.is_empty() {
         "No terok-shield OCI hooks were installed there; nothing removed.\n".to_string()
     } else {
-        let list: Vec<String> = removed
-            .iter()
-            .map(|p| format!("  {}\n", p.display()))
-            .collect();
-        format!("Removed the terok-shield OCI hooks:\n{}", list.concat())
+        let mut out = String::new();
+        if !removed.deleted.is_empty() {
+            out.push_str("Removed the terok-shield OCI hooks:\n");
+            for p in &removed.deleted {
+                out.push_str(&format!("  {}\n", p.display()));
+            }
+        }
+        if let Some(conf) = &removed.conf_edited {
+            out.push_str(&format!(
+                "Took the hook directory out of hooks_dir in {} (the file's other settings stay).\n",
+                conf.display()
+            ));
+        }
+        out
     };
     if let Some(still) = hooks::find_installed(&user_hooks_dir(ctx), &user_containers_conf()) {
         out.push_str(&format!(

@@ -285,8 +285,24 @@ pub fn setup_system(binary: &Path) -> Result<(), HookInstallError> {
     )
 }
 
+/// What `setup --remove` changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// Hook descriptors deleted.
+    pub deleted: Vec<PathBuf>,
+    /// The containers.conf whose `hooks_dir` no longer lists the hook directory (edited,
+    /// not deleted: it holds the user's other settings).
+    pub conf_edited: Option<PathBuf>,
+}
+
+impl Removal {
+    pub fn is_empty(&self) -> bool {
+        self.deleted.is_empty() && self.conf_edited.is_none()
+    }
+}
+
 /// `setup --system --remove`: the descriptors, and their directory out of `hooks_dir`.
-pub fn remove_system() -> Result<Vec<PathBuf>, HookInstallError> {
+pub fn remove_system() -> Result<Removal, HookInstallError> {
     remove_listed(
         Path::new(SYSTEM_INSTALL_DIR),
         &system_containers_conf(),
@@ -295,11 +311,11 @@ pub fn remove_system() -> Result<Vec<PathBuf>, HookInstallError> {
 }
 
 /// `setup --remove` for the user: delete the descriptors and take the directory out of
-/// containers.conf again. Returns what was removed.
+/// containers.conf again. Returns what was changed.
 pub fn remove_user(
     user_hooks_dir: &Path,
     containers_conf: &Path,
-) -> Result<Vec<PathBuf>, HookInstallError> {
+) -> Result<Removal, HookInstallError> {
     remove_listed(user_hooks_dir, containers_conf, SYSTEM_HOOK_DIRS)
 }
 
@@ -307,15 +323,18 @@ fn remove_listed(
     user_hooks_dir: &Path,
     containers_conf: &Path,
     defaults: &[&str],
-) -> Result<Vec<PathBuf>, HookInstallError> {
-    let mut removed = remove_descriptors(user_hooks_dir)?;
+) -> Result<Removal, HookInstallError> {
+    let mut removal = Removal {
+        deleted: remove_descriptors(user_hooks_dir)?,
+        conf_edited: None,
+    };
     let edit = |t: &str| drop_listed_dir(t, user_hooks_dir, defaults);
     if let Some(text) = planned_conf_edit(containers_conf, edit)? {
         write_containers_conf(containers_conf, &text)?;
-        removed.push(containers_conf.to_path_buf());
+        removal.conf_edited = Some(containers_conf.to_path_buf());
     }
     let _ = fs::remove_dir(user_hooks_dir); // only if empty
-    Ok(removed)
+    Ok(removal)
 }
 
 /// Delete our descriptors from `dir` (nothing else). Returns the files removed.
@@ -632,11 +651,13 @@ mod tests {
         assert_eq!(descriptor_binary(&hooks), Some(moved));
 
         let removed = remove_user(&hooks, &conf).unwrap();
+        assert_eq!(removed.deleted.len(), 3, "three descriptors: {removed:?}");
         assert_eq!(
-            removed.len(),
-            4,
-            "three descriptors and the conf: {removed:?}"
+            removed.conf_edited,
+            Some(conf.clone()),
+            "edited, not deleted"
         );
+        assert!(conf.exists());
         assert!(find_installed_among(&hooks, &conf, &[]).is_none());
         assert!(!hooks.join(CREATE_RUNTIME_FILE).exists());
         assert!(!hooks.exists());
