@@ -163,6 +163,7 @@ A_N=$(wc -l <"$WORK/log/apply.txt")
 A_GEN=$(field generate <"$WORK/log/apply.txt" | median)
 A_LOAD=$(field load <"$WORK/log/apply.txt" | median)
 A_VERIFY=$(field verify <"$WORK/log/apply.txt" | median)
+A_DUMP=$(field dump <"$WORK/log/apply.txt" | median)
 A_TX=$(grep -o '"transactions":[0-9]*' "$WORK/log/apply.txt" | head -1 | cut -d: -f2)
 A_ELEMS=$(grep -o '"elements":[0-9]*' "$WORK/log/apply.txt" | head -1 | cut -d: -f2)
 A_READS=$(grep -o '"reads":[0-9]*' "$WORK/log/apply.txt" | cut -d: -f2 | sort -n | uniq -c | awk '{ printf "%s%sx%s", sep, $1, $2; sep = " " }')
@@ -188,6 +189,7 @@ row "ratio big / small (medians)" "$(ratio "$B_MED" "$S_MED") x" "" ""
 row "big: hook apply generate (audit, median)" "$(ms "$A_GEN") ms" "" ""
 row "big: hook apply load (audit, median)" "$(ms "$A_LOAD") ms" "" ""
 row "big: hook apply verify (audit, median)" "$(ms "$A_VERIFY") ms" "" ""
+row "big: of which the kernel's dump (audit, median)" "$(ms "$A_DUMP") ms" "" ""
 echo
 echo "big: $A_N apply records, $A_ELEMS elements in $A_TX transactions; read-backs per apply: $A_READS"
 echo "(a read-back repeats when the kernel's listing of a freshly loaded hash set comes back torn)"

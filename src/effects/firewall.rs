@@ -35,6 +35,10 @@ pub struct ApplyReport {
     pub load: Duration,
     #[serde(with = "millis")]
     pub verify: Duration,
+    /// Of `verify`, the time the kernel took to dump the table (netlink backend only): the
+    /// part no verifier can save, since it reads back every element.
+    #[serde(with = "millis", skip_serializing_if = "Duration::is_zero")]
+    pub dump: Duration,
 }
 
 mod millis {
@@ -148,6 +152,7 @@ fn apply_with(nft: &Nft, policy: &Policy, replace: bool) -> Result<ApplyReport, 
         generate,
         load,
         verify: t2.elapsed(),
+        dump: Duration::ZERO,
     })
 }
 
@@ -181,7 +186,7 @@ fn apply_netlink(
     let load = t1.elapsed();
 
     let t2 = Instant::now();
-    let reads = read_back_netlink(&mut sock, &ruleset, &lowered)?;
+    let (reads, dump) = read_back_netlink(&mut sock, &ruleset, &lowered)?;
     Ok(ApplyReport {
         backend: NETLINK,
         transactions: total,
@@ -190,29 +195,34 @@ fn apply_netlink(
         generate,
         load,
         verify: t2.elapsed(),
+        dump,
     })
 }
 
-/// [`read_back`] over netlink.
+/// [`read_back`] over netlink. Returns the reads taken and the time spent in the kernel's
+/// dumps.
 fn read_back_netlink(
     sock: &mut NlSocket,
     expected: &Ruleset,
     lowered: &Lowered,
-) -> Result<usize, FirewallError> {
+) -> Result<(usize, Duration), FirewallError> {
     let mut reads = 0;
+    let mut dumping = Duration::ZERO;
     let mut previous = None;
     loop {
+        let started = Instant::now();
         let dump = sock
             .dump_table()
             .map_err(FirewallError::ReadNetlink)?
             .ok_or(FirewallError::Missing)?;
+        dumping += started.elapsed();
         reads += 1;
         let live = dump
             .decode()
             .map_err(|e| FirewallError::ReadNetlink(e.into()))?;
         drop(dump);
         let Err(err) = verify_netlink_after(expected, lowered, previous.as_ref(), &live) else {
-            return Ok(reads);
+            return Ok((reads, dumping));
         };
         previous = Some(live);
         match reread_after(reads, &err) {
@@ -266,6 +276,7 @@ pub fn update(nft: &Nft, old: &Policy, new: &Policy) -> Result<ApplyReport, Fire
         generate,
         load,
         verify: t2.elapsed(),
+        dump: Duration::ZERO,
     })
 }
 
@@ -314,7 +325,7 @@ fn update_netlink(
     let load = t1.elapsed();
 
     let t2 = Instant::now();
-    let reads = match read_back_netlink(&mut sock, &target, &lowered) {
+    let (reads, dump) = match read_back_netlink(&mut sock, &target, &lowered) {
         Err(FirewallError::Verify(_)) => return apply(nft, new),
         other => other?,
     };
@@ -326,6 +337,7 @@ fn update_netlink(
         generate,
         load,
         verify: t2.elapsed(),
+        dump,
     })
 }
 
@@ -342,7 +354,7 @@ fn read_back(nft: &Nft, expected: &Ruleset) -> Result<usize, FirewallError> {
         let lowered = Lowered::new(expected)?;
         let mut sock =
             NlSocket::open_in_namespaces(user, net).map_err(FirewallError::ReadNetlink)?;
-        return read_back_netlink(&mut sock, expected, &lowered);
+        return read_back_netlink(&mut sock, expected, &lowered).map(|(reads, _)| reads);
     }
     let mut reads = 0;
     loop {
