@@ -187,7 +187,7 @@ fn join(
     if matches!(bundle.dns_tier, DnsTier::Builtin | DnsTier::Dnsmasq) {
         if let Some(path) = crate::effects::procfs::resolv_conf_source(&input.oci_bundle) {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let pointed = super::hook::loopback_resolv_conf(&text);
+            let pointed = crate::core::companion::loopback_resolv_conf(&text);
             if text != pointed {
                 std::fs::write(&path, pointed).context(
                     "refusing to start the container: cannot point its resolv.conf at the pod's resolver",

@@ -14,7 +14,8 @@ use serde_json::json;
 
 use super::prepare::VERSION;
 use crate::core::audit::rfc3339_utc;
-use crate::core::bundle::{BundleError, DnsTier, RuntimeFacts};
+use crate::core::bundle::{BundleError, RuntimeFacts};
+use crate::core::companion::{companion, loopback_resolv_conf};
 use crate::core::oci::{parse_hook_input_with, HookInput, MAX_STATE_BYTES};
 use crate::effects::audit;
 use crate::effects::firewall::apply_at_start;
@@ -161,44 +162,26 @@ pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
         .context("refusing to start the container")?
         .in_netns(netns);
     let report = apply_at_start(&nft, &policy).context("refusing to start the container")?;
-    let resolver = if matches!(bundle.dns_tier, DnsTier::Builtin | DnsTier::Dnsmasq) {
-        let upstreams: Vec<std::net::IpAddr> = match bundle.upstream_dns {
-            Some(a) => vec![a],
-            None => dns_servers.clone(),
-        };
-        if upstreams.is_empty() {
-            bail!(
-                "refusing to start the container: the {} DNS tier has no upstream (set upstream_dns in config.yml)",
-                bundle.dns_tier.name()
-            );
-        }
+    let companion = companion(bundle.dns_tier, bundle.upstream_dns, &dns_servers)
+        .context("refusing to start the container")?;
+    let resolver = if companion.serves_dns() {
         let resolv_conf = resolv_conf.context(
             "refusing to start the container: its /etc/resolv.conf mount was not found, so DNS cannot be pointed at the shield's resolver",
         )?;
-        let listen: &[std::net::SocketAddr] = &crate::effects::resolver::CONTAINER_LISTEN;
-        let started = start_resolver(
-            dir,
-            &input.name,
-            pid,
-            "internal-resolver",
-            &upstreams,
-            bundle.dns_tier.hook_binds_sockets().then_some(listen),
-        )
-        .context("refusing to start the container: the DNS resolver did not start")?;
+        let started = crate::effects::companion::start(dir, &input.name, pid, &companion)
+            .context("refusing to start the container: the DNS resolver did not start")?;
         // Rewritten in place: the container sees this file through a bind mount of its inode.
         std::fs::write(
             &resolv_conf,
             loopback_resolv_conf(resolv_text.as_deref().unwrap_or_default()),
         )
         .context("refusing to start the container: cannot point its resolv.conf at the resolver")?;
-        Some(started)
+        started
     } else {
         // No resolver in the static tier, but the event reader (refused packets to the audit
         // log) runs all the same, recorded in the same place so status and poststop see it.
-        Some(
-            start_resolver(dir, &input.name, pid, "internal-events", &[], Some(&[]))
-                .context("refusing to start the container: the event reader did not start")?,
-        )
+        crate::effects::companion::start(dir, &input.name, pid, &companion)
+            .context("refusing to start the container: the event reader did not start")?
     };
     // The bundle belongs to a container again (one prepared by hand may be started anew).
     let _ = std::fs::remove_file(dir.join(REMOVED_MARKER));
@@ -211,7 +194,7 @@ pub(super) fn create_runtime(input: &HookInput) -> anyhow::Result<()> {
             dns_servers,
             gateway,
             applied_at: crate::effects::audit::unix_millis() as u64,
-            resolver,
+            resolver: Some(resolver),
         },
     )?;
     audit::record(
@@ -236,109 +219,6 @@ fn check_container_config(input: &HookInput) -> anyhow::Result<()> {
         )
     })?;
     crate::core::oci_config::check_capabilities(&config).context("refusing to start the container")
-}
-
-/// resolv.conf text with every nameserver replaced by the shield's resolver on loopback.
-pub fn loopback_resolv_conf(original: &str) -> String {
-    let mut out = String::from(
-        "# terok-shield: DNS goes through the per-container resolver\nnameserver 127.0.0.1\n",
-    );
-    for line in original.lines() {
-        let first = line.split_whitespace().next().unwrap_or_default();
-        if first == "search" || first == "options" {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
-}
-
-/// Start the resolver (or, with `command` `internal-events`, the static tier's event reader)
-/// inside the container's network namespace, in its own session, detached from the hook.
-///
-/// With `prebound` (the addresses to listen on), the hook binds that process's sockets
-/// itself and hands them over, and does not wait for it: the workload's questions and
-/// refused packets queue on bound sockets from the moment the hook returns, and a failed
-/// exec is reported by `spawn`. Without (dnsmasq, which binds its own), it waits, bounded,
-/// until the process reports ready.
-fn start_resolver(
-    dir: &Path,
-    name: &crate::core::bundle::ContainerName,
-    pid: u32,
-    command: &str,
-    upstreams: &[std::net::IpAddr],
-    prebound: Option<&[std::net::SocketAddr]>,
-) -> anyhow::Result<(u32, u64)> {
-    use std::os::unix::process::CommandExt;
-    let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-    let ns = crate::effects::netns::NsFiles::open(None, Some(&netns))?;
-    let sockets = prebound
-        .map(|listen| crate::effects::prebound::Prebound::bind_in(&netns, listen))
-        .transpose()
-        .context("cannot bind its sockets in the container's network namespace")?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("resolver.log"))
-        .context("cannot open resolver.log")?;
-    let mut cmd = std::process::Command::new(
-        std::env::current_exe().context("cannot find this program's path")?,
-    );
-    // `COMMAND DIR NAME` first: that is how a person (or a test) finds the process by its
-    // command line.
-    cmd.arg(command).arg(dir).arg(name.as_str());
-    for u in upstreams {
-        cmd.arg(u.to_string());
-    }
-    if let Some(s) = &sockets {
-        cmd.arg(format!("--inherited={}", s.numbers()));
-    }
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(if prebound.is_some() {
-            std::process::Stdio::null()
-        } else {
-            std::process::Stdio::piped()
-        })
-        .stderr(log);
-    // SAFETY: setns(2) and fcntl(2) on descriptors opened before the fork, then setsid(2);
-    // all async-signal-safe.
-    let handed_over = sockets.is_some();
-    unsafe {
-        cmd.pre_exec(move || {
-            ns.enter()?;
-            if let Some(s) = &sockets {
-                s.keep_across_exec()?;
-            }
-            rustix::process::setsid()?;
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("cannot start the resolver")?;
-    if handed_over {
-        let rpid = child.id();
-        return Ok((rpid, procfs::start_time(rpid)?));
-    }
-    let mut out = child.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 6];
-        let _ =
-            tx.send(std::io::Read::read_exact(&mut out, &mut buf).is_ok() && &buf == b"ready\n");
-    });
-    match rx.recv_timeout(std::time::Duration::from_secs(5)) {
-        Ok(true) => {
-            let rpid = child.id();
-            Ok((rpid, procfs::start_time(rpid)?))
-        }
-        _ => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "it did not report ready within 5 s (see {})",
-                dir.join("resolver.log").display()
-            )
-        }
-    }
 }
 
 fn poststop(input: &HookInput) -> anyhow::Result<()> {

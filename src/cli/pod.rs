@@ -252,7 +252,7 @@ fn shield_member(member: &PodMember, name: &ContainerName, dir: &Path) -> anyhow
         if matches!(bundle.dns_tier, DnsTier::Builtin | DnsTier::Dnsmasq) {
             if let Some(resolv) = procfs::resolv_conf_source(&member.oci_bundle) {
                 let original = std::fs::read_to_string(&resolv).unwrap_or_default();
-                std::fs::write(&resolv, super::hook::loopback_resolv_conf(&original))
+                std::fs::write(&resolv, crate::core::companion::loopback_resolv_conf(&original))
                     .context("refusing to start the container: cannot point its resolv.conf at the pod's resolver")?;
             }
         }

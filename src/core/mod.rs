@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod bundle_format;
 pub mod bundled;
 pub mod clearance;
+pub mod companion;
 pub mod config;
 pub mod dns_policy;
 pub mod dnsmasq;

@@ -1,5 +1,6 @@
 //! Thin effect modules: the only code that touches the system (nft, namespaces, files).
 pub mod audit;
+pub mod companion;
 pub mod conntrack;
 pub mod dns_client;
 pub mod dnsmasq;

@@ -40,11 +40,7 @@ use crate::effects::table_read::LearnGate;
 
 pub use crate::core::policy::RESOLVER_MARK;
 
-/// Where the resolver listens inside a container: loopback, both families, port 53.
-pub const CONTAINER_LISTEN: [SocketAddr; 2] = [
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 53),
-    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 53),
-];
+pub use crate::core::companion::CONTAINER_LISTEN;
 
 /// How long one question may wait for upstream before the client gets SERVFAIL.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
