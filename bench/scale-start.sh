@@ -41,7 +41,7 @@ as_user() {
         PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@")
 }
 # Other e2e runs rewrite the test user's config.yml and load the machine: wait for them, and
-# keep them waiting while we measure (the lock of tests/e2e/mod.rs).
+# keep them waiting while we measure (the lock of tests/common/e2e/mod.rs).
 exec 9>/run/terok-shield-e2e.lock
 flock -n 9 || { say "waiting for another e2e run (/run/terok-shield-e2e.lock)"; flock 9; }
 as_user podman image exists "$IMAGE" || die "image $IMAGE missing for $E2E_USER: run scripts/podman-env.sh first"

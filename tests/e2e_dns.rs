@@ -5,9 +5,9 @@
 //! addresses become reachable; other names are refused without ever reaching upstream; the
 //! workload cannot ask any DNS server directly. Needs root and scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use e2e::world::*;
 use e2e::{dns_config, IMAGE};

@@ -2,9 +2,9 @@
 //! resolver learned for that name (not those another allowed name also brought), and the
 //! resolver refuses the name from then on. Needs root and scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use e2e::world::*;
 use e2e::{dns_config, probe_script, Probes};

@@ -7,9 +7,9 @@
 //! answer allowlisted names over UDP and TCP, still refuse the rest, and no garbage may have
 //! been forwarded upstream. Needs root and scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use e2e::dns_config;
 use e2e::world::*;

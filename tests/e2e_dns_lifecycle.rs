@@ -3,9 +3,9 @@
 //! restart brings a new one that answers again; nothing is left behind. Needs root, dnsmasq
 //! and scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -16,9 +16,9 @@
 //! `printf | nc` and read the reply back through `xxd -p`. Needs root and
 //! scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, UdpSocket};

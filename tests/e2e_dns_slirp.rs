@@ -7,9 +7,9 @@
 //! server (198.51.100.53), and restarts it again afterwards so later runs see the host's
 //! file. Needs root, dnsmasq and scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::time::Duration;
 

@@ -3,9 +3,9 @@
 //! resolver runs in the container and its resolv.conf is left alone. Needs root and
 //! scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use e2e::world::*;
 use e2e::{dns_config, set_elements};

@@ -7,9 +7,9 @@
 //! dnsmasq fails closed and `status` says error. Needs root, dnsmasq and
 //! scripts/podman-env.sh.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use e2e::world::*;
 use e2e::{dns_config, set_elements, E2e};

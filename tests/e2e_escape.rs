@@ -1,14 +1,14 @@
 //! End-to-end: escape attempts from inside a shielded container, each with a control.
 //!
 //! Every test runs the attack in a shielded container (real rootless podman, real packets
-//! into the fake internet of tests/e2e/world.rs) and shows it fails, and runs the same
+//! into the fake internet of tests/common/e2e/world.rs) and shows it fails, and runs the same
 //! technique where it can work (a plain container, or an allowed target) to show that the
 //! technique itself does something observable there, so each test could fail. Needs root and
 //! scripts/podman-env.sh (see docs/testing-e2e.md, "Soak and escape tests").
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use e2e::world::*;
 use e2e::{dns_config, probe_script, Probes, IMAGE, RAN};

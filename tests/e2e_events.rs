@@ -4,9 +4,9 @@
 //! knows it, and DNS questions the builtin resolver refused. Needs root and
 //! scripts/podman-env.sh (see docs/testing-e2e.md).
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::net::UdpSocket;
 use std::os::fd::AsFd;

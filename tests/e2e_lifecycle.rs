@@ -6,9 +6,9 @@
 //!
 //! Needs root and the environment of `scripts/podman-env.sh`; see docs/testing-e2e.md.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::fs;
 use std::time::{Duration, Instant};

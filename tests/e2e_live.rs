@@ -8,9 +8,9 @@
 //! ([`STREAM_PORT`]); a reader inside the container stamps every line it receives with the
 //! container's clock, so the tests can tell exactly when a stream stopped.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::collections::BTreeSet;
 use std::fs;

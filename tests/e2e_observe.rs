@@ -5,9 +5,9 @@
 //! profile, and after `down` lists what the workload used. Needs root and
 //! scripts/podman-env.sh (see docs/testing-e2e.md); the tmux test needs tmux.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};

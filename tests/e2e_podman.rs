@@ -5,9 +5,9 @@
 //! Without it every test prints a skip line, except under `CI=true`, where it fails.
 //! Tests run one at a time (a global lock in the harness): each builds its own world.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::fs;
 

@@ -9,9 +9,9 @@
 //! (`scripts/podman-env.sh`; docs/testing-e2e.md). Each test removes the system-wide hooks
 //! that root's `run` installed, since the rootless suites refuse to run while they exist.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use e2e::cmd::Out;
 use e2e::world::*;

@@ -5,9 +5,9 @@
 //! Needs root and the environment of `scripts/podman-env.sh`; see docs/testing-e2e.md.
 //! Without it the test prints a skip line, except under `CI=true`, where it fails.
 
-#[path = "e2e/mod.rs"]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};

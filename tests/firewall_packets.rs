@@ -85,8 +85,8 @@ fn ipv6_works_end_to_end_including_neighbour_discovery() {
     bed.apply(&policy(Mode::DenyAll, &[PUB6_A, "2001:db8:1::/48"]));
     // Forget every neighbour on both sides: the next packets need ND through the firewall
     // (container solicits the gateway, the world solicits the container).
-    common::cmd::ip(&["-n", bed.container.name(), "-6", "neigh", "flush", "all"]);
-    common::cmd::ip(&["-n", bed.world.name(), "-6", "neigh", "flush", "all"]);
+    common::cmd::ip_or_panic(&["-n", bed.container.name(), "-6", "neigh", "flush", "all"]);
+    common::cmd::ip_or_panic(&["-n", bed.world.name(), "-6", "neigh", "flush", "all"]);
     for port in [22, 443] {
         bed.expect_tcp_ok(PUB6_A, port);
         bed.expect_tcp_ok(NET6_HOST, port);

@@ -5,7 +5,7 @@
 //! it as a runtime would.
 //!
 //! pasta turns the namespace's connections into sockets of the host, like slirp4netns, so
-//! the fake internet of the e2e suites serves it (`tests/e2e/world.rs`: routes for the fake
+//! the fake internet of the e2e suites serves it (`tests/common/e2e/world.rs`: routes for the fake
 //! prefixes into a world namespace). pasta's DNS upstream is the world's DNS server
 //! (pasta reads it from an /etc/resolv.conf bind-mounted for it alone), never the machine's
 //! resolver.
@@ -13,10 +13,9 @@
 //! Needs root and `pasta` (Debian package `passt`); without them the tests print a skip
 //! line, except under `CI=true`, where they fail.
 
-#[path = "e2e/mod.rs"]
-#[allow(unused_macros)]
 #[macro_use]
-mod e2e;
+mod common;
+use common::e2e;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -10,7 +10,7 @@ use terok_shield::core::policy::Policy;
 use terok_shield::effects::firewall::{apply, ApplyReport};
 use terok_shield::effects::nft::Nft;
 
-use super::cmd::{self, ip};
+use super::cmd::{self, ip_or_panic};
 use super::netns::Netns;
 use super::probe::{self, Outcome, Stage};
 use super::world::{self, Hit, WorldServer};
@@ -50,13 +50,13 @@ impl Bed {
         // Bounds every blocking connect that meets a silent drop to about 3 s.
         container.sysctl("net/ipv4/tcp_syn_retries", "1");
         let (c, w) = (container.name(), world.name());
-        ip(&[
+        ip_or_panic(&[
             "-n", c, "link", "add", "eth0", "type", "veth", "peer", "name", "wan0", "netns", w,
         ]);
-        ip(&["-n", c, "link", "set", "eth0", "up"]);
-        ip(&["-n", w, "link", "set", "wan0", "up"]);
+        ip_or_panic(&["-n", c, "link", "set", "eth0", "up"]);
+        ip_or_panic(&["-n", w, "link", "set", "wan0", "up"]);
         let cidr = |a: &str, len: u8| format!("{a}/{len}");
-        ip(&[
+        ip_or_panic(&[
             "-n",
             c,
             "addr",
@@ -65,7 +65,7 @@ impl Bed {
             "dev",
             "eth0",
         ]);
-        ip(&[
+        ip_or_panic(&[
             "-n",
             c,
             "addr",
@@ -75,7 +75,7 @@ impl Bed {
             "eth0",
             "nodad",
         ]);
-        ip(&[
+        ip_or_panic(&[
             "-n",
             w,
             "addr",
@@ -84,7 +84,7 @@ impl Bed {
             "dev",
             "wan0",
         ]);
-        ip(&[
+        ip_or_panic(&[
             "-n",
             w,
             "addr",
@@ -94,8 +94,8 @@ impl Bed {
             "wan0",
             "nodad",
         ]);
-        ip(&["-n", c, "route", "add", "default", "via", world::GATEWAY4]);
-        ip(&[
+        ip_or_panic(&["-n", c, "route", "add", "default", "via", world::GATEWAY4]);
+        ip_or_panic(&[
             "-n",
             c,
             "-6",
@@ -108,9 +108,9 @@ impl Bed {
         // The world's hosts live on its loopback (no dummy module needed).
         for host in world::HOSTS {
             if addr(host).is_ipv4() {
-                ip(&["-n", w, "addr", "add", &cidr(host, 32), "dev", "lo"]);
+                ip_or_panic(&["-n", w, "addr", "add", &cidr(host, 32), "dev", "lo"]);
             } else {
-                ip(&[
+                ip_or_panic(&[
                     "-n",
                     w,
                     "addr",
@@ -122,7 +122,7 @@ impl Bed {
                 ]);
             }
         }
-        ip(&[
+        ip_or_panic(&[
             "-n",
             w,
             "route",
@@ -161,8 +161,7 @@ impl Bed {
     pub fn nft_cli(&self, args: &[&str]) -> Result<String, String> {
         let mut full = vec!["netns", "exec", self.container.name(), "nft"];
         full.extend_from_slice(args);
-        cmd::run("ip", &full, Duration::from_secs(30))
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        cmd::run_ok("ip", &full, Duration::from_secs(30)).map(|o| o.stdout)
     }
 
     /// Everything the world received so far.

@@ -10,6 +10,8 @@
 
 pub mod bed;
 pub mod cmd;
+#[macro_use]
+pub mod e2e;
 pub mod netns;
 pub mod policies;
 pub mod probe;
@@ -31,7 +33,7 @@ pub fn require_privileges() -> bool {
         if !rustix::process::geteuid().is_root() {
             missing.push("root");
         }
-        if cmd::run("ip", &["-V"], std::time::Duration::from_secs(10)).is_err() {
+        if cmd::run_ok("ip", &["-V"], std::time::Duration::from_secs(10)).is_err() {
             missing.push("the `ip` command (iproute2)");
         }
         if Nft::locate().is_err() {

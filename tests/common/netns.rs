@@ -23,9 +23,9 @@ pub struct Netns {
 impl Netns {
     /// Create `/run/netns/<name>` with its loopback up.
     pub fn create(name: String) -> Netns {
-        cmd::ip(&["netns", "add", &name]);
+        cmd::ip_or_panic(&["netns", "add", &name]);
         let ns = Netns { name };
-        cmd::ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        cmd::ip_or_panic(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ns
     }
 
@@ -69,7 +69,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = cmd::run("ip", &["netns", "del", &self.name], Duration::from_secs(30)) {
+        if let Err(e) = cmd::run_ok("ip", &["netns", "del", &self.name], Duration::from_secs(30)) {
             eprintln!("cleanup: {e}");
         }
     }
@@ -116,7 +116,7 @@ pub fn sweep_stale() {
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             eprintln!("cleanup: removing stale namespace {name} (pid {pid} is gone)");
-            if let Err(e) = cmd::run("ip", &["netns", "del", &name], Duration::from_secs(30)) {
+            if let Err(e) = cmd::run_ok("ip", &["netns", "del", &name], Duration::from_secs(30)) {
                 eprintln!("cleanup: {e}");
             }
         }

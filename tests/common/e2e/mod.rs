@@ -12,14 +12,15 @@
 
 #![allow(dead_code)]
 
-pub mod cmd;
+pub use super::cmd;
 pub mod world;
 
 /// `let h = e2e!();`: the harness, or return from the test when the environment is missing
 /// (a skip outside CI; with `CI=true`, `E2e::start` fails the test instead).
+#[allow(unused_macros)] // test binaries of the netns bed do not start podman
 macro_rules! e2e {
     () => {
-        match crate::e2e::E2e::start() {
+        match $crate::common::e2e::E2e::start() {
             Some(h) => h,
             None => return,
         }
