@@ -104,6 +104,47 @@ pub fn run_in<T: Send + 'static>(
     }
 }
 
+/// Start a server on a fresh thread that joins the network namespace at `ns`: `bind` there,
+/// then `serve` what it bound until `serve` returns. Returns once `bind` succeeded (panics with
+/// its error, or when nothing is reported within 10 s); the receiver gets `()` when the
+/// thread ends.
+pub fn serve_in<L: 'static>(
+    ns: &Path,
+    thread_name: String,
+    bind: impl FnOnce() -> Result<L, String> + Send + 'static,
+    serve: impl FnOnce(L) + Send + 'static,
+) -> mpsc::Receiver<()> {
+    let file = File::open(ns).unwrap_or_else(|e| panic!("open {}: {e}", ns.display()));
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    let (done_tx, done_rx) = mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            // Only this single-use thread ever enters the namespace.
+            let joined = move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network));
+            drop(file);
+            match joined
+                .map_err(|e| format!("setns: {e}"))
+                .and_then(|()| bind())
+            {
+                Ok(bound) => {
+                    let _ = ready_tx.send(Ok(()));
+                    serve(bound);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+            let _ = done_tx.send(());
+        })
+        .expect("spawn a server thread");
+    match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Ok(())) => done_rx,
+        Ok(Err(e)) => panic!("servers in {} failed to start: {e}", ns.display()),
+        Err(e) => panic!("servers in {} did not report readiness: {e}", ns.display()),
+    }
+}
+
 /// Delete `tsc-*`/`tsw-*` namespaces left by earlier runs whose process is gone.
 pub fn sweep_stale() {
     let Ok(dir) = std::fs::read_dir("/run/netns") else {

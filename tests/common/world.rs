@@ -121,39 +121,13 @@ impl WorldServer {
     pub fn start(world: &Netns) -> WorldServer {
         let stop = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
-        let (done_tx, done_rx) = mpsc::sync_channel::<()>(1);
         let (stop2, hits2) = (stop.clone(), hits.clone());
-        let file = std::fs::File::open(world.path()).expect("open world netns");
-        std::thread::Builder::new()
-            .name(format!("world-{}", world.name()))
-            .spawn(move || {
-                use std::os::fd::AsFd;
-                let joined = rustix::thread::move_into_link_name_space(
-                    file.as_fd(),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                );
-                drop(file);
-                let sockets = joined
-                    .map_err(|e| format!("setns into world: {e}"))
-                    .and_then(|()| bind_all());
-                match sockets {
-                    Ok((listeners, udp)) => {
-                        let _ = ready_tx.send(Ok(()));
-                        serve(listeners, udp, &stop2, &hits2);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
-                let _ = done_tx.send(());
-            })
-            .expect("spawn world server thread");
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("world servers failed to start: {e}"),
-            Err(e) => panic!("world servers did not report readiness: {e}"),
-        }
+        let done_rx = super::netns::serve_in(
+            &world.path(),
+            format!("world-{}", world.name()),
+            bind_all,
+            move |(listeners, udp)| serve(listeners, udp, &stop2, &hits2),
+        );
         WorldServer {
             stop,
             hits,

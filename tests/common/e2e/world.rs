@@ -33,7 +33,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -653,38 +652,12 @@ fn start_servers(
     dns: Dns,
     streams: Arc<Mutex<Vec<StreamRecord>>>,
 ) -> mpsc::Receiver<()> {
-    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
-    let (done_tx, done_rx) = mpsc::sync_channel::<()>(1);
-    let ns = std::fs::File::open(format!("/run/netns/{WORLD_NS}")).expect("open world netns");
-    std::thread::Builder::new()
-        .name("e2e-world".into())
-        .spawn(move || {
-            // Only this single-use thread ever enters the world namespace.
-            let joined = rustix::thread::move_into_link_name_space(
-                ns.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            );
-            drop(ns);
-            let sockets = joined
-                .map_err(|e| format!("setns into {WORLD_NS}: {e}"))
-                .and_then(|()| bind_all());
-            match sockets {
-                Ok(listeners) => {
-                    let _ = ready_tx.send(Ok(()));
-                    serve(listeners, &stop, &hits, &datagrams, &dns, &streams);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-            let _ = done_tx.send(());
-        })
-        .expect("spawn world server thread");
-    match ready_rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(Ok(())) => done_rx,
-        Ok(Err(e)) => panic!("world servers failed to start: {e}"),
-        Err(e) => panic!("world servers did not report readiness: {e}"),
-    }
+    crate::common::netns::serve_in(
+        std::path::Path::new(&format!("/run/netns/{WORLD_NS}")),
+        "e2e-world".into(),
+        bind_all,
+        move |listeners| serve(listeners, &stop, &hits, &datagrams, &dns, &streams),
+    )
 }
 
 fn bind_all() -> Result<Listeners, String> {
