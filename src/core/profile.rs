@@ -143,11 +143,13 @@ pub fn parse_profile(source_name: &str, text: &str) -> Result<Profile, ProfileEr
 
 /// Merge several profiles in order, dropping repeats (the first occurrence wins).
 pub fn compose<'a>(profiles: impl IntoIterator<Item = &'a Profile>) -> Vec<Target> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
+    let profiles: Vec<&Profile> = profiles.into_iter().collect();
+    let total = profiles.iter().map(|p| p.entries.len()).sum();
+    let mut seen: HashSet<&Target> = HashSet::with_capacity(total);
+    let mut out = Vec::with_capacity(total);
     for profile in profiles {
         for entry in &profile.entries {
-            if seen.insert(entry.clone()) {
+            if seen.insert(entry) {
                 out.push(entry.clone());
             }
         }
