@@ -116,11 +116,12 @@ fn publish(line: &str) {
 
 fn report_line(n: u32, ns: &str, r: &ApplyReport, total: Duration) -> String {
     format!(
-        "SCALE n={n} ns={ns} profile={} generate_ms={:.1} load_ms={:.1} verify_ms={:.1} total_ms={:.1} transactions={} elements={} reads={}",
+        "SCALE n={n} ns={ns} profile={} generate_ms={:.1} load_ms={:.1} verify_ms={:.1} dump_ms={:.1} total_ms={:.1} transactions={} elements={} reads={}",
         if cfg!(debug_assertions) { "debug" } else { "release" },
         r.generate.as_secs_f64() * 1e3,
         r.load.as_secs_f64() * 1e3,
         r.verify.as_secs_f64() * 1e3,
+        r.dump.as_secs_f64() * 1e3,
         total.as_secs_f64() * 1e3,
         r.transactions,
         r.elements,

@@ -247,12 +247,128 @@ impl SetObj {
     }
 }
 
+/// The bytes of a set element's key (or key end). Every key of our sets fits inline (the
+/// longest, IPv6 address . protocol . port, is 24 bytes), so decoding a dump of 100,000s of
+/// elements allocates nothing per element; a longer key (another table's set may use up to
+/// the kernel's 64 bytes, and hostile input anything an attribute can hold) is kept on the
+/// heap, so nothing the decoder accepted before is refused or cut. Compares, orders, hashes
+/// and prints as its bytes (`[u8]`), exactly as the `Vec<u8>` it replaces did.
+#[derive(Clone)]
+pub struct ElemKey(KeyRepr);
+
+#[derive(Clone)]
+enum KeyRepr {
+    Inline {
+        len: u8,
+        bytes: [u8; ElemKey::INLINE],
+    },
+    Heap(Box<[u8]>),
+}
+
+impl ElemKey {
+    /// The longest key held without an allocation.
+    pub const INLINE: usize = 24;
+
+    pub fn new(bytes: &[u8]) -> ElemKey {
+        match u8::try_from(bytes.len()) {
+            Ok(len) if bytes.len() <= ElemKey::INLINE => {
+                let mut inline = [0; ElemKey::INLINE];
+                inline[..bytes.len()].copy_from_slice(bytes);
+                ElemKey(KeyRepr::Inline { len, bytes: inline })
+            }
+            _ => ElemKey(KeyRepr::Heap(bytes.into())),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.0 {
+            // `len` is at most INLINE by construction; `get` keeps this panic-free anyway.
+            KeyRepr::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or(bytes),
+            KeyRepr::Heap(b) => b,
+        }
+    }
+
+    /// Whether the key is held without an allocation.
+    pub fn is_inline(&self) -> bool {
+        matches!(self.0, KeyRepr::Inline { .. })
+    }
+}
+
+impl Default for ElemKey {
+    fn default() -> ElemKey {
+        ElemKey::new(&[])
+    }
+}
+
+impl std::ops::Deref for ElemKey {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for ElemKey {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl From<&[u8]> for ElemKey {
+    fn from(bytes: &[u8]) -> ElemKey {
+        ElemKey::new(bytes)
+    }
+}
+
+impl<const N: usize> From<[u8; N]> for ElemKey {
+    fn from(bytes: [u8; N]) -> ElemKey {
+        ElemKey::new(&bytes)
+    }
+}
+
+impl From<Vec<u8>> for ElemKey {
+    fn from(bytes: Vec<u8>) -> ElemKey {
+        ElemKey::new(&bytes)
+    }
+}
+
+impl PartialEq for ElemKey {
+    fn eq(&self, other: &ElemKey) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for ElemKey {}
+
+impl PartialOrd for ElemKey {
+    fn partial_cmp(&self, other: &ElemKey) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ElemKey {
+    fn cmp(&self, other: &ElemKey) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl std::hash::Hash for ElemKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl std::fmt::Debug for ElemKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_slice().fmt(f)
+    }
+}
+
 /// One kernel set element: interval sets store a start and an end marker per range
 /// (rbtree), or a start with `key_end` (concatenations, pipapo).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ElemObj {
-    pub key: Vec<u8>,
-    pub key_end: Option<Vec<u8>>,
+    pub key: ElemKey,
+    pub key_end: Option<ElemKey>,
     pub flags: u32,
     /// Per-element timeout in milliseconds (learned elements only).
     pub timeout_ms: Option<u64>,
@@ -261,7 +377,7 @@ pub struct ElemObj {
 }
 
 impl ElemObj {
-    fn key(key: Vec<u8>) -> ElemObj {
+    fn key(key: ElemKey) -> ElemObj {
         ElemObj {
             key,
             key_end: None,
@@ -513,20 +629,20 @@ fn named_set(name: &str, kind: SetKind, timeout: Option<u32>) -> SetObj {
     }
 }
 
-fn addr_bytes(a: IpAddr) -> Vec<u8> {
+fn addr_bytes(a: IpAddr) -> ElemKey {
     match a {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+        IpAddr::V4(a) => a.octets().into(),
+        IpAddr::V6(a) => a.octets().into(),
     }
 }
 
 /// Key bytes of an address . protocol . port element: each field padded to 4 bytes.
-fn svc_key(addr: IpAddr, proto: u8, port: u16) -> Vec<u8> {
-    let mut k = addr_bytes(addr);
+fn svc_key(addr: IpAddr, proto: u8, port: u16) -> ElemKey {
+    let mut k = addr_bytes(addr).to_vec();
     k.extend_from_slice(&[proto, 0, 0, 0]);
     k.extend_from_slice(&port.to_be_bytes());
     k.extend_from_slice(&[0, 0]);
-    k
+    k.into()
 }
 
 /// The kernel elements of a named set, as nft sends them.
@@ -580,11 +696,11 @@ fn interval_elements(ranges: &[(IpAddr, IpAddr)]) -> Vec<ElemObj> {
     let Some(&(first, _, v4)) = sorted.first() else {
         return Vec::new();
     };
-    let bytes = |n: u128| -> Vec<u8> {
+    let bytes = |n: u128| -> ElemKey {
         if v4 {
-            (n as u32).to_be_bytes().to_vec()
+            (n as u32).to_be_bytes().into()
         } else {
-            n.to_be_bytes().to_vec()
+            n.to_be_bytes().into()
         }
     };
     let max = if v4 { u128::from(u32::MAX) } else { u128::MAX };
@@ -909,11 +1025,11 @@ fn lower_match(
             add_deps(out, deps, &f);
             out.push(payload(REG_1, f.base, f.offset, f.len));
             match val {
-                Val::Addr(a) if f.len == addr_len(*a) => out.push(cmp(op, addr_bytes(*a))),
+                Val::Addr(a) if f.len == addr_len(*a) => out.push(cmp(op, addr_bytes(*a).to_vec())),
                 Val::Net(n)
                     if n.prefix_len() == n.max_prefix_len() && f.len == addr_len(n.addr()) =>
                 {
-                    out.push(cmp(op, addr_bytes(n.addr())))
+                    out.push(cmp(op, addr_bytes(n.addr()).to_vec()))
                 }
                 Val::Num(n) if f.len == 2 => out.push(cmp(op, num_bytes(*n, 2)?)),
                 Val::SetRef(name) if op == CMP_EQ => out.push(named_lookup(sets, name)?),
@@ -1046,7 +1162,7 @@ fn lookup_anon(
     ud: &[u8],
     keys: Vec<Vec<u8>>,
 ) {
-    let elems = keys.into_iter().map(ElemObj::key).collect();
+    let elems = keys.into_iter().map(|k| ElemObj::key(k.into())).collect();
     push_anon(out, sets, key_type, key_len, 0, ud, elems);
 }
 
@@ -1749,26 +1865,61 @@ pub struct Attr<'a> {
 }
 
 /// The attributes of `data`, bounds-checked.
-pub fn attrs(mut data: &[u8]) -> Result<Vec<Attr<'_>>, DecodeError> {
-    let mut out = Vec::new();
-    while !data.is_empty() {
-        if data.len() < 4 {
-            return Err(bad("truncated attribute header"));
-        }
-        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
-        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > data.len() {
-            return Err(bad(format!(
-                "attribute {kind} of length {len} overruns its message"
-            )));
-        }
-        out.push(Attr {
-            kind,
-            data: &data[4..len],
-        });
-        data = &data[align4(len).min(data.len())..];
+pub fn attrs(data: &[u8]) -> Result<Vec<Attr<'_>>, DecodeError> {
+    Ok(attr_iter(data)?.collect())
+}
+
+/// The attributes of `data` without collecting them: all of `data` is bounds-checked before
+/// the first is yielded, so a malformed attribute anywhere is the same error as [`attrs`]
+/// gives, whatever the caller would have made of the attributes before it.
+pub fn attr_iter(data: &[u8]) -> Result<Attrs<'_>, DecodeError> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        rest = split_attr(rest)?.1;
     }
-    Ok(out)
+    Ok(Attrs { rest: data })
+}
+
+/// The first attribute of `data` (not empty) and the bytes after it (and its padding).
+fn split_attr(data: &[u8]) -> Result<(Attr<'_>, &[u8]), DecodeError> {
+    let Some(&[l0, l1, k0, k1]) = data.first_chunk::<4>() else {
+        return Err(bad("truncated attribute header"));
+    };
+    let len = u16::from_ne_bytes([l0, l1]) as usize;
+    let kind = u16::from_ne_bytes([k0, k1]) & NLA_TYPE_MASK;
+    let Some(payload) = data.get(4..len).filter(|_| len >= 4) else {
+        return Err(bad(format!(
+            "attribute {kind} of length {len} overruns its message"
+        )));
+    };
+    let rest = data.get(align4(len)..).unwrap_or_default();
+    Ok((
+        Attr {
+            kind,
+            data: payload,
+        },
+        rest,
+    ))
+}
+
+/// Iterator over attributes that [`attr_iter`] has checked.
+#[derive(Debug, Clone)]
+pub struct Attrs<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Attrs<'a> {
+    type Item = Attr<'a>;
+
+    fn next(&mut self) -> Option<Attr<'a>> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        // Checked in `attr_iter`; should it fail anyway, the iteration ends (no panic).
+        let (a, rest) = split_attr(self.rest).ok()?;
+        self.rest = rest;
+        Some(a)
+    }
 }
 
 impl<'a> Attr<'a> {
@@ -1808,12 +1959,14 @@ impl<'a> Attr<'a> {
     }
 
     /// The value of a nested `NFTA_DATA_VALUE`.
-    fn data_value(&self) -> Result<Vec<u8>, DecodeError> {
-        let inner = self.nested()?;
-        match inner.as_slice() {
-            [a] if a.kind == DATA_VALUE => Ok(a.data.to_vec()),
-            _ => Err(bad(format!("attribute {} is not a data value", self.kind))),
+    fn data_value(&self) -> Result<&'a [u8], DecodeError> {
+        if let Ok((a, rest)) = split_attr(self.data) {
+            if a.kind == DATA_VALUE && rest.is_empty() {
+                return Ok(a.data);
+            }
         }
+        attr_iter(self.data)?; // a malformed attribute is reported as such
+        Err(bad(format!("attribute {} is not a data value", self.kind)))
     }
 }
 
@@ -1996,6 +2149,7 @@ fn decode_expr_body(name: &str, body: &[u8]) -> Result<Option<Expr>, DecodeError
             data: d,
         }
         .data_value()
+        .map(<[u8]>::to_vec)
     };
     Ok(Some(match name {
         "meta" | "ct" if known(&[1, 2]) => {
@@ -2168,32 +2322,52 @@ pub fn decode_set(body: &[u8]) -> Result<SetObj, DecodeError> {
 
 /// The set name and elements of one `NEWSETELEM` dump message.
 pub fn decode_setelems(body: &[u8]) -> Result<(String, Vec<ElemObj>), DecodeError> {
-    let mut name = None;
     let mut out = Vec::new();
-    for a in attrs(body)? {
+    let name = decode_setelems_into(body, &mut out)?;
+    Ok((name, out))
+}
+
+/// [`decode_setelems`] appending the elements to `out` (a dump's messages into one list,
+/// without a list per message); returns the set name. On an error `out` may hold part of
+/// the message's elements.
+pub fn decode_setelems_into(body: &[u8], out: &mut Vec<ElemObj>) -> Result<String, DecodeError> {
+    let mut name = None;
+    for a in attr_iter(body)? {
         match a.kind {
             ELEM_LIST_SET => name = Some(a.string()?),
             ELEM_LIST_ELEMENTS => {
-                for e in a.nested()? {
+                for e in attr_iter(a.data)? {
                     out.push(decode_elem(e.data)?);
                 }
             }
             _ => {}
         }
     }
-    Ok((name.ok_or_else(|| bad("elements without a set"))?, out))
+    name.ok_or_else(|| bad("elements without a set"))
 }
 
 fn decode_elem(data: &[u8]) -> Result<ElemObj, DecodeError> {
-    let mut e = ElemObj::key(Vec::new());
+    // One pass (this runs for every element of a dump); when it fails, a malformed attribute
+    // anywhere is the error, as if all had been split before any was read.
+    decode_elem_attrs(data).or_else(|e| {
+        attr_iter(data)?;
+        Err(e)
+    })
+}
+
+fn decode_elem_attrs(data: &[u8]) -> Result<ElemObj, DecodeError> {
+    let mut e = ElemObj::key(ElemKey::default());
     let mut keyed = false;
-    for a in attrs(data)? {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (a, next) = split_attr(rest)?;
+        rest = next;
         match a.kind {
             ELEM_KEY => {
-                e.key = a.data_value()?;
+                e.key = a.data_value()?.into();
                 keyed = true;
             }
-            ELEM_KEY_END => e.key_end = Some(a.data_value()?),
+            ELEM_KEY_END => e.key_end = Some(a.data_value()?.into()),
             ELEM_FLAGS => e.flags = a.be32()?,
             ELEM_TIMEOUT => e.timeout_ms = Some(a.be64()?),
             ELEM_EXPIRATION | ELEM_PAD => {}
@@ -2249,9 +2423,9 @@ fn ours(raw: &[Vec<u8>]) -> Result<Vec<&[u8]>, DecodeError> {
 pub fn set_elements_of(raw: &[Vec<u8>], set: &str) -> Result<Vec<ElemObj>, DecodeError> {
     let mut out = Vec::new();
     for body in ours(raw)? {
-        let (name, elems) = decode_setelems(body)?;
-        if name == set {
-            out.extend(elems);
+        let before = out.len();
+        if decode_setelems_into(body, &mut out)? != set {
+            out.truncate(before);
         }
     }
     Ok(out)
@@ -2291,9 +2465,9 @@ impl TableDump {
             for (name, raw) in &self.elements {
                 if *name == set.name {
                     for b in ours(raw)? {
-                        let (n, e) = decode_setelems(b)?;
-                        if n == set.name {
-                            elems.extend(e);
+                        let before = elems.len();
+                        if decode_setelems_into(b, &mut elems)? != set.name {
+                            elems.truncate(before);
                         }
                     }
                 }
@@ -2366,7 +2540,7 @@ mod tests {
             "198.18.0.0".parse().unwrap(),
             "198.18.1.255".parse().unwrap(),
         )]);
-        let keys: Vec<(Vec<u8>, u32)> = e.into_iter().map(|e| (e.key, e.flags)).collect();
+        let keys: Vec<(Vec<u8>, u32)> = e.into_iter().map(|e| (e.key.to_vec(), e.flags)).collect();
         assert_eq!(
             keys,
             vec![
@@ -2441,6 +2615,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn elem_keys_of_any_length_are_their_bytes() {
+        let keys: Vec<Vec<u8>> = [0, 1, 4, 12, 16, 23, 24, 25, 64, 300]
+            .iter()
+            .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
+            .collect();
+        for k in &keys {
+            let e = ElemKey::new(k);
+            assert_eq!(&*e, k.as_slice());
+            assert_eq!(
+                e.is_inline(),
+                k.len() <= ElemKey::INLINE,
+                "{} bytes",
+                k.len()
+            );
+            assert_eq!(format!("{e:?}"), format!("{k:?}"));
+            assert_eq!(e, ElemKey::from(k.clone()));
+            for other in &keys {
+                assert_eq!(e.cmp(&ElemKey::new(other)), k.cmp(other));
+            }
+        }
+        // A key longer than any of ours (another table's set, or hostile input) is decoded
+        // whole, as before: neither an error nor cut.
+        for len in [24, 25, 64, 1000] {
+            let key: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let e = ElemObj::key(ElemKey::new(&key));
+            let mut buf = Vec::new();
+            write_elem(&mut Writer(&mut buf), &e);
+            let got = decode_elem(&buf[4..]).unwrap();
+            assert_eq!(got, e);
+            assert_eq!(got.key.to_vec(), key);
+        }
+    }
+
+    /// An element is read in one pass, but a malformed attribute is still the error where
+    /// an attribute before it fails too (as when the attributes were all split first).
+    #[test]
+    fn a_malformed_element_is_reported_as_malformed() {
+        let mut buf = Vec::new();
+        let mut w = Writer(&mut buf);
+        w.nest(ELEM_KEY, |w| w.bytes(DATA_VALUE + 1, &[1, 2, 3, 4])); // not a data value
+        w.be32(ELEM_FLAGS, 0);
+        let truncated = buf.len() - 1;
+        let well_formed = decode_elem(&buf).unwrap_err();
+        assert!(well_formed.0.contains("not a data value"), "{well_formed}");
+        let cut = decode_elem(&buf[..truncated]).unwrap_err();
+        assert_eq!(cut, attrs(&buf[..truncated]).unwrap_err());
+        // A data value with an overrunning attribute inside it.
+        let mut buf = Vec::new();
+        Writer(&mut buf).nest(ELEM_KEY, |w| w.bytes(DATA_VALUE, &[1, 2, 3, 4]));
+        buf[4] = 200;
+        let err = decode_elem(&buf).unwrap_err();
+        assert!(err.0.contains("overruns"), "{err}");
     }
 
     #[test]
