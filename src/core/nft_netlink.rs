@@ -250,118 +250,12 @@ impl SetObj {
 /// The bytes of a set element's key (or key end). Every key of our sets fits inline (the
 /// longest, IPv6 address . protocol . port, is 24 bytes), so decoding a dump of 100,000s of
 /// elements allocates nothing per element; a longer key (another table's set may use up to
-/// the kernel's 64 bytes, and hostile input anything an attribute can hold) is kept on the
-/// heap, so nothing the decoder accepted before is refused or cut. Compares, orders, hashes
-/// and prints as its bytes (`[u8]`), exactly as the `Vec<u8>` it replaces did.
-#[derive(Clone)]
-pub struct ElemKey(KeyRepr);
+/// the kernel's 64 bytes, and hostile input anything an attribute can hold) spills to the
+/// heap whole, so nothing is refused or cut. Compares, orders, hashes and prints as its bytes.
+pub type ElemKey = smallvec::SmallVec<[u8; ELEM_KEY_INLINE]>;
 
-#[derive(Clone)]
-enum KeyRepr {
-    Inline {
-        len: u8,
-        bytes: [u8; ElemKey::INLINE],
-    },
-    Heap(Box<[u8]>),
-}
-
-impl ElemKey {
-    /// The longest key held without an allocation.
-    pub const INLINE: usize = 24;
-
-    pub fn new(bytes: &[u8]) -> ElemKey {
-        match u8::try_from(bytes.len()) {
-            Ok(len) if bytes.len() <= ElemKey::INLINE => {
-                let mut inline = [0; ElemKey::INLINE];
-                inline[..bytes.len()].copy_from_slice(bytes);
-                ElemKey(KeyRepr::Inline { len, bytes: inline })
-            }
-            _ => ElemKey(KeyRepr::Heap(bytes.into())),
-        }
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        match &self.0 {
-            // `len` is at most INLINE by construction; `get` keeps this panic-free anyway.
-            KeyRepr::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or(bytes),
-            KeyRepr::Heap(b) => b,
-        }
-    }
-
-    /// Whether the key is held without an allocation.
-    pub fn is_inline(&self) -> bool {
-        matches!(self.0, KeyRepr::Inline { .. })
-    }
-}
-
-impl Default for ElemKey {
-    fn default() -> ElemKey {
-        ElemKey::new(&[])
-    }
-}
-
-impl std::ops::Deref for ElemKey {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl AsRef<[u8]> for ElemKey {
-    fn as_ref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl From<&[u8]> for ElemKey {
-    fn from(bytes: &[u8]) -> ElemKey {
-        ElemKey::new(bytes)
-    }
-}
-
-impl<const N: usize> From<[u8; N]> for ElemKey {
-    fn from(bytes: [u8; N]) -> ElemKey {
-        ElemKey::new(&bytes)
-    }
-}
-
-impl From<Vec<u8>> for ElemKey {
-    fn from(bytes: Vec<u8>) -> ElemKey {
-        ElemKey::new(&bytes)
-    }
-}
-
-impl PartialEq for ElemKey {
-    fn eq(&self, other: &ElemKey) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for ElemKey {}
-
-impl PartialOrd for ElemKey {
-    fn partial_cmp(&self, other: &ElemKey) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ElemKey {
-    fn cmp(&self, other: &ElemKey) -> std::cmp::Ordering {
-        self.as_slice().cmp(other.as_slice())
-    }
-}
-
-impl std::hash::Hash for ElemKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_slice().hash(state);
-    }
-}
-
-impl std::fmt::Debug for ElemKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.as_slice().fmt(f)
-    }
-}
+/// The longest [`ElemKey`] held without an allocation.
+pub const ELEM_KEY_INLINE: usize = 24;
 
 /// One kernel set element: interval sets store a start and an end marker per range
 /// (rbtree), or a start with `key_end` (concatenations, pipapo).
@@ -631,18 +525,18 @@ fn named_set(name: &str, kind: SetKind, timeout: Option<u32>) -> SetObj {
 
 fn addr_bytes(a: IpAddr) -> ElemKey {
     match a {
-        IpAddr::V4(a) => a.octets().into(),
-        IpAddr::V6(a) => a.octets().into(),
+        IpAddr::V4(a) => ElemKey::from_slice(&a.octets()),
+        IpAddr::V6(a) => ElemKey::from_slice(&a.octets()),
     }
 }
 
 /// Key bytes of an address . protocol . port element: each field padded to 4 bytes.
 fn svc_key(addr: IpAddr, proto: u8, port: u16) -> ElemKey {
-    let mut k = addr_bytes(addr).to_vec();
+    let mut k = addr_bytes(addr);
     k.extend_from_slice(&[proto, 0, 0, 0]);
     k.extend_from_slice(&port.to_be_bytes());
     k.extend_from_slice(&[0, 0]);
-    k.into()
+    k
 }
 
 /// The kernel elements of a named set, as nft sends them.
@@ -698,9 +592,9 @@ fn interval_elements(ranges: &[(IpAddr, IpAddr)]) -> Vec<ElemObj> {
     };
     let bytes = |n: u128| -> ElemKey {
         if v4 {
-            (n as u32).to_be_bytes().into()
+            ElemKey::from_slice(&(n as u32).to_be_bytes())
         } else {
-            n.to_be_bytes().into()
+            ElemKey::from_slice(&n.to_be_bytes())
         }
     };
     let max = if v4 { u128::from(u32::MAX) } else { u128::MAX };
@@ -2624,25 +2518,25 @@ mod tests {
             .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
             .collect();
         for k in &keys {
-            let e = ElemKey::new(k);
+            let e = ElemKey::from_slice(k);
             assert_eq!(&*e, k.as_slice());
             assert_eq!(
-                e.is_inline(),
-                k.len() <= ElemKey::INLINE,
+                !e.spilled(),
+                k.len() <= ELEM_KEY_INLINE,
                 "{} bytes",
                 k.len()
             );
             assert_eq!(format!("{e:?}"), format!("{k:?}"));
             assert_eq!(e, ElemKey::from(k.clone()));
             for other in &keys {
-                assert_eq!(e.cmp(&ElemKey::new(other)), k.cmp(other));
+                assert_eq!(e.cmp(&ElemKey::from_slice(other)), k.cmp(other));
             }
         }
         // A key longer than any of ours (another table's set, or hostile input) is decoded
         // whole, as before: neither an error nor cut.
         for len in [24, 25, 64, 1000] {
             let key: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let e = ElemObj::key(ElemKey::new(&key));
+            let e = ElemObj::key(ElemKey::from_slice(&key));
             let mut buf = Vec::new();
             write_elem(&mut Writer(&mut buf), &e);
             let got = decode_elem(&buf[4..]).unwrap();
