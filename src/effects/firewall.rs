@@ -329,6 +329,8 @@ fn update_netlink(
         Err(FirewallError::Verify(_)) => return apply(nft, new),
         other => other?,
     };
+    // A set update may have deleted elements: do not wait here for the kernel to free them.
+    sock.park();
     Ok(ApplyReport {
         backend: NETLINK,
         transactions: total,

@@ -262,6 +262,8 @@ fn learned_live(nft: &Nft, policy: &Policy) -> anyhow::Result<Vec<crate::core::v
             Err(e) => return Err(e.into()),
         }
     }
+    // Closing now would wait for the kernel to free the elements the update just deleted.
+    sock.park();
     Ok(learned)
 }
 

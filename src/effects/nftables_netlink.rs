@@ -85,7 +85,49 @@ pub struct NlSocket {
     buf: Vec<u8>,
 }
 
+/// Sockets kept open by [`NlSocket::park`]: the newest `max`; parking one more hands back
+/// the oldest, to be closed.
+struct Parking {
+    fds: std::collections::VecDeque<OwnedFd>,
+    max: usize,
+}
+
+impl Parking {
+    fn park(&mut self, fd: OwnedFd) -> Option<OwnedFd> {
+        self.fds.push_back(fd);
+        if self.fds.len() > self.max {
+            self.fds.pop_front()
+        } else {
+            None
+        }
+    }
+}
+
+/// At most this many parked sockets per process.
+const PARKED_MAX: usize = 4;
+static PARKED: std::sync::Mutex<Parking> = std::sync::Mutex::new(Parking {
+    fds: std::collections::VecDeque::new(),
+    max: PARKED_MAX,
+});
+
 impl NlSocket {
+    /// Keep this socket open until the process exits (or a few more are parked) instead of
+    /// closing it now, when what it did is committed and verified.
+    ///
+    /// The kernel frees deleted set elements only after an RCU grace period (milliseconds
+    /// here), and the release of *any* nf_tables netlink socket waits for that work while
+    /// it is pending (`nft_rcv_nl_event`). Closing at once would make the caller wait right
+    /// there; parked, the wait overlaps with what the caller does next (saving the bundle,
+    /// cutting flows, the audit record) and usually ends before the process does. Bounded,
+    /// so a long-lived process keeps at most [`PARKED_MAX`] descriptors for it.
+    pub fn park(self) {
+        let evicted = PARKED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .park(self.fd);
+        drop(evicted); // closed outside the lock
+    }
+
     /// A socket in the network namespace at `netns` (`None`: this thread's own).
     pub fn open_in(netns: Option<&Path>) -> Result<NlSocket, NlError> {
         let Some(path) = netns else {
@@ -509,4 +551,32 @@ fn describe(batch: &[u8], seq: u32) -> String {
         })
         .unwrap_or_default();
     format!("{what} {name}").trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parking_keeps_the_newest_sockets_and_hands_back_the_oldest() {
+        let mut parking = Parking {
+            fds: std::collections::VecDeque::new(),
+            max: 2,
+        };
+        let socks: Vec<OwnedFd> = (0..3)
+            .map(|_| new_socket().expect("a netlink socket needs no privilege"))
+            .collect();
+        let numbers: Vec<i32> = socks.iter().map(|s| s.as_raw_fd()).collect();
+        let mut evicted = Vec::new();
+        for sock in socks {
+            evicted.extend(parking.park(sock));
+        }
+        assert_eq!(
+            evicted.iter().map(|s| s.as_raw_fd()).collect::<Vec<_>>(),
+            numbers[..1],
+            "the oldest goes first"
+        );
+        let kept: Vec<i32> = parking.fds.iter().map(|s| s.as_raw_fd()).collect();
+        assert_eq!(kept, numbers[1..], "the newest stay open");
+    }
 }
