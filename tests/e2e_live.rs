@@ -674,30 +674,14 @@ fn revoking_keeps_live_connections_to_still_allowed_hosts() {
 /// The addresses in a DNS-learned set of `name`'s live table, sorted (elements there carry
 /// timeouts, so nft prints them as `{"elem": {"val": ..., "timeout": ...}}`).
 fn learned_addresses(h: &E2e, name: &str, set: &str) -> Vec<String> {
-    let table = h.rules_json(name);
-    let items = table["nftables"].as_array().cloned().unwrap_or_default();
-    let found = items
-        .iter()
-        .find(|i| i["set"]["name"] == set)
-        .unwrap_or_else(|| panic!("no set {set} in the table: {table}"));
-    let mut out: Vec<String> = found["set"]["elem"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|e| {
-            let val = if e["elem"].is_object() {
-                &e["elem"]["val"]
-            } else {
-                e
-            };
-            val.as_str()
-                .unwrap_or_else(|| panic!("not an address element of {set}: {e}"))
-                .to_string()
-        })
-        .collect();
-    out.sort();
-    out
+    let addrs = e2e::set_elements(&h.rules_json(name), set);
+    for a in &addrs {
+        assert!(
+            a.parse::<std::net::IpAddr>().is_ok(),
+            "not an address element of {set}: {a}"
+        );
+    }
+    addrs
 }
 
 /// `reset` empties the DNS-learned sets and learned.jsonl, cuts connections to the forgotten

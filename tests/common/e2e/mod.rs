@@ -591,7 +591,8 @@ impl E2e {
 
 /// The elements of the named set in an `nft -j list table` document (as nft prints them:
 /// addresses as strings, networks as `{"prefix": ...}` objects, concatenations as `{"concat":
-/// ...}`), rendered as compact JSON text for single values, sorted.
+/// ...}`, elements with a timeout wrapped in `{"elem": {"val": ...}}`), rendered as compact
+/// JSON text for single values, sorted.
 pub fn set_elements(table: &Value, set: &str) -> Vec<String> {
     let items = table["nftables"].as_array().cloned().unwrap_or_default();
     let found = items
@@ -603,6 +604,13 @@ pub fn set_elements(table: &Value, set: &str) -> Vec<String> {
         .cloned()
         .unwrap_or_default()
         .iter()
+        .map(|e| {
+            if e["elem"].is_object() {
+                &e["elem"]["val"]
+            } else {
+                e
+            }
+        })
         .map(|e| match e {
             Value::String(s) => s.clone(),
             Value::Object(o) if o.contains_key("prefix") => format!(
