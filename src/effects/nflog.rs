@@ -217,4 +217,24 @@ mod tests {
         // FLAGS last: len 6, type 6, F_SEQ (big-endian), padding.
         assert_eq!(&m[m.len() - 8..], &[6, 0, 6, 0, 0, 1, 0, 0]);
     }
+
+    /// Every byte, as captured before the attribute writer was shared with core.
+    #[test]
+    fn config_message_is_byte_for_byte_the_captured_one() {
+        let mut m = vec![0xee]; // appended after what is already there
+        config_message(&mut m, 0x0102_0304, 0xabcd);
+        #[rustfmt::skip]
+        let want: [u8; 73] = [
+            0xee,
+            0x48, 0, 0, 0, 0x01, 0x04, 0x05, 0, 0x04, 0x03, 0x02, 0x01, 0, 0, 0, 0, // nlmsghdr
+            0, 0, 0xab, 0xcd, // nfgenmsg
+            5, 0, 1, 0, 1, 0, 0, 0, // CMD
+            10, 0, 2, 0, 0, 0, 0, 0x80, 2, 0, 0, 0, // MODE
+            8, 0, 3, 0, 0, 0, 0x80, 0, // NLBUFSIZ
+            8, 0, 4, 0, 0, 0, 0, 2, // TIMEOUT
+            8, 0, 5, 0, 0, 0, 0, 0x40, // QTHRESH
+            6, 0, 6, 0, 0, 1, 0, 0, // FLAGS
+        ];
+        assert_eq!(m, want);
+    }
 }

@@ -920,6 +920,150 @@ mod tests {
         }
     }
 
+    // ---- The exact bytes sent, captured before the writer was shared with core. ----
+
+    /// FNV-1a, to pin down batches too long to spell out.
+    fn fnv(data: &[u8]) -> u64 {
+        data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    fn hex_of(data: &[u8]) -> String {
+        data.chunks(16)
+            .map(|l| {
+                l.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Representative calls: every set shape, with and without a timeout, both refresh forms
+    /// (add, delete, add again in one batch), deletes, duplicates and unsorted keys.
+    fn golden_cases() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+        let v4 = |s: &str| SetKey::V4(s.parse().unwrap());
+        let v6 = |s: &str| SetKey::V6(s.parse().unwrap());
+        let svc4 = |s: &str, p, port| SetKey::SvcV4(s.parse().unwrap(), p, port);
+        let svc6 = |s: &str, p, port| SetKey::SvcV6(s.parse().unwrap(), p, port);
+        let secs = |s| Some(Duration::from_secs(s));
+        vec![
+            (
+                "add allow_v4",
+                add_batches("allow_v4", &[v4("192.0.2.7")], None, Refresh::Update, 100).unwrap(),
+            ),
+            (
+                "add allow_v6, two keys unsorted, one repeated",
+                add_batches(
+                    "allow_v6",
+                    &[v6("2001:db8::9"), v6("2001:db8::1"), v6("2001:db8::9")],
+                    None,
+                    Refresh::Replace,
+                    7,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_v4 with timeout, update",
+                add_batches(
+                    "dns_v4",
+                    &[v4("10.0.0.2"), v4("10.0.0.1")],
+                    secs(30),
+                    Refresh::Update,
+                    u32::MAX - 1,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_v6 with timeout, replace",
+                add_batches(
+                    "dns_v6",
+                    &[v6("fd00::1")],
+                    Some(Duration::from_micros(1_500_001)),
+                    Refresh::Replace,
+                    1,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_svc_v4, tcp and udp",
+                add_batches(
+                    "dns_svc_v4",
+                    &[
+                        svc4("1.2.3.4", Protocol::Tcp, 443),
+                        svc4("1.2.3.4", Protocol::Udp, 53),
+                    ],
+                    secs(3600),
+                    Refresh::Update,
+                    42,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_svc_v6, replace",
+                add_batches(
+                    "dns_svc_v6",
+                    &[svc6("2001:db8::1", Protocol::Udp, 65535)],
+                    secs(90),
+                    Refresh::Replace,
+                    0,
+                )
+                .unwrap(),
+            ),
+            (
+                "delete allow_v4",
+                delete_batches("allow_v4", &[v4("192.0.2.8"), v4("192.0.2.7")], 9).unwrap(),
+            ),
+            (
+                "delete dns_svc_v6",
+                delete_batches("dns_svc_v6", &[svc6("::1", Protocol::Tcp, 1)], 77).unwrap(),
+            ),
+        ]
+    }
+
+    /// Every message of `golden_cases` in full, and the lengths and hashes of a 5,000-element
+    /// add (several chunks, each a make-sure/delete/add batch).
+    fn transcript() -> String {
+        let mut out = String::new();
+        for (what, batches) in golden_cases() {
+            out += &format!("=== {what}\n");
+            for b in batches {
+                out += &format!("---\n{}\n", hex_of(&b));
+            }
+        }
+        let many: Vec<SetKey> = (0..5000u32)
+            .map(|i| SetKey::SvcV4(Ipv4Addr::from(0x0a00_0000 + i * 7), Protocol::Tcp, i as u16))
+            .collect();
+        let t = Some(Duration::from_secs(60));
+        out += "=== add 5000 to dns_svc_v4, replace\n";
+        for b in add_batches("dns_svc_v4", &many, t, Refresh::Replace, 1000).unwrap() {
+            out += &format!("{} bytes, fnv {:#018x}\n", b.len(), fnv(&b));
+        }
+        out
+    }
+
+    /// The bytes sent are exactly those captured before the attribute writer was shared with
+    /// `core::nft_netlink` (`testdata/nfnetlink_batches.txt`); set `NFNETLINK_BLESS=1` to
+    /// write the file anew, which only a deliberate change of the messages may do.
+    #[test]
+    fn batches_are_byte_for_byte_the_captured_ones() {
+        let got = transcript();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/effects/testdata/nfnetlink_batches.txt"
+        );
+        if std::env::var_os("NFNETLINK_BLESS").is_some() {
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = include_str!("testdata/nfnetlink_batches.txt");
+        for (n, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g, w, "line {}", n + 1);
+        }
+        assert_eq!(got, want);
+    }
+
     // ---- Against the kernel, in throwaway network namespaces (root only). ----
 
     use serde_json::Value;
