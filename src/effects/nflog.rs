@@ -22,7 +22,8 @@ use rustix::net::{
 };
 
 use crate::core::events::{decode_packet, netlink_messages, nl, Packet};
-use crate::effects::nfnetlink::{acks, attr, finish, start_msg};
+use crate::core::nft_netlink::message;
+use crate::effects::nfnetlink::acks;
 
 /// Bytes of each packet the kernel copies to us: an IPv6 header with some extension
 /// headers and the first bytes of the transport header.
@@ -169,23 +170,25 @@ const MIN_WAIT: Duration = Duration::from_millis(1);
 
 /// `NFULNL_MSG_CONFIG` binding `group`, with copy range, sequence numbers and batching.
 fn config_message(out: &mut Vec<u8>, seq: u32, group: u16) {
-    let m = start_msg(
+    let mut mode = [0; 6];
+    mode[..4].copy_from_slice(&COPY_RANGE.to_be_bytes());
+    mode[4] = NFULNL_COPY_PACKET;
+    message(
         out,
         (nl::NFNL_SUBSYS_ULOG << 8) | nl::NFULNL_MSG_CONFIG,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
         0, // AF_UNSPEC
         group,
+        |w| {
+            w.bytes(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
+            w.bytes(NFULA_CFG_MODE, &mode);
+            w.be32(NFULA_CFG_NLBUFSIZ, BATCH_BYTES);
+            w.be32(NFULA_CFG_TIMEOUT, BATCH_WAIT_CS);
+            w.be32(NFULA_CFG_QTHRESH, BATCH_PACKETS);
+            w.bytes(NFULA_CFG_FLAGS, &NFULNL_CFG_F_SEQ.to_be_bytes());
+        },
     );
-    attr(out, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
-    let mut mode = COPY_RANGE.to_be_bytes().to_vec();
-    mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
-    attr(out, NFULA_CFG_MODE, &mode);
-    attr(out, NFULA_CFG_NLBUFSIZ, &BATCH_BYTES.to_be_bytes());
-    attr(out, NFULA_CFG_TIMEOUT, &BATCH_WAIT_CS.to_be_bytes());
-    attr(out, NFULA_CFG_QTHRESH, &BATCH_PACKETS.to_be_bytes());
-    attr(out, NFULA_CFG_FLAGS, &NFULNL_CFG_F_SEQ.to_be_bytes());
-    finish(out, m, true);
 }
 
 #[cfg(test)]

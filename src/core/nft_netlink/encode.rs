@@ -3,7 +3,8 @@
 use super::*;
 use crate::core::ruleset::TABLE;
 
-/// Netlink attribute writer over a byte buffer.
+/// Netlink attribute writer over a byte buffer: the one writer of the crate (the resolver's
+/// set updates and the NFLOG binding use it too).
 pub struct Writer<'a>(pub &'a mut Vec<u8>);
 
 impl Writer<'_> {
@@ -16,11 +17,16 @@ impl Writer<'_> {
         out.resize(start + align4(out.len() - start), 0);
     }
 
+    /// A NUL-terminated string, as the kernel's `NLA_STRING` policy expects; written in
+    /// place, so that a reused buffer means no allocation per message.
     pub fn str(&mut self, kind: u16, s: &str) {
-        let mut b = Vec::with_capacity(s.len() + 1);
-        b.extend_from_slice(s.as_bytes());
-        b.push(0);
-        self.bytes(kind, &b);
+        let out = &mut *self.0;
+        let start = out.len();
+        out.extend_from_slice(&((4 + s.len() + 1) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+        out.resize(start + align4(out.len() - start), 0);
     }
 
     pub fn be32(&mut self, kind: u16, v: u32) {
