@@ -22,7 +22,8 @@ use rustix::net::{
 };
 
 use crate::core::events::{decode_packet, netlink_messages, nl, Packet};
-use crate::effects::nfnetlink::{acks, attr, finish, start_msg};
+use crate::core::nft_netlink::message;
+use crate::effects::nfnetlink::acks;
 
 /// Bytes of each packet the kernel copies to us: an IPv6 header with some extension
 /// headers and the first bytes of the transport header.
@@ -169,23 +170,25 @@ const MIN_WAIT: Duration = Duration::from_millis(1);
 
 /// `NFULNL_MSG_CONFIG` binding `group`, with copy range, sequence numbers and batching.
 fn config_message(out: &mut Vec<u8>, seq: u32, group: u16) {
-    let m = start_msg(
+    let mut mode = [0; 6];
+    mode[..4].copy_from_slice(&COPY_RANGE.to_be_bytes());
+    mode[4] = NFULNL_COPY_PACKET;
+    message(
         out,
         (nl::NFNL_SUBSYS_ULOG << 8) | nl::NFULNL_MSG_CONFIG,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
         0, // AF_UNSPEC
         group,
+        |w| {
+            w.bytes(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
+            w.bytes(NFULA_CFG_MODE, &mode);
+            w.be32(NFULA_CFG_NLBUFSIZ, BATCH_BYTES);
+            w.be32(NFULA_CFG_TIMEOUT, BATCH_WAIT_CS);
+            w.be32(NFULA_CFG_QTHRESH, BATCH_PACKETS);
+            w.bytes(NFULA_CFG_FLAGS, &NFULNL_CFG_F_SEQ.to_be_bytes());
+        },
     );
-    attr(out, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
-    let mut mode = COPY_RANGE.to_be_bytes().to_vec();
-    mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
-    attr(out, NFULA_CFG_MODE, &mode);
-    attr(out, NFULA_CFG_NLBUFSIZ, &BATCH_BYTES.to_be_bytes());
-    attr(out, NFULA_CFG_TIMEOUT, &BATCH_WAIT_CS.to_be_bytes());
-    attr(out, NFULA_CFG_QTHRESH, &BATCH_PACKETS.to_be_bytes());
-    attr(out, NFULA_CFG_FLAGS, &NFULNL_CFG_F_SEQ.to_be_bytes());
-    finish(out, m, true);
 }
 
 #[cfg(test)]
@@ -216,5 +219,25 @@ mod tests {
         assert_eq!(&m[28..40], &[10, 0, 2, 0, 0, 0, 0, 128, 2, 0, 0, 0]);
         // FLAGS last: len 6, type 6, F_SEQ (big-endian), padding.
         assert_eq!(&m[m.len() - 8..], &[6, 0, 6, 0, 0, 1, 0, 0]);
+    }
+
+    /// Every byte, as captured before the attribute writer was shared with core.
+    #[test]
+    fn config_message_is_byte_for_byte_the_captured_one() {
+        let mut m = vec![0xee]; // appended after what is already there
+        config_message(&mut m, 0x0102_0304, 0xabcd);
+        #[rustfmt::skip]
+        let want: [u8; 73] = [
+            0xee,
+            0x48, 0, 0, 0, 0x01, 0x04, 0x05, 0, 0x04, 0x03, 0x02, 0x01, 0, 0, 0, 0, // nlmsghdr
+            0, 0, 0xab, 0xcd, // nfgenmsg
+            5, 0, 1, 0, 1, 0, 0, 0, // CMD
+            10, 0, 2, 0, 0, 0, 0, 0x80, 2, 0, 0, 0, // MODE
+            8, 0, 3, 0, 0, 0, 0x80, 0, // NLBUFSIZ
+            8, 0, 4, 0, 0, 0, 0, 2, // TIMEOUT
+            8, 0, 5, 0, 0, 0, 0, 0x40, // QTHRESH
+            6, 0, 6, 0, 0, 1, 0, 0, // FLAGS
+        ];
+        assert_eq!(m, want);
     }
 }

@@ -37,20 +37,13 @@ use rustix::net::{
 use crate::core::ruleset::{sets, TABLE};
 use crate::core::target::Protocol;
 
-// Constants from linux/netlink.h, linux/netfilter/nfnetlink.h and nf_tables.h.
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 0x2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLA_F_NESTED: u16 = 0x8000;
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NFPROTO_UNSPEC: u8 = 0;
-const NFPROTO_INET: u8 = 1;
+use crate::core::nft_netlink::{
+    align4, message, msg, nft_type, ElemKey, Writer, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END,
+    NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFPROTO_UNSPEC, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_ACK,
+    NLM_F_CREATE, NLM_F_REQUEST,
+};
+
+// Attribute types of linux/netfilter/nf_tables.h.
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -103,12 +96,14 @@ impl SetKey {
         }
     }
 
-    /// The key as nft encodes it (see the module header); every length is a multiple of 4.
-    fn write_key(&self, out: &mut Vec<u8>) {
+    /// The key as nft encodes it (see the module header); every length is a multiple of 4,
+    /// and none is longer than an `ElemKey` holds inline (no allocation).
+    fn key(&self) -> ElemKey {
         let proto = |p: &Protocol| match p {
             Protocol::Tcp => IPPROTO_TCP,
             Protocol::Udp => IPPROTO_UDP,
         };
+        let mut out = ElemKey::new();
         match self {
             SetKey::V4(a) => out.extend_from_slice(&a.octets()),
             SetKey::V6(a) => out.extend_from_slice(&a.octets()),
@@ -125,6 +120,7 @@ impl SetKey {
                 out.extend_from_slice(&[0, 0]);
             }
         }
+        out
     }
 }
 
@@ -491,73 +487,8 @@ pub fn acks(mut data: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
     })
 }
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Append a netlink header and an `nfgenmsg`; returns where the message starts so that
-/// [`finish`] can fill in its length.
-pub(crate) fn start_msg(
-    out: &mut Vec<u8>,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    res_id: u16,
-) -> usize {
-    let start = out.len();
-    out.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, patched by `finish`
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    // nlmsg_pid: the kernel fills in ours.
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family, version NFNETLINK_V0, res_id in network order.
-    out.push(family);
-    out.push(0);
-    out.extend_from_slice(&res_id.to_be_bytes());
-    start
-}
-
-/// Write the length of the message or nested attribute that starts at `start`: a u32 for a
-/// message, a u16 for an attribute (`nla_len`, which excludes the trailing padding).
-pub(crate) fn finish(out: &mut [u8], start: usize, message: bool) {
-    let len = out.len() - start;
-    if message {
-        out[start..start + 4].copy_from_slice(&(len as u32).to_ne_bytes());
-    } else {
-        out[start..start + 2].copy_from_slice(&(len as u16).to_ne_bytes());
-    }
-}
-
-/// Append an attribute (`nla_len`, `nla_type`, payload, zero padding to 4 bytes).
-pub(crate) fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let start = out.len();
-    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    out.resize(start + align4(out.len() - start), 0);
-}
-
-/// Open a nested attribute; close it with [`finish`]. Contents are always 4-byte aligned.
-fn nest(out: &mut Vec<u8>, kind: u16) -> usize {
-    let start = out.len();
-    out.extend_from_slice(&0u16.to_ne_bytes());
-    out.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-    start
-}
-
-/// Append a NUL-terminated string attribute, as the kernel's `NLA_STRING` policy expects.
-fn str_attr(out: &mut Vec<u8>, kind: u16, s: &str) {
-    let start = out.len();
-    out.extend_from_slice(&((4 + s.len() + 1) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(s.as_bytes());
-    out.push(0);
-    out.resize(start + align4(out.len() - start), 0);
-}
-
-/// One `NEWSETELEM` or `DELSETELEM` message, every message asking for an ack.
+/// One `NEWSETELEM` or `DELSETELEM` message, every message asking for an ack, written with
+/// core's netlink [`Writer`].
 fn encode_setelem(
     out: &mut Vec<u8>,
     op: Op,
@@ -568,38 +499,24 @@ fn encode_setelem(
 ) {
     let (kind, flags) = match op {
         // CREATE without EXCL: an element that is already there is not an error.
-        Op::New => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
-        Op::Del => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+        Op::New => (msg::NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
+        Op::Del => (msg::DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
     };
-    let msg = start_msg(
-        out,
-        (NFNL_SUBSYS_NFTABLES << 8) | kind,
-        flags,
-        seq,
-        NFPROTO_INET,
-        0,
-    );
-    str_attr(out, NFTA_SET_ELEM_LIST_TABLE, TABLE);
-    str_attr(out, NFTA_SET_ELEM_LIST_SET, set);
-    let list = nest(out, NFTA_SET_ELEM_LIST_ELEMENTS);
-    for key in keys {
-        let elem = nest(out, NFTA_LIST_ELEM);
-        // The kernel refuses a timeout in a delete; nft puts it before the key.
-        if let (Op::New, Some(ms)) = (op, timeout_ms) {
-            attr(out, NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
-        }
-        let k = nest(out, NFTA_SET_ELEM_KEY);
-        // NFTA_DATA_VALUE, written in place (keys are multiples of 4: no padding).
-        let value = out.len();
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&NFTA_DATA_VALUE.to_ne_bytes());
-        key.write_key(out);
-        finish(out, value, false);
-        finish(out, k, false);
-        finish(out, elem, false);
-    }
-    finish(out, list, false);
-    finish(out, msg, true);
+    message(out, nft_type(kind), flags, seq, NFPROTO_INET, 0, |w| {
+        w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        w.str(NFTA_SET_ELEM_LIST_SET, set);
+        w.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |w| {
+            for key in keys {
+                w.nest(NFTA_LIST_ELEM, |w| {
+                    // The kernel refuses a timeout in a delete; nft puts it before the key.
+                    if let (Op::New, Some(ms)) = (op, timeout_ms) {
+                        w.be64(NFTA_SET_ELEM_TIMEOUT, ms);
+                    }
+                    w.nest(NFTA_SET_ELEM_KEY, |w| w.bytes(NFTA_DATA_VALUE, &key.key()));
+                });
+            }
+        });
+    });
 }
 
 /// A whole batch: `BATCH_BEGIN` (sequence `begin`), one message per op, `BATCH_END`.
@@ -612,29 +529,24 @@ fn encode_batch(
     ops: &[Op],
 ) {
     // The batch messages name the subsystem in res_id; their family is unspecified.
-    let b = start_msg(
-        out,
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        begin,
-        NFPROTO_UNSPEC,
-        NFNL_SUBSYS_NFTABLES,
-    );
-    finish(out, b, true);
+    let frame = |out: &mut Vec<u8>, kind: u16, seq: u32| {
+        message(
+            out,
+            kind,
+            NLM_F_REQUEST,
+            seq,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+            |_: &mut Writer| {},
+        );
+    };
+    frame(out, NFNL_MSG_BATCH_BEGIN, begin);
     let mut seq = begin;
     for &op in ops {
         seq = seq.wrapping_add(1);
         encode_setelem(out, op, seq, set, keys, timeout_ms);
     }
-    let e = start_msg(
-        out,
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        seq.wrapping_add(1),
-        NFPROTO_UNSPEC,
-        NFNL_SUBSYS_NFTABLES,
-    );
-    finish(out, e, true);
+    frame(out, NFNL_MSG_BATCH_END, seq.wrapping_add(1));
 }
 
 #[cfg(test)]
@@ -749,15 +661,24 @@ mod tests {
         assert_eq!(out[20..out.len() - 20], middle[..]);
     }
 
+    /// An `NLMSG_ERROR` reply with sequence `seq` and this body (errno, echoed request).
+    fn error_reply(out: &mut Vec<u8>, seq: u32, body: &[u8]) {
+        let len = (NLMSG_HDRLEN + body.len()) as u32;
+        out.extend_from_slice(&len.to_ne_bytes());
+        out.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        out.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        out.extend_from_slice(&seq.to_ne_bytes());
+        out.extend_from_slice(&0u32.to_ne_bytes()); // pid
+        out.extend_from_slice(body);
+    }
+
     #[test]
     fn replies_are_parsed_even_when_truncated() {
         let mut data = Vec::new();
         for (seq, err) in [(7u32, 0i32), (8, -2)] {
-            let m = start_msg(&mut data, NLMSG_ERROR, 0, seq, 0, 0);
-            data.truncate(m + NLMSG_HDRLEN);
-            data.extend_from_slice(&err.to_ne_bytes());
-            data.extend_from_slice(&[0xaa; 40]); // the echoed request
-            finish(&mut data, m, true);
+            let mut body = err.to_ne_bytes().to_vec();
+            body.extend_from_slice(&[0xaa; 40]); // the echoed request
+            error_reply(&mut data, seq, &body);
         }
         data.truncate(data.len() - 30); // as if our buffer were too small for the echo
         assert_eq!(acks(&data).collect::<Vec<_>>(), [(7, 0), (8, 2)]);
@@ -781,10 +702,7 @@ mod tests {
         assert!(got.iter().all(|(_, errno)| *errno != 0), "{got:?}");
 
         let mut data = Vec::new();
-        let m = start_msg(&mut data, NLMSG_ERROR, 0, 5, 0, 0);
-        data.truncate(m + NLMSG_HDRLEN);
-        data.extend_from_slice(&i32::MIN.to_ne_bytes());
-        finish(&mut data, m, true);
+        error_reply(&mut data, 5, &i32::MIN.to_ne_bytes());
         assert_eq!(acks(&data).collect::<Vec<_>>(), [(5, i32::MIN)]);
     }
 
@@ -918,6 +836,150 @@ mod tests {
         ] {
             assert_eq!(Refresh::for_release(release), form, "{release}");
         }
+    }
+
+    // ---- The exact bytes sent, captured before the writer was shared with core. ----
+
+    /// FNV-1a, to pin down batches too long to spell out.
+    fn fnv(data: &[u8]) -> u64 {
+        data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    fn hex_of(data: &[u8]) -> String {
+        data.chunks(16)
+            .map(|l| {
+                l.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Representative calls: every set shape, with and without a timeout, both refresh forms
+    /// (add, delete, add again in one batch), deletes, duplicates and unsorted keys.
+    fn golden_cases() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+        let v4 = |s: &str| SetKey::V4(s.parse().unwrap());
+        let v6 = |s: &str| SetKey::V6(s.parse().unwrap());
+        let svc4 = |s: &str, p, port| SetKey::SvcV4(s.parse().unwrap(), p, port);
+        let svc6 = |s: &str, p, port| SetKey::SvcV6(s.parse().unwrap(), p, port);
+        let secs = |s| Some(Duration::from_secs(s));
+        vec![
+            (
+                "add allow_v4",
+                add_batches("allow_v4", &[v4("192.0.2.7")], None, Refresh::Update, 100).unwrap(),
+            ),
+            (
+                "add allow_v6, two keys unsorted, one repeated",
+                add_batches(
+                    "allow_v6",
+                    &[v6("2001:db8::9"), v6("2001:db8::1"), v6("2001:db8::9")],
+                    None,
+                    Refresh::Replace,
+                    7,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_v4 with timeout, update",
+                add_batches(
+                    "dns_v4",
+                    &[v4("10.0.0.2"), v4("10.0.0.1")],
+                    secs(30),
+                    Refresh::Update,
+                    u32::MAX - 1,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_v6 with timeout, replace",
+                add_batches(
+                    "dns_v6",
+                    &[v6("fd00::1")],
+                    Some(Duration::from_micros(1_500_001)),
+                    Refresh::Replace,
+                    1,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_svc_v4, tcp and udp",
+                add_batches(
+                    "dns_svc_v4",
+                    &[
+                        svc4("1.2.3.4", Protocol::Tcp, 443),
+                        svc4("1.2.3.4", Protocol::Udp, 53),
+                    ],
+                    secs(3600),
+                    Refresh::Update,
+                    42,
+                )
+                .unwrap(),
+            ),
+            (
+                "add dns_svc_v6, replace",
+                add_batches(
+                    "dns_svc_v6",
+                    &[svc6("2001:db8::1", Protocol::Udp, 65535)],
+                    secs(90),
+                    Refresh::Replace,
+                    0,
+                )
+                .unwrap(),
+            ),
+            (
+                "delete allow_v4",
+                delete_batches("allow_v4", &[v4("192.0.2.8"), v4("192.0.2.7")], 9).unwrap(),
+            ),
+            (
+                "delete dns_svc_v6",
+                delete_batches("dns_svc_v6", &[svc6("::1", Protocol::Tcp, 1)], 77).unwrap(),
+            ),
+        ]
+    }
+
+    /// Every message of `golden_cases` in full, and the lengths and hashes of a 5,000-element
+    /// add (several chunks, each a make-sure/delete/add batch).
+    fn transcript() -> String {
+        let mut out = String::new();
+        for (what, batches) in golden_cases() {
+            out += &format!("=== {what}\n");
+            for b in batches {
+                out += &format!("---\n{}\n", hex_of(&b));
+            }
+        }
+        let many: Vec<SetKey> = (0..5000u32)
+            .map(|i| SetKey::SvcV4(Ipv4Addr::from(0x0a00_0000 + i * 7), Protocol::Tcp, i as u16))
+            .collect();
+        let t = Some(Duration::from_secs(60));
+        out += "=== add 5000 to dns_svc_v4, replace\n";
+        for b in add_batches("dns_svc_v4", &many, t, Refresh::Replace, 1000).unwrap() {
+            out += &format!("{} bytes, fnv {:#018x}\n", b.len(), fnv(&b));
+        }
+        out
+    }
+
+    /// The bytes sent are exactly those captured before the attribute writer was shared with
+    /// `core::nft_netlink` (`testdata/nfnetlink_batches.txt`); set `NFNETLINK_BLESS=1` to
+    /// write the file anew, which only a deliberate change of the messages may do.
+    #[test]
+    fn batches_are_byte_for_byte_the_captured_ones() {
+        let got = transcript();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/effects/testdata/nfnetlink_batches.txt"
+        );
+        if std::env::var_os("NFNETLINK_BLESS").is_some() {
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = include_str!("testdata/nfnetlink_batches.txt");
+        for (n, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g, w, "line {}", n + 1);
+        }
+        assert_eq!(got, want);
     }
 
     // ---- Against the kernel, in throwaway network namespaces (root only). ----
