@@ -27,18 +27,7 @@ fn builtin_resolver_allows_listed_names_and_refuses_the_rest() {
          echo \"DIRECT: $(timeout 5 nslookup svc.e2e.test {DNS4} 2>&1 | grep -c {NAMED4})\"\n"
     );
     let out = h
-        .shield(&[
-            "run",
-            &name,
-            "--profiles",
-            "e2e-dns",
-            "--",
-            "--rm",
-            IMAGE,
-            "sh",
-            "-c",
-            &script,
-        ])
+        .run_with(&name, "e2e-dns", &["--rm", IMAGE, "sh", "-c", &script])
         .expect_ok();
     assert!(out.stdout.contains("RAN"), "{out}");
     assert!(
@@ -88,18 +77,7 @@ fn wildcard_allows_subdomains_but_not_the_apex() {
          echo \"APEX: $(timeout 5 nslookup e2e.test 2>&1 | grep -ci 'refused\\|can.t resolve\\|server can')\"\n"
     );
     let out = h
-        .shield(&[
-            "run",
-            &name,
-            "--profiles",
-            "e2e-dns-wild",
-            "--",
-            "--rm",
-            IMAGE,
-            "sh",
-            "-c",
-            &script,
-        ])
+        .run_with(&name, "e2e-dns-wild", &["--rm", IMAGE, "sh", "-c", &script])
         .expect_ok();
     assert!(
         out.stdout.contains("SUB: 1"),

@@ -595,19 +595,11 @@ fn datagrams_larger_than_the_mtu_to_a_blocked_host_never_leave() {
         "fragments_to_allowed4",
         &format!("ip daddr {ALLOWED4} ip frag-off & 0x3fff != 0"),
     );
-    h.shield(&[
-        "run",
+    h.run_with(
         &name,
-        "--profiles",
         "e2e-basic",
-        "--",
-        "-d",
-        "--network",
-        SMALL_MTU,
-        IMAGE,
-        "sleep",
-        "600",
-    ])
+        &["-d", "--network", SMALL_MTU, IMAGE, "sleep", "600"],
+    )
     .expect_ok();
     let link = tap0_ready(&h, &name);
     assert!(link.stdout.contains("mtu 1280"), "tap0 MTU: {link}");
@@ -734,20 +726,11 @@ fn crafted_fragments_need_cap_net_raw_which_no_shielded_container_gets() {
 
     // `run` refuses the flag itself.
     let name = h.name("esc-rawfrag-run");
-    let out = h.shield(&[
-        "run",
+    let out = h.run_with(
         &name,
-        "--profiles",
         "e2e-basic",
-        "--",
-        "--rm",
-        "--cap-add",
-        "NET_RAW",
-        IMAGE,
-        "sh",
-        "-c",
-        &marker,
-    ]);
+        &["--rm", "--cap-add", "NET_RAW", IMAGE, "sh", "-c", &marker],
+    );
     assert_eq!(
         out.code(),
         Some(1),
@@ -966,18 +949,11 @@ fn racing_the_hook_at_start_gets_no_packet_out() {
     // 1. `terok-shield run`: the loop is the workload's first instruction.
     let name = h.name("esc-race-run");
     let out = h
-        .shield(&[
-            "run",
+        .run_with(
             &name,
-            "--profiles",
             "e2e-basic",
-            "--",
-            "--rm",
-            IMAGE,
-            "sh",
-            "-c",
-            &race_loop(),
-        ])
+            &["--rm", IMAGE, "sh", "-c", &race_loop()],
+        )
         .expect_ok();
     assert!(out.stdout.contains(RAN), "{out}");
 
@@ -994,19 +970,8 @@ fn racing_the_hook_at_start_gets_no_packet_out() {
     // 3. `podman restart` of a running container: the loop runs first after each restart.
     let name = h.name("esc-race-restart");
     let script = format!("{}; sleep 600", race_loop());
-    h.shield(&[
-        "run",
-        &name,
-        "--profiles",
-        "e2e-basic",
-        "--",
-        "-d",
-        IMAGE,
-        "sh",
-        "-c",
-        &script,
-    ])
-    .expect_ok();
+    h.run_with(&name, "e2e-basic", &["-d", IMAGE, "sh", "-c", &script])
+        .expect_ok();
     wait_for_runs(&h, &name, 1);
     for times in 2..=3 {
         h.podman(&["restart", "-t", "0", &name]).expect_ok();

@@ -114,19 +114,11 @@ fn restart_policy_brings_the_workload_back_shielded() {
         "{}exit 3\n",
         probe_script(&[(BLOCKED4, 80), (ALLOWED4, 80)])
     );
-    h.shield(&[
-        "run",
+    h.run_with(
         &name,
-        "--profiles",
         "e2e-basic",
-        "--",
-        "-d",
-        "--restart=on-failure:2",
-        IMAGE,
-        "sh",
-        "-c",
-        &script,
-    ])
+        &["-d", "--restart=on-failure:2", IMAGE, "sh", "-c", &script],
+    )
     .expect_ok();
     // Two restarts after the first run, then it stays exited (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(90);

@@ -177,20 +177,19 @@ fn loopback_ports_reach_host_services_and_nothing_else() {
         ("10.0.2.2", 18082),
     ]);
     let out = h
-        .shield(&[
-            "run",
+        .run_with(
             &name,
-            "--profiles",
             "e2e-basic",
-            "--",
-            "--rm",
-            "--network",
-            "slirp4netns:allow_host_loopback=true",
-            IMAGE,
-            "sh",
-            "-c",
-            &script,
-        ])
+            &[
+                "--rm",
+                "--network",
+                "slirp4netns:allow_host_loopback=true",
+                IMAGE,
+                "sh",
+                "-c",
+                &script,
+            ],
+        )
         .expect_ok();
     assert!(out.stdout.contains(RAN), "{out}");
     let probes = e2e::parse_probes(&out.stdout);
@@ -434,10 +433,9 @@ fn run_rejects_podman_flags_that_would_weaken_the_shield() {
     ];
     for name in [&fresh, &prepared] {
         for (flags, mention) in cases {
-            let mut args = vec!["run", name.as_str(), "--profiles", "e2e-basic", "--"];
-            args.extend_from_slice(flags);
+            let mut args = flags.to_vec();
             args.extend_from_slice(&[IMAGE, "sh", "-c", "echo WORKLOAD-RAN"]);
-            let out = h.shield(&args);
+            let out = h.run_with(name, "e2e-basic", &args);
             assert_eq!(out.code(), Some(1), "{flags:?} was not refused: {out}");
             assert!(
                 !out.stdout.contains(RAN),
@@ -686,20 +684,11 @@ fn published_port_takes_connections_through_the_shield() {
     h.profile("e2e-publish", &format!("{ALLOWED4}\n"));
     let name = h.name("publish");
     let serve = "echo RAN; i=0; while [ $i -lt 50 ]; do echo published-hello | nc -l -p 8080; i=$((i+1)); done";
-    h.shield(&[
-        "run",
+    h.run_with(
         &name,
-        "--profiles",
         "e2e-publish",
-        "--",
-        "-d",
-        "-p",
-        "127.0.0.1:47080:8080",
-        IMAGE,
-        "sh",
-        "-c",
-        serve,
-    ])
+        &["-d", "-p", "127.0.0.1:47080:8080", IMAGE, "sh", "-c", serve],
+    )
     .expect_ok();
     let state = h.state_json(&name);
     assert_eq!(

@@ -523,36 +523,22 @@ impl E2e {
         fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
 
+    /// `terok-shield run NAME --profiles P -- PODMAN_ARGS...`.
+    pub fn run_with(&self, name: &str, profiles: &str, podman_args: &[&str]) -> Out {
+        let mut args = vec!["run", name, "--profiles", profiles, "--"];
+        args.extend_from_slice(podman_args);
+        self.shield(&args)
+    }
+
     /// `terok-shield run NAME --profiles P -- -d IMAGE sleep 600`: a detached shielded
     /// container (bounded: it ends by itself after 10 minutes).
     pub fn run_detached(&self, name: &str, profiles: &str) -> Out {
-        self.shield(&[
-            "run",
-            name,
-            "--profiles",
-            profiles,
-            "--",
-            "-d",
-            IMAGE,
-            "sleep",
-            "600",
-        ])
+        self.run_with(name, profiles, &["-d", IMAGE, "sleep", "600"])
     }
 
     /// `terok-shield run NAME --profiles P -- --rm IMAGE sh -c SCRIPT`.
     pub fn run_script(&self, name: &str, profiles: &str, script: &str) -> Out {
-        self.shield(&[
-            "run",
-            name,
-            "--profiles",
-            profiles,
-            "--",
-            "--rm",
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ])
+        self.run_with(name, profiles, &["--rm", IMAGE, "sh", "-c", script])
     }
 
     /// `podman exec NAME sh -c SCRIPT`.
