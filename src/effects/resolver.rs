@@ -290,6 +290,7 @@ pub fn serve(
         earliest: None,
         worker: Worker::default(),
         done: Vec::new(),
+        learned: Vec::new(),
         outbox: Vec::new(),
         forwards: Vec::new(),
         tx: SendBatch::default(),
@@ -418,6 +419,9 @@ struct EventLoop {
     worker: Worker,
     /// Answers of this wake-up, waiting for their set updates.
     done: Vec<(Pending, Answer)>,
+    /// What the answers of this wake-up put into the sets, for learned.jsonl
+    /// ([`EventLoop::record_learned`], after the replies).
+    learned: Vec<crate::core::dns_policy::Insert>,
     /// Replies of this wake-up (listener, client, message), sent by [`EventLoop::flush_replies`].
     outbox: Vec<(usize, SocketAddr, Vec<u8>)>,
     /// Questions of this wake-up (upstream ID, server) waiting in `pending` to be sent, by
@@ -502,8 +506,10 @@ impl EventLoop {
     }
 
     fn take_questions(&mut self, listener: usize, policy: &DnsPolicy, rx: &mut RecvBatch) {
+        // Nothing in flight: most likely one client asking one question.
+        let one = self.pending.is_empty();
         for _ in 0..RECV_BURST / SLOTS {
-            let n = match rx.recv(self.clients[listener].as_raw_fd()) {
+            let n = match rx.recv(self.clients[listener].as_raw_fd(), one) {
                 Ok(n) => n,
                 Err(Errno::INTR) => continue,
                 Err(_) => return, // AGAIN: drained; anything else: try at the next event
@@ -661,7 +667,8 @@ impl EventLoop {
             let Some(sock) = self.upstream[server].as_ref() else {
                 return;
             };
-            let n = match rx.recv(sock.as_raw_fd()) {
+            // One question out: one answer to come.
+            let n = match rx.recv(sock.as_raw_fd(), self.pending.len() == 1) {
                 Ok(n) => n,
                 Err(Errno::AGAIN) => return,
                 Err(Errno::INTR) => continue,
@@ -792,15 +799,6 @@ impl EventLoop {
                 }
             }
         }
-        let learned = self
-            .done
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| !**f)
-            .flat_map(|((_, a), _)| a.inserts.iter());
-        // Recorded by `record_learned` once the replies are out: the record is for a later
-        // `deny NAME`, and no reply waits on it (the set insertion it describes is done).
-        learned_lines(&mut self.worker.lines, learned);
         for (p, a) in &self.done {
             if a.inserts.is_empty() {
                 self.shared
@@ -817,11 +815,21 @@ impl EventLoop {
                 a.response
             };
             self.reply(p.listener, p.client, msg);
+            if !failed {
+                // Recorded by `record_learned` once the replies are out: the record is for a
+                // later `deny NAME`, and no reply waits on it (its set insertion is done).
+                self.learned.extend(a.inserts);
+            }
         }
     }
 
     /// Append the learned.jsonl records of the answers just sent.
     fn record_learned(&mut self) {
+        if self.learned.is_empty() {
+            return;
+        }
+        learned_lines(&mut self.worker.lines, &self.learned);
+        self.learned.clear();
         append_learned(&self.shared, &self.worker.lines);
         self.worker.lines.clear();
     }
@@ -870,8 +878,10 @@ impl RecvBatch {
         })
     }
 
-    /// Take what is queued on `fd`, up to [`SLOTS`] datagrams, without waiting.
-    fn recv(&mut self, fd: std::os::fd::RawFd) -> Result<usize, Errno> {
+    /// Take what is queued on `fd`, up to [`SLOTS`] datagrams (only one when `one`: a
+    /// `recvmsg` costs less than a `recvmmsg` that goes on to find nothing more), without
+    /// waiting.
+    fn recv(&mut self, fd: std::os::fd::RawFd, one: bool) -> Result<usize, Errno> {
         let base = self.buf.as_mut_ptr();
         for i in 0..SLOTS {
             self.iov[i] = libc::iovec {
@@ -891,14 +901,22 @@ impl RecvBatch {
         }
         // SAFETY: every header points at its own slot (SLOT bytes of the buffer's capacity)
         // and its own address storage, all owned by self and alive for the call.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdr.as_mut_ptr(),
-                SLOTS as _,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
+        let n = if one {
+            let h = &mut self.hdr[0];
+            // SAFETY: as for recvmmsg below, with the first header alone.
+            let len = unsafe { libc::recvmsg(fd, &mut h.msg_hdr, libc::MSG_DONTWAIT) };
+            h.msg_len = len.max(0) as _;
+            len.min(1) as libc::c_int
+        } else {
+            unsafe {
+                libc::recvmmsg(
+                    fd,
+                    self.hdr.as_mut_ptr(),
+                    SLOTS as _,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            }
         };
         if n < 0 {
             return Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO));
@@ -992,12 +1010,21 @@ impl SendBatch {
             // SAFETY: headers at..len were filled in by `push` and point at the caller's
             // messages and at address storage owned by self.
             let n = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.hdr[at..].as_mut_ptr(),
-                    (self.len - at) as _,
-                    libc::MSG_DONTWAIT,
-                )
+                if self.len - at == 1 {
+                    // One message (the usual case at low load): sendmsg is the cheaper call.
+                    if libc::sendmsg(fd, &self.hdr[at].msg_hdr, libc::MSG_DONTWAIT) < 0 {
+                        -1
+                    } else {
+                        1
+                    }
+                } else {
+                    libc::sendmmsg(
+                        fd,
+                        self.hdr[at..].as_mut_ptr(),
+                        (self.len - at) as _,
+                        libc::MSG_DONTWAIT,
+                    )
+                }
             };
             if n > 0 {
                 sent[at..at + n as usize].fill(true);
