@@ -16,6 +16,17 @@ pub struct LearnedLog {
     len: u64,
     /// Compact when the file grows past this.
     compact_at: u64,
+    /// The compaction under way on its own thread: rewriting a file of megabytes takes tens of
+    /// milliseconds, which the resolver's clients must not wait for.
+    compaction: Option<Compaction>,
+}
+
+/// A compaction thread copying the live records of the file's first `prefix` bytes to `tmp`;
+/// the writer appends what came after and renames it over the file once the thread is done.
+struct Compaction {
+    prefix: u64,
+    tmp: PathBuf,
+    thread: std::thread::JoinHandle<io::Result<u64>>,
 }
 
 /// Below this, learned.jsonl is never compacted.
@@ -29,6 +40,7 @@ impl LearnedLog {
             file: None,
             len: 0,
             compact_at: LEARNED_COMPACT_MIN,
+            compaction: None,
         }
     }
 
@@ -46,28 +58,76 @@ impl LearnedLog {
         Ok(self.file.as_mut().expect("opened above"))
     }
 
-    /// Append whole JSON lines in one write; compacts first when the file has grown enough.
+    /// Append whole JSON lines in one write. Once the file has grown enough, a thread
+    /// compacts what is there while appends go on ([`LearnedLog::finish_compaction`]).
     pub fn append(&mut self, lines: &[u8], now: u64) {
-        if self.len + lines.len() as u64 > self.compact_at {
-            self.compact(now);
-        }
+        self.finish_compaction(false);
         let Ok(file) = self.open() else { return };
         // One write: O_APPEND keeps the lines whole even next to another writer.
         match file.write_all(lines) {
             Ok(()) => self.len += lines.len() as u64,
             Err(_) => self.file = None, // reopen next time
         }
+        if self.len > self.compact_at && self.compaction.is_none() {
+            self.start_compaction(now);
+        }
     }
 
-    /// Rewrite the file with its live records. Amortised: the next compaction waits until
-    /// the file has doubled, so a file full of live records is not rewritten per answer.
-    fn compact(&mut self, now: u64) {
-        if let Ok(kept) = rewrite_live(&self.path, now) {
-            self.file = None; // the old inode is gone: reopen the new file
-            self.len = kept;
+    /// Start copying the live records of the file as it is now to a temporary file.
+    fn start_compaction(&mut self, now: u64) {
+        let prefix = self.len;
+        let (path, tmp) = (self.path.clone(), temporary(&self.path));
+        let to = tmp.clone();
+        match std::thread::Builder::new()
+            .name("learned-compact".into())
+            .spawn(move || {
+                // Lowest priority: the resolver's event loop shares the CPU and always wins.
+                // SAFETY: setpriority on this thread's own id only changes its nice value.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                }
+                rewrite_live(&path, &to, prefix, now)
+            }) {
+            Ok(thread) => {
+                self.compaction = Some(Compaction {
+                    prefix,
+                    tmp,
+                    thread,
+                })
+            }
+            // No thread to be had: try again once the file has doubled.
+            Err(_) => self.compact_at = self.len.saturating_mul(2),
         }
-        // Unreadable (e.g. larger than the state-file bound): keep appending, never drop
-        // records a `deny` may need.
+    }
+
+    /// Complete a compaction whose thread is done (or wait for it: `wait`): append what was
+    /// written after its snapshot, rename the result over the file and reopen it. Amortised:
+    /// the next compaction waits until the file has doubled, so a file full of live records
+    /// is not rewritten per answer.
+    fn finish_compaction(&mut self, wait: bool) {
+        let Some(c) = self.compaction.take() else {
+            return;
+        };
+        if !wait && !c.thread.is_finished() {
+            self.compaction = Some(c);
+            return;
+        }
+        let kept = c
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("compaction thread panicked")))
+            .and_then(|kept| Ok(kept + append_tail(&self.path, &c.tmp, c.prefix)?));
+        match kept {
+            Ok(kept) => {
+                self.file = None; // the old inode is gone: reopen the new file
+                self.len = kept;
+            }
+            // Unreadable (e.g. larger than the state-file bound), or emptied meanwhile by
+            // `reset`: keep the file as it is, never drop records a `deny` may need.
+            Err(_) => {
+                let _ = std::fs::remove_file(&c.tmp);
+            }
+        }
         self.compact_at = (self.len.max(LEARNED_COMPACT_MIN / 2)).saturating_mul(2);
         // SAFETY: malloc_trim only returns free heap memory to the kernel.
         unsafe {
@@ -76,23 +136,53 @@ impl LearnedLog {
     }
 }
 
-/// Copy the live records of `path` to a temporary file, line by line, and rename it over
-/// `path`; returns the new size. Memory stays a line's worth whatever the file's size (read
-/// and rebuilt whole, a DNS-flooded resolver's 4 MB file cost twice that at each compaction).
-fn rewrite_live(path: &std::path::Path, now: u64) -> io::Result<u64> {
+/// Where a compaction of `path` by this process writes.
+fn temporary(path: &std::path::Path) -> PathBuf {
+    path.with_extension(format!("tmp.{}", std::process::id()))
+}
+
+/// Append to `tmp` what `path` gained after its first `prefix` bytes, then rename `tmp` over
+/// `path`; returns the bytes appended. A file now shorter than `prefix` was emptied by
+/// `reset` meanwhile: renaming the copy over it would bring back what reset took out.
+fn append_tail(path: &std::path::Path, tmp: &std::path::Path, prefix: u64) -> io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut old = std::fs::File::open(path)?;
+    let end = old.metadata()?.len();
+    if end < prefix {
+        return Err(io::Error::other(
+            "learned.jsonl was emptied during compaction",
+        ));
+    }
+    old.seek(SeekFrom::Start(prefix))?;
+    let mut out = std::fs::OpenOptions::new().append(true).open(tmp)?;
+    let copied = io::copy(&mut old.take(end - prefix), &mut out)?;
+    std::fs::rename(tmp, path)?;
+    Ok(copied)
+}
+
+/// Copy the live records among the first `prefix` bytes of `path` to `tmp`, line by line;
+/// returns the bytes kept. Memory stays a line's worth whatever the file's size (read and
+/// rebuilt whole, a DNS-flooded resolver's 4 MB file cost twice that at each compaction).
+fn rewrite_live(
+    path: &std::path::Path,
+    tmp: &std::path::Path,
+    prefix: u64,
+    now: u64,
+) -> io::Result<u64> {
     use std::io::{BufRead, BufReader, BufWriter, Read};
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let result = (|| {
-        let input =
-            BufReader::new(std::fs::File::open(path)?.take(crate::effects::state::MAX_STATE_FILE));
+        if prefix > crate::effects::state::MAX_STATE_FILE {
+            return Err(io::Error::other("learned.jsonl is too large to compact"));
+        }
+        let input = BufReader::new(std::fs::File::open(path)?.take(prefix));
         let mut out = BufWriter::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
                 .mode(0o600)
-                .open(&tmp)?,
+                .open(tmp)?,
         );
         let mut kept = 0u64;
         for line in input.split(b'\n') {
@@ -105,11 +195,10 @@ fn rewrite_live(path: &std::path::Path, now: u64) -> io::Result<u64> {
             }
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)?;
         Ok(kept)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     result
 }
@@ -298,13 +387,63 @@ mod tests {
             }
         }
         std::fs::write(&path, &all).unwrap();
-        assert_eq!(rewrite_live(&path, 100).unwrap(), live.len() as u64);
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), live);
+        let tmp = temporary(&path);
+        let everything = all.len() as u64;
+        assert_eq!(
+            rewrite_live(&path, &tmp, everything, 100).unwrap(),
+            live.len() as u64
+        );
+        assert_eq!(std::fs::read_to_string(&tmp).unwrap(), live);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            all,
+            "the file itself is untouched"
+        );
+        std::fs::remove_file(&tmp).unwrap();
+
+        // Through the writer: the append that crosses the threshold starts the compaction,
+        // appends go on meanwhile, and the result holds the live records, then all of those.
+        std::fs::remove_file(&path).unwrap();
         let mut log = LearnedLog::new(path.clone());
-        log.len = live.len() as u64;
-        log.compact_at = 1; // the next append compacts first
-        log.append(record(1, 900).as_bytes(), 600);
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), record(1, 900));
+        log.append(record(1, 500).as_bytes(), 100);
+        log.compact_at = 1; // crossed by the next append
+        log.append(record(2, 900).as_bytes(), 600);
+        assert!(log.compaction.is_some(), "a thread compacts");
+        log.append(record(3, 900).as_bytes(), 600);
+        log.finish_compaction(true);
+        assert!(log.compaction.is_none());
+        log.append(record(4, 900).as_bytes(), 600);
+        let expected = [record(2, 900), record(3, 900), record(4, 900)].concat();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
+        assert_eq!(log.len, expected.len() as u64);
+        assert!(!tmp.exists(), "renamed over the file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `reset` empties the file in place while a compaction copies it: renaming the copy over
+    /// the file would bring back the records reset took out, so the compaction is dropped.
+    #[test]
+    fn a_compaction_of_a_file_emptied_meanwhile_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("terok-learned-reset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(LEARNED_FILE);
+        let _ = std::fs::remove_file(&path);
+        let mut log = LearnedLog::new(path.clone());
+        log.append(
+            b"{\"domain\":\"old.example.com\",\"addr\":\"198.51.100.1\",\"until\":900}\n",
+            100,
+        );
+        log.compact_at = 1;
+        log.append(
+            b"{\"domain\":\"old.example.com\",\"addr\":\"198.51.100.2\",\"until\":900}\n",
+            100,
+        );
+        assert!(log.compaction.is_some());
+        take_learned(&path).unwrap();
+        log.append(b"{\"new\":1}\n", 100);
+        log.finish_compaction(true);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"new\":1}\n");
+        assert!(!temporary(&path).exists(), "the copy is removed");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
