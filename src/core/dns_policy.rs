@@ -177,25 +177,35 @@ impl DnsPolicy {
     /// name covers itself only. `qname` is already lower case (it is a [`DomainName`]), which
     /// makes the comparison case-insensitive with respect to the wire.
     pub fn decide_query(&self, qname: &DomainName, qtype: RecordType) -> QueryDecision {
+        match self.refusal(qname, qtype) {
+            Some(why) => QueryDecision::Refuse(why),
+            None => QueryDecision::Forward(
+                self.grants
+                    .iter()
+                    .filter(|g| g.pattern.matches(qname))
+                    .cloned()
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Why [`DnsPolicy::decide_query`] refuses the question, if it does; without collecting
+    /// the grants, for the resolver's per-question check (it forwards the question as is).
+    pub fn refusal(&self, qname: &DomainName, qtype: RecordType) -> Option<RefuseReason> {
         if self.mode == Mode::Block {
-            return QueryDecision::Refuse(RefuseReason::BlockMode);
+            return Some(RefuseReason::BlockMode);
         }
         if !is_servable_type(qtype) {
-            return QueryDecision::Refuse(RefuseReason::QueryType(qtype));
+            return Some(RefuseReason::QueryType(qtype));
         }
         if let Some(deny) = self.denied.iter().find(|p| p.matches(qname)) {
-            return QueryDecision::Refuse(RefuseReason::Denied(deny.clone()));
+            return Some(RefuseReason::Denied(deny.clone()));
         }
-        let matched: Vec<Grant> = self
-            .grants
-            .iter()
-            .filter(|g| g.pattern.matches(qname))
-            .cloned()
-            .collect();
-        if matched.is_empty() && self.mode == Mode::DenyAll {
-            return QueryDecision::Refuse(RefuseReason::NotAllowlisted);
+        let allowed = || self.grants.iter().any(|g| g.pattern.matches(qname));
+        if self.mode == Mode::DenyAll && !allowed() {
+            return Some(RefuseReason::NotAllowlisted);
         }
-        QueryDecision::Forward(matched)
+        None
     }
 
     /// Whether a live deny covers `addr`: the deny sets drop it before any DNS set is looked

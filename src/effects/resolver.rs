@@ -28,7 +28,7 @@ use rustix::io::Errno;
 use crate::core::bundle::ContainerName;
 use crate::core::dns_policy::{
     extract_answer, inspect_request, refused_response, servfail_response, truncated_response,
-    with_id, Answer, AnswerDecision, DnsPolicy, QueryDecision, Request,
+    with_id, Answer, AnswerDecision, DnsPolicy, Request,
 };
 use crate::core::target::Protocol;
 use crate::effects::events::{DnsEvents, EventReader};
@@ -383,9 +383,7 @@ const SLOT: usize = 4096;
 /// A UDP question forwarded upstream, keyed by the upstream ID it went out under.
 struct Pending {
     req: Request,
-    /// The client's message (replies are built from it).
-    raw: Vec<u8>,
-    /// `raw` under the upstream ID.
+    /// The client's message under the upstream ID ([`Pending::raw`] gives it back as sent).
     question: Vec<u8>,
     client: SocketAddr,
     /// Which listening socket it came in on (the reply leaves from it).
@@ -396,6 +394,14 @@ struct Pending {
     deadline: Instant,
     /// When the client gets SERVFAIL whatever the servers do.
     overall: Instant,
+}
+
+impl Pending {
+    /// The client's message as it sent it (error replies are built from it; rare, so it is
+    /// not kept beside the forwarded copy).
+    fn raw(&self) -> Vec<u8> {
+        with_id(&self.question, self.req.id)
+    }
 }
 
 /// The UDP side of the resolver: one thread, non-blocking sockets, many questions in flight.
@@ -534,7 +540,7 @@ impl EventLoop {
                 return;
             }
         };
-        if let QueryDecision::Refuse(why) = policy.decide_query(&req.qname, req.qtype) {
+        if let Some(why) = policy.refusal(&req.qname, req.qtype) {
             self.shared.events.refused(&req.qname, req.qtype, &why);
             self.reply(listener, from, refused_response(&req, raw));
             return;
@@ -552,7 +558,6 @@ impl EventLoop {
         let now = Instant::now();
         let p = Pending {
             question: with_id(raw, id),
-            raw: raw.to_vec(),
             req,
             client: from,
             listener,
@@ -590,7 +595,7 @@ impl EventLoop {
             }
             p.server += 1;
         }
-        self.reply(p.listener, p.client, servfail_response(&p.req, &p.raw));
+        self.reply(p.listener, p.client, servfail_response(&p.req, &p.raw()));
     }
 
     /// Send the questions queued by this wake-up, one `sendmmsg` per server and [`SLOTS`]
@@ -681,7 +686,8 @@ impl EventLoop {
                 }
             };
             for i in 0..n {
-                self.upstream_answer(server, rx.msg(i), rx.truncated(i), policy);
+                let cut = rx.truncated(i);
+                self.upstream_answer(server, rx.msg_mut(i), cut, policy);
             }
             if n < SLOTS {
                 return; // drained
@@ -689,7 +695,8 @@ impl EventLoop {
         }
     }
 
-    fn upstream_answer(&mut self, server: usize, reply: &[u8], cut: bool, policy: &DnsPolicy) {
+    /// `reply` is the datagram in the receive buffer: the client's ID is put back in place.
+    fn upstream_answer(&mut self, server: usize, reply: &mut [u8], cut: bool, policy: &DnsPolicy) {
         if reply.len() < 2 {
             return;
         }
@@ -703,21 +710,17 @@ impl EventLoop {
             // Larger than a receive slot: what arrived is not the whole answer.
             return self.retry_over_tcp(p);
         }
-        let answer = extract_answer(
-            &with_id(reply, p.req.id),
-            &p.req,
-            policy,
-            self.shared.settings.ttl_bounds,
-        );
+        reply[..2].copy_from_slice(&p.req.id.to_be_bytes());
+        let answer = extract_answer(reply, &p.req, policy, self.shared.settings.ttl_bounds);
         match answer {
             AnswerDecision::Answer(a) => self.done.push((p, a)),
             AnswerDecision::RetryOverTcp => self.retry_over_tcp(p),
             AnswerDecision::Refused(_) => {
-                let msg = refused_response(&p.req, &p.raw);
+                let msg = refused_response(&p.req, &p.raw());
                 self.reply(p.listener, p.client, msg)
             }
             AnswerDecision::Reject(_) => {
-                let msg = servfail_response(&p.req, &p.raw);
+                let msg = servfail_response(&p.req, &p.raw());
                 self.reply(p.listener, p.client, msg)
             }
         }
@@ -744,7 +747,7 @@ impl EventLoop {
         let sock = self.clients[p.listener].clone();
         spawn_bounded(&self.shared, move |s| {
             let mut worker = Worker::default();
-            if let Some(reply) = answer(s, &mut worker, &p.raw, false) {
+            if let Some(reply) = answer(s, &mut worker, &p.raw(), false) {
                 let _ = sock.send_to(&reply, p.client);
             }
         });
@@ -808,9 +811,9 @@ impl EventLoop {
         }
         for ((p, a), failed) in std::mem::take(&mut self.done).into_iter().zip(failed) {
             let msg = if failed {
-                servfail_response(&p.req, &p.raw)
+                servfail_response(&p.req, &p.raw())
             } else if a.response.len() > usize::from(p.req.udp_payload) {
-                truncated_response(&p.req, &p.raw)
+                truncated_response(&p.req, &p.raw())
             } else {
                 a.response
             };
@@ -929,6 +932,14 @@ impl RecvBatch {
         let len = (self.hdr[i].msg_len as usize).min(SLOT);
         // SAFETY: the kernel wrote these `len` bytes of slot `i` in the last `recv`.
         unsafe { std::slice::from_raw_parts(self.buf.as_ptr().add(i * SLOT), len) }
+    }
+
+    /// Datagram `i` of the last `recv`, to change in place.
+    fn msg_mut(&mut self, i: usize) -> &mut [u8] {
+        let len = (self.hdr[i].msg_len as usize).min(SLOT);
+        // SAFETY: the kernel wrote these `len` bytes of slot `i` in the last `recv`; the
+        // borrow of self keeps the buffer from being touched by anything else meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().add(i * SLOT), len) }
     }
 
     /// Whether datagram `i` was larger than its slot.
@@ -1171,7 +1182,7 @@ fn answer(shared: &Shared, worker: &mut Worker, raw: &[u8], over_tcp: bool) -> O
         Err(m) => return m.reply().map(<[u8]>::to_vec),
     };
     let policy = shared.policy();
-    if let QueryDecision::Refuse(why) = policy.decide_query(&req.qname, req.qtype) {
+    if let Some(why) = policy.refusal(&req.qname, req.qtype) {
         shared.events.refused(&req.qname, req.qtype, &why);
         return Some(refused_response(&req, raw));
     }
