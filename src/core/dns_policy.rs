@@ -686,7 +686,9 @@ fn decide_answer(
             }
             let ttl = Duration::from_secs(u64::from(clamp_ttl(ttl, ttl_bounds)));
             let narrowed;
-            let here = if is_rebinding_sensitive(addr) {
+            // `sensitive` lists every rebinding-sensitive address of the message, so this is
+            // `is_rebinding_sensitive(addr)` without testing the private ranges again.
+            let here = if facts.sensitive.contains(&addr) {
                 narrowed = policy.sensitive_scopes(addr, &scopes);
                 &narrowed
             } else {

@@ -158,9 +158,27 @@ pub fn same_name(msg: &[u8], a: WireName, b: WireName) -> bool {
     a == b || labels_equal(labels(msg, a), labels(msg, b))
 }
 
-/// Whether `name` spells the dotted text `dotted` (labels without dots), ASCII case ignored.
+/// Whether `name` spells the dotted text `dotted` label by label, ASCII case ignored (a label
+/// holding a `.` never matches: it is not two labels).
 pub fn name_is(msg: &[u8], name: WireName, dotted: &str) -> bool {
-    labels_equal(labels(msg, name), dotted.split('.').map(str::as_bytes))
+    let mut rest = dotted.as_bytes();
+    let mut first = true;
+    for label in labels(msg, name) {
+        if !first {
+            match rest.split_first() {
+                Some((b'.', tail)) => rest = tail,
+                _ => return false,
+            }
+        }
+        first = false;
+        match rest.split_at_checked(label.len()) {
+            Some((head, tail)) if head.eq_ignore_ascii_case(label) && !label.contains(&b'.') => {
+                rest = tail;
+            }
+            _ => return false,
+        }
+    }
+    !first && rest.is_empty()
 }
 
 fn labels_equal<'a, 'b>(
@@ -542,6 +560,30 @@ mod tests {
         ] {
             assert_eq!(read_answer(&with_owner(owner)), None, "{owner:?}");
         }
+    }
+
+    #[test]
+    fn names_match_dotted_text_label_by_label() {
+        let msg = [
+            header(0),
+            b"\x03WwW\x07example\x03com\x00\x0bwww.example\x03com\x00".to_vec(),
+        ]
+        .concat();
+        let mut names = NameReader::new(&msg);
+        let (plain, at) = names.read(HEADER_LEN, false).unwrap();
+        let (dotted_label, _) = names.read(at, false).unwrap();
+        assert!(name_is(&msg, plain, "www.example.com"));
+        for other in [
+            "www.example",
+            "www.example.co",
+            "www.example.com.x",
+            "wwwexample.com",
+            "",
+        ] {
+            assert!(!name_is(&msg, plain, other), "{other}");
+        }
+        assert!(!name_is(&msg, dotted_label, "www.example.com"));
+        assert!(!same_name(&msg, plain, dotted_label));
     }
 
     #[test]
