@@ -18,7 +18,9 @@
 //!   name's records in the reply carry no longer TTL;
 //! - outside `down --all`, the bytes for the client hold no rebinding-sensitive address that
 //!   no allowlisted network covers, read by a plain RFC 1035 walk of the message (so a
-//!   difference between hickory's parser and a client's cannot hide one).
+//!   difference between hickory's parser and a client's cannot hide one);
+//! - whenever the in-place reader (`extract_answer_fast`) takes an answer, hickory's reading
+//!   of it (`extract_answer_hickory`) decides exactly the same.
 #![no_main]
 
 use std::collections::HashSet;
@@ -31,7 +33,8 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use libfuzzer_sys::fuzz_target;
 use terok_shield::core::bundle::Bundle;
 use terok_shield::core::dns_policy::{
-    extract_answer, inspect_request, AnswerDecision, DnsPolicy, QueryDecision, Request,
+    extract_answer, extract_answer_fast, extract_answer_hickory, inspect_request, AnswerDecision,
+    DnsPolicy, QueryDecision, Request,
 };
 use terok_shield::core::policy::Mode;
 use terok_shield::core::private::is_rebinding_sensitive;
@@ -249,6 +252,11 @@ fn check(c: &Case) {
                 .any(|t| matches!(t.host, Host::Net(n) if n.contains(&addr)))
     };
     let decision = extract_answer(&c.upstream, &c.req, &policy, c.bounds);
+    let slow = extract_answer_hickory(&c.upstream, &c.req, &policy, c.bounds);
+    if let Some(fast) = extract_answer_fast(&c.upstream, &c.req, &policy, c.bounds) {
+        assert_eq!(fast, slow, "the in-place reader disagrees with hickory");
+    }
+    assert_eq!(decision, slow);
     let AnswerDecision::Answer(answer) = decision else {
         return;
     };

@@ -7,7 +7,8 @@
 //! ID, parses, and echoes exactly the one question of the request (same name, type and class
 //! IN); OPT only when the client sent one; the Extended DNS Error only on REFUSED. A question
 //! is forwarded in `up` mode only when an allowlisted pattern matches it and no deny does, and
-//! never in `block` mode.
+//! never in `block` mode. Whenever the in-place reader (`inspect_request_fast`) takes a
+//! message, hickory's reading of it (`inspect_request_hickory`) gives the very same request.
 #![no_main]
 
 use arbitrary::Unstructured;
@@ -15,8 +16,8 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::DNSClass;
 use libfuzzer_sys::fuzz_target;
 use terok_shield::core::dns_policy::{
-    inspect_request, refused_response, servfail_response, truncated_response, with_id, DnsPolicy,
-    QueryDecision, Request, EDNS_EDE,
+    inspect_request, inspect_request_fast, inspect_request_hickory, refused_response,
+    servfail_response, truncated_response, with_id, DnsPolicy, QueryDecision, Request, EDNS_EDE,
 };
 use terok_shield::core::policy::Mode;
 use terok_shield::core::target::{DomainName, Host};
@@ -84,7 +85,13 @@ fuzz_target!(|data: &[u8]| {
         data.len()
             .min(usize::from(data.first().copied().unwrap_or(0) % 64)),
     );
-    match inspect_request(query) {
+    let slow = inspect_request_hickory(query);
+    if let Some(fast) = inspect_request_fast(query) {
+        assert_eq!(Ok(fast), slow, "the in-place reader disagrees with hickory");
+    }
+    let result = inspect_request(query);
+    assert_eq!(result, slow);
+    match result {
         Ok(req) => {
             assert!(query.len() >= 12 && query[2] & 0x80 == 0);
             assert!(req.udp_payload >= 512);

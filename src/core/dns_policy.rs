@@ -398,7 +398,37 @@ impl Malformed {
 
 /// Validate a client query: a standard QUERY with exactly one question of class IN for a
 /// name [`DomainName`] accepts. Never panics on any input.
+///
+/// The common shape is read in place ([`inspect_request_fast`]); everything else is parsed by
+/// hickory ([`inspect_request_hickory`]), with the same result either way.
 pub fn inspect_request(bytes: &[u8]) -> Result<Request, Malformed> {
+    match inspect_request_fast(bytes) {
+        Some(req) => Ok(req),
+        None => inspect_request_hickory(bytes),
+    }
+}
+
+/// The [`Request`] of a query of the common shape, read in place without building hickory's
+/// types: one uncompressed question of class IN, at most an OPT record without options, and
+/// nothing else ([`read_query`](super::dns_wire::read_query)). `None` for any other message,
+/// including every one [`inspect_request`] refuses; when it answers,
+/// [`inspect_request_hickory`] gives the same `Request`.
+pub fn inspect_request_fast(bytes: &[u8]) -> Option<Request> {
+    let query = super::dns_wire::read_query(bytes)?;
+    Some(Request {
+        id: query.id,
+        qname: domain_from_labels(query.qname_labels())?,
+        qtype: RecordType::from(query.qtype),
+        edns: query.opt.is_some(),
+        udp_payload: query.opt.map_or(CLASSIC_UDP_PAYLOAD, |opt| {
+            opt.udp_payload.max(CLASSIC_UDP_PAYLOAD)
+        }),
+        recursion_desired: query.recursion_desired,
+    })
+}
+
+/// [`inspect_request`] by hickory's parser alone: every message, whatever its shape.
+pub fn inspect_request_hickory(bytes: &[u8]) -> Result<Request, Malformed> {
     if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
         return Err(Malformed::NotAQuery);
     }
@@ -579,7 +609,237 @@ pub enum AnswerDecision {
 /// opens, and are removed from every section of the answer unless an allowlisted network
 /// contains them (in `down --all` mode they stay in the answer but are still not learned).
 /// Never panics on any input.
+///
+/// The common shape is read in place ([`extract_answer_fast`]); everything else is parsed by
+/// hickory ([`extract_answer_hickory`]). Both only gather the facts of the answer, and one
+/// function (`decide_answer`) decides on them, so the policy exists once.
 pub fn extract_answer(
+    upstream: &[u8],
+    req: &Request,
+    policy: &DnsPolicy,
+    ttl_bounds: (u32, u32),
+) -> AnswerDecision {
+    extract_answer_fast(upstream, req, policy, ttl_bounds)
+        .unwrap_or_else(|| extract_answer_hickory(upstream, req, policy, ttl_bounds))
+}
+
+/// What [`decide_answer`] needs to know of an upstream answer, gathered by either reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AnswerFacts<'f> {
+    /// The message ID.
+    id: u16,
+    /// QR set and opcode QUERY.
+    standard_response: bool,
+    /// Exactly one question, and it is the request's (type, class IN, name in any case).
+    question_matches: bool,
+    /// TC set.
+    truncated: bool,
+    /// The response code (with its EDNS upper bits) is NOERROR.
+    no_error: bool,
+    /// A/AAAA records of class IN in the answer section owned by a name of the CNAME chain,
+    /// in answer order, each address once with the longest TTL it was given.
+    learned: &'f [(IpAddr, u32)],
+    /// Rebinding-sensitive addresses of every section, in message order, each once.
+    sensitive: &'f [IpAddr],
+    /// Longest TTL of the answer section's A, AAAA and CNAME records owned by a chain name
+    /// (0 when there are none): above the maximum, the client's copy must be capped.
+    chain_max_ttl: u32,
+}
+
+/// How the client's copy of an answer must differ from the upstream bytes.
+struct Rewrite<'r> {
+    /// Addresses whose records are removed from every section.
+    removed: &'r [IpAddr],
+    /// The TTL cap for the chain's records, when one is needed.
+    ttl_cap: Option<u32>,
+}
+
+/// The policy applied to the facts of an answer: the one place [`extract_answer`] decides.
+///
+/// `rewrite` produces the client's bytes when they cannot be the upstream bytes: `None` when
+/// the reader that gathered the facts cannot rewrite (the fast path then gives up and hickory
+/// reads the answer), else the bytes or why none can be sent.
+fn decide_answer(
+    facts: &AnswerFacts,
+    upstream: &[u8],
+    req: &Request,
+    policy: &DnsPolicy,
+    ttl_bounds: (u32, u32),
+    rewrite: impl FnOnce(&Rewrite) -> Option<Result<Vec<u8>, Mismatch>>,
+) -> Option<AnswerDecision> {
+    if facts.id != req.id {
+        return Some(AnswerDecision::Reject(Mismatch::Id {
+            expected: req.id,
+            found: facts.id,
+        }));
+    }
+    if !facts.standard_response {
+        return Some(AnswerDecision::Reject(Mismatch::NotAResponse));
+    }
+    if !facts.question_matches {
+        return Some(AnswerDecision::Reject(Mismatch::Question));
+    }
+    if facts.truncated {
+        return Some(AnswerDecision::RetryOverTcp);
+    }
+    let grants = match policy.decide_query(&req.qname, req.qtype) {
+        QueryDecision::Forward(grants) => grants,
+        QueryDecision::Refuse(reason) => return Some(AnswerDecision::Refused(reason)),
+    };
+    let scopes = reduce_scopes(grants.iter().map(|g| g.scope));
+
+    let mut inserts = Vec::new();
+    if facts.no_error {
+        for &(addr, ttl) in facts.learned {
+            if policy.denies_addr(addr) {
+                continue;
+            }
+            let ttl = Duration::from_secs(u64::from(clamp_ttl(ttl, ttl_bounds)));
+            let narrowed;
+            // `sensitive` lists every rebinding-sensitive address of the message, so this is
+            // `is_rebinding_sensitive(addr)` without testing the private ranges again.
+            let here = if facts.sensitive.contains(&addr) {
+                narrowed = policy.sensitive_scopes(addr, &scopes);
+                &narrowed
+            } else {
+                &scopes
+            };
+            inserts.extend(here.iter().map(|&scope| Insert {
+                addr,
+                scope,
+                ttl,
+                domain: req.qname.clone(),
+            }));
+        }
+    }
+
+    let removed: Vec<IpAddr> = facts
+        .sensitive
+        .iter()
+        .copied()
+        .filter(|addr| policy.mode != Mode::BypassAll && !policy.allowlists(*addr))
+        .collect();
+    let max_ttl = clamp_ttl(u32::MAX, ttl_bounds);
+    let cap = !inserts.is_empty() && facts.chain_max_ttl > max_ttl;
+
+    let response = if removed.is_empty() && !cap {
+        upstream.to_vec()
+    } else {
+        let wanted = Rewrite {
+            removed: &removed,
+            ttl_cap: cap.then_some(max_ttl),
+        };
+        match rewrite(&wanted)? {
+            Ok(bytes) => bytes,
+            Err(mismatch) => return Some(AnswerDecision::Reject(mismatch)),
+        }
+    };
+    let named = facts
+        .learned
+        .iter()
+        .map(|(addr, _)| *addr)
+        .filter(|addr| !removed.contains(addr))
+        .collect();
+    Some(AnswerDecision::Answer(Answer {
+        inserts,
+        response,
+        named,
+        removed,
+    }))
+}
+
+/// `learned` with `addr` (seen with `ttl`) added, or its TTL raised: [`AnswerFacts::learned`].
+fn learn(learned: &mut [(IpAddr, u32)], count: &mut usize, addr: IpAddr, ttl: u32) -> Option<()> {
+    match learned[..*count].iter_mut().find(|(a, _)| *a == addr) {
+        Some((_, longest)) => *longest = (*longest).max(ttl),
+        None => {
+            *learned.get_mut(*count)? = (addr, ttl);
+            *count += 1;
+        }
+    }
+    Some(())
+}
+
+/// [`extract_answer`] for an answer of the common shape (see
+/// [`read_answer`](super::dns_wire::read_answer)) that can go to the client as it came: read in
+/// place, without parsing it into hickory's types. `None` for every other answer, and for one
+/// whose records would have to be removed or TTLs capped. When it answers,
+/// [`extract_answer_hickory`] gives the same decision.
+pub fn extract_answer_fast(
+    upstream: &[u8],
+    req: &Request,
+    policy: &DnsPolicy,
+    ttl_bounds: (u32, u32),
+) -> Option<AnswerDecision> {
+    use super::dns_wire::{read_answer, RecordData, WireName, CLASS_IN, MAX_ANSWERS};
+
+    let view = read_answer(upstream)?;
+    let question_matches = view.qclass == CLASS_IN
+        && RecordType::from(view.qtype) == req.qtype
+        && view.name_is(view.qname, req.qname.as_str());
+
+    // The CNAME chain from the question, as `cname_chain` follows it (every record is IN).
+    let mut chain = [view.qname; MAX_CNAME_CHAIN + 1];
+    let mut chain_len = 1;
+    while chain_len <= MAX_CNAME_CHAIN {
+        let owner = chain[chain_len - 1];
+        let next = view.records().iter().find_map(|r| match r.data {
+            RecordData::Cname(target) if view.same_name(r.owner, owner) => Some(target),
+            _ => None,
+        });
+        match next {
+            Some(target)
+                if !chain[..chain_len]
+                    .iter()
+                    .any(|c| view.same_name(*c, target)) =>
+            {
+                chain[chain_len] = target;
+                chain_len += 1;
+            }
+            _ => break,
+        }
+    }
+    let on_chain = |name: WireName| chain[..chain_len].iter().any(|c| view.same_name(*c, name));
+
+    let unset = (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+    let mut learned = [unset; MAX_ANSWERS];
+    let mut learned_len = 0;
+    let mut sensitive = [unset.0; MAX_ANSWERS];
+    let mut sensitive_len = 0;
+    let mut chain_max_ttl = 0;
+    for record in view.records() {
+        let chained = on_chain(record.owner);
+        if chained {
+            chain_max_ttl = chain_max_ttl.max(record.ttl);
+        }
+        if let RecordData::Address(addr) = record.data {
+            if chained {
+                learn(&mut learned, &mut learned_len, addr, record.ttl)?;
+            }
+            if is_rebinding_sensitive(addr) && !sensitive[..sensitive_len].contains(&addr) {
+                *sensitive.get_mut(sensitive_len)? = addr;
+                sensitive_len += 1;
+            }
+        }
+    }
+    let header = view.header;
+    let facts = AnswerFacts {
+        id: header.id,
+        // read_answer takes nothing else.
+        standard_response: true,
+        question_matches,
+        truncated: header.truncated(),
+        no_error: header.rcode_low() == 0 && view.opt.is_none_or(|opt| opt.rcode_high == 0),
+        learned: &learned[..learned_len],
+        sensitive: &sensitive[..sensitive_len],
+        chain_max_ttl,
+    };
+    decide_answer(&facts, upstream, req, policy, ttl_bounds, |_| None)
+}
+
+/// [`extract_answer`] by hickory's parser alone: every answer, whatever its shape, and the
+/// only path that re-encodes one.
+pub fn extract_answer_hickory(
     upstream: &[u8],
     req: &Request,
     policy: &DnsPolicy,
@@ -588,33 +848,19 @@ pub fn extract_answer(
     let Ok(mut msg) = Message::from_vec(upstream) else {
         return AnswerDecision::Reject(Mismatch::Unparsable);
     };
-    if msg.metadata.id != req.id {
-        return AnswerDecision::Reject(Mismatch::Id {
-            expected: req.id,
-            found: msg.metadata.id,
-        });
-    }
-    if msg.metadata.message_type != MessageType::Response || msg.metadata.op_code != OpCode::Query {
-        return AnswerDecision::Reject(Mismatch::NotAResponse);
-    }
-    let [question] = msg.queries.as_slice() else {
-        return AnswerDecision::Reject(Mismatch::Question);
+    let question = match msg.queries.as_slice() {
+        [q] if q.query_class() == DNSClass::IN
+            && q.query_type() == req.qtype
+            && domain_of(q.name()).as_ref() == Some(&req.qname) =>
+        {
+            Some(q.name().clone())
+        }
+        _ => None,
     };
-    if question.query_class() != DNSClass::IN
-        || question.query_type() != req.qtype
-        || domain_of(question.name()).as_ref() != Some(&req.qname)
-    {
-        return AnswerDecision::Reject(Mismatch::Question);
-    }
-    if msg.metadata.truncation {
-        return AnswerDecision::RetryOverTcp;
-    }
-    let grants = match policy.decide_query(&req.qname, req.qtype) {
-        QueryDecision::Forward(grants) => grants,
-        QueryDecision::Refuse(reason) => return AnswerDecision::Refused(reason),
-    };
-    let scopes = reduce_scopes(grants.iter().map(|g| g.scope));
-    let chain = cname_chain(&msg.answers, question.name());
+    let chain = question
+        .as_ref()
+        .map(|qname| cname_chain(&msg.answers, qname))
+        .unwrap_or_default();
 
     // Addresses of the chain, in answer order, each with the longest TTL it was given.
     let mut learned: Vec<(IpAddr, u32)> = Vec::new();
@@ -628,78 +874,53 @@ pub fn extract_answer(
             None => learned.push((ip, rec.ttl)),
         }
     }
-
-    let chain_addrs: Vec<IpAddr> = learned.iter().map(|(addr, _)| *addr).collect();
-    let mut inserts = Vec::new();
-    if msg.metadata.response_code == ResponseCode::NoError {
-        for (addr, ttl) in learned {
-            if policy.denies_addr(addr) {
-                continue;
-            }
-            let ttl = Duration::from_secs(u64::from(clamp_ttl(ttl, ttl_bounds)));
-            let here = if is_rebinding_sensitive(addr) {
-                policy.sensitive_scopes(addr, &scopes)
-            } else {
-                scopes.clone()
-            };
-            inserts.extend(here.into_iter().map(|scope| Insert {
-                addr,
-                scope,
-                ttl,
-                domain: req.qname.clone(),
-            }));
+    let mut sensitive: Vec<IpAddr> = Vec::new();
+    for ip in msg.all_sections().filter_map(address_of) {
+        if is_rebinding_sensitive(ip) && !sensitive.contains(&ip) {
+            sensitive.push(ip);
         }
     }
-
-    let strip = |addr: IpAddr| {
-        policy.mode != Mode::BypassAll && is_rebinding_sensitive(addr) && !policy.allowlists(addr)
+    let chain_max_ttl = msg
+        .answers
+        .iter()
+        .filter(|r| chain.contains(&r.name) && is_chain_record(r))
+        .map(|r| r.ttl)
+        .max()
+        .unwrap_or(0);
+    let meta = msg.metadata;
+    let facts = AnswerFacts {
+        id: meta.id,
+        standard_response: meta.message_type == MessageType::Response
+            && meta.op_code == OpCode::Query,
+        question_matches: question.is_some(),
+        truncated: meta.truncation,
+        no_error: meta.response_code == ResponseCode::NoError,
+        learned: &learned,
+        sensitive: &sensitive,
+        chain_max_ttl,
     };
-    let mut removed: Vec<IpAddr> = Vec::new();
-    for rec in msg.all_sections() {
-        if let Some(ip) = address_of(rec) {
-            if strip(ip) && !removed.contains(&ip) {
-                removed.push(ip);
-            }
-        }
-    }
-    let max_ttl = clamp_ttl(u32::MAX, ttl_bounds);
-    let cap = !inserts.is_empty()
-        && msg
-            .answers
-            .iter()
-            .any(|r| chain.contains(&r.name) && is_chain_record(r) && r.ttl > max_ttl);
-
-    let response = if removed.is_empty() && !cap {
-        upstream.to_vec()
-    } else {
-        let keep = |r: &Record| address_of(r).is_none_or(|ip| !removed.contains(&ip));
+    let rewrite = |wanted: &Rewrite| {
+        let keep = |r: &Record| address_of(r).is_none_or(|ip| !wanted.removed.contains(&ip));
         msg.answers.retain(keep);
         msg.authorities.retain(keep);
         msg.additionals.retain(keep);
-        if cap {
+        if let Some(max_ttl) = wanted.ttl_cap {
             for r in &mut msg.answers {
                 if chain.contains(&r.name) && is_chain_record(r) {
                     r.ttl = r.ttl.min(max_ttl);
                 }
             }
         }
-        match msg.to_vec() {
-            Ok(bytes) => bytes,
+        Some(match msg.to_vec() {
+            Ok(bytes) => Ok(bytes),
             // Only capping was wanted: the original answer is still safe to hand out.
-            Err(_) if removed.is_empty() => upstream.to_vec(),
-            Err(_) => return AnswerDecision::Reject(Mismatch::Unencodable),
-        }
+            Err(_) if wanted.removed.is_empty() => Ok(upstream.to_vec()),
+            Err(_) => Err(Mismatch::Unencodable),
+        })
     };
-    let named = chain_addrs
-        .into_iter()
-        .filter(|addr| !removed.contains(addr))
-        .collect();
-    AnswerDecision::Answer(Answer {
-        inserts,
-        response,
-        named,
-        removed,
-    })
+    // This rewrite always answers, so the decision is always made.
+    decide_answer(&facts, upstream, req, policy, ttl_bounds, rewrite)
+        .unwrap_or(AnswerDecision::Reject(Mismatch::Unencodable))
 }
 
 /// `ttl` within `(min, max)`; the upper bound wins if the bounds are inverted, because
@@ -746,20 +967,34 @@ fn is_chain_record(rec: &Record) -> bool {
 /// `-` and `_` (a `.` inside a label, spaces, binary) or the name is otherwise not one we can
 /// allowlist. Labels are read as bytes, so an escaped dot can never merge two labels.
 fn domain_of(name: &Name) -> Option<DomainName> {
-    let mut text = String::with_capacity(name.len());
-    for label in name.iter() {
+    domain_from_labels(name.iter())
+}
+
+/// [`domain_of`] for labels however they were read (hickory's `Name`, or the wire in place),
+/// so both query paths normalise names by the very same rule.
+fn domain_from_labels<'l>(labels: impl IntoIterator<Item = &'l [u8]>) -> Option<DomainName> {
+    // Spelled out on the stack: a longer text is no `DomainName` anyway (253 characters).
+    let mut text = [0u8; 256];
+    let mut len = 0;
+    for label in labels {
         if !label
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
         {
             return None;
         }
-        if !text.is_empty() {
-            text.push('.');
+        let dot = usize::from(len > 0);
+        let end = len + dot + label.len();
+        if end > text.len() {
+            return None;
         }
-        text.push_str(std::str::from_utf8(label).ok()?);
+        if dot == 1 {
+            text[len] = b'.';
+        }
+        text[len + dot..end].copy_from_slice(label);
+        len = end;
     }
-    text.parse().ok()
+    std::str::from_utf8(&text[..len]).ok()?.parse().ok()
 }
 
 /// The RFC 8914 option: INFO-CODE (big endian), then UTF-8 EXTRA-TEXT. hickory-proto 0.26 has
@@ -1775,6 +2010,617 @@ mod tests {
             let mut expect: Vec<IpAddr> = records.iter().map(|(a, _)| *a).filter(|a| !is_rebinding_sensitive(*a)).collect();
             expect.dedup();
             prop_assert_eq!(sent, expect);
+        }
+    }
+
+    // ---- fast paths: the in-place readers give hickory's results ----
+
+    /// A name in wire form: plain labels, then the root label.
+    fn wire_name(labels: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for label in labels {
+            out.push(label.len() as u8);
+            out.extend_from_slice(label);
+        }
+        out.push(0);
+        out
+    }
+
+    /// A query written byte by byte: header, one question, then `rest` (additional records and
+    /// whatever else), so shapes hickory would never write can be built too.
+    fn raw_query(
+        id: u16,
+        flags: u16,
+        counts: [u16; 4],
+        name: &[u8],
+        qtype: u16,
+        rest: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        for c in counts {
+            out.extend_from_slice(&c.to_be_bytes());
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(&qtype.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(rest);
+        out
+    }
+
+    /// An OPT record with the given payload, TTL field and option bytes.
+    fn raw_opt(payload: u16, ttl: u32, options: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&41u16.to_be_bytes());
+        out.extend_from_slice(&payload.to_be_bytes());
+        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&(options.len() as u16).to_be_bytes());
+        out.extend_from_slice(options);
+        out
+    }
+
+    fn www() -> Vec<u8> {
+        wire_name(&[b"www".to_vec(), b"example".to_vec(), b"com".to_vec()])
+    }
+
+    #[test]
+    fn fast_query_path_takes_plain_queries_with_or_without_opt() {
+        for edns in [false, true] {
+            let raw = query_bytes(7, "WWW.Example.com", RecordType::AAAA, edns);
+            let fast = inspect_request_fast(&raw).expect("the common shape is read in place");
+            assert_eq!(Ok(fast.clone()), inspect_request_hickory(&raw));
+            assert_eq!(fast.qname, dn("www.example.com"));
+            assert_eq!(fast.edns, edns);
+            assert_eq!(fast.udp_payload, if edns { 4096 } else { 512 });
+        }
+        // A payload below 512 counts as 512, as hickory reads it.
+        let raw = raw_query(1, 0x0100, [1, 0, 0, 1], &www(), 1, &raw_opt(100, 0, &[]));
+        assert_eq!(inspect_request_fast(&raw).unwrap().udp_payload, 512);
+        assert_eq!(
+            inspect_request_fast(&raw).map(Ok),
+            Some(inspect_request_hickory(&raw))
+        );
+    }
+
+    #[test]
+    fn fast_query_path_leaves_other_shapes_to_hickory() {
+        let plain = raw_query(1, 0x0100, [1, 0, 0, 0], &www(), 1, &[]);
+        assert!(inspect_request_fast(&plain).is_some());
+        let others: Vec<(&str, Vec<u8>)> = vec![
+            // A compression pointer as the question name (hickory refuses it: not prior).
+            (
+                "compressed question",
+                raw_query(1, 0x0100, [1, 0, 0, 0], &[0xc0, 0x0c], 1, &[]),
+            ),
+            (
+                "edns options",
+                raw_query(
+                    1,
+                    0x0100,
+                    [1, 0, 0, 1],
+                    &www(),
+                    1,
+                    &raw_opt(1232, 0, &[0, 10, 0, 2, 1, 2]),
+                ),
+            ),
+            (
+                "trailing bytes",
+                raw_query(1, 0x0100, [1, 0, 0, 0], &www(), 1, &[0]),
+            ),
+            (
+                "trailing after opt",
+                raw_query(
+                    1,
+                    0x0100,
+                    [1, 0, 0, 1],
+                    &www(),
+                    1,
+                    &[raw_opt(1232, 0, &[]), vec![0]].concat(),
+                ),
+            ),
+            (
+                "an answer record",
+                raw_query(1, 0x0100, [1, 1, 0, 0], &www(), 1, &[]),
+            ),
+            (
+                "an authority record",
+                raw_query(1, 0x0100, [1, 0, 1, 0], &www(), 1, &[]),
+            ),
+            (
+                "two additionals",
+                raw_query(
+                    1,
+                    0x0100,
+                    [1, 0, 0, 2],
+                    &www(),
+                    1,
+                    &[raw_opt(1232, 0, &[]), raw_opt(1232, 0, &[])].concat(),
+                ),
+            ),
+            (
+                "a response",
+                raw_query(1, 0x8100, [1, 0, 0, 0], &www(), 1, &[]),
+            ),
+            (
+                "opcode NOTIFY",
+                raw_query(1, 0x2100, [1, 0, 0, 0], &www(), 1, &[]),
+            ),
+            (
+                "two questions",
+                raw_query(1, 0x0100, [2, 0, 0, 0], &www(), 1, &[]),
+            ),
+            ("class CH", {
+                let mut q = raw_query(1, 0x0100, [1, 0, 0, 0], &www(), 1, &[]);
+                let n = q.len();
+                q[n - 1] = 3;
+                q
+            }),
+            (
+                "not a host name",
+                raw_query(
+                    1,
+                    0x0100,
+                    [1, 0, 0, 0],
+                    &wire_name(&[b"a b".to_vec(), b"com".to_vec()]),
+                    1,
+                    &[],
+                ),
+            ),
+            (
+                "root name",
+                raw_query(1, 0x0100, [1, 0, 0, 0], &[0], 1, &[]),
+            ),
+            (
+                "near the length limit",
+                raw_query(
+                    1,
+                    0x0100,
+                    [1, 0, 0, 0],
+                    &wire_name(&[
+                        vec![b'a'; 63],
+                        vec![b'b'; 63],
+                        vec![b'c'; 63],
+                        vec![b'd'; 59],
+                    ]),
+                    1,
+                    &[],
+                ),
+            ),
+            (
+                "not an OPT",
+                raw_query(1, 0x0100, [1, 0, 0, 1], &www(), 1, &{
+                    let mut o = raw_opt(1232, 0, &[]);
+                    o[2] = 1;
+                    o
+                }),
+            ),
+            ("truncated", plain[..plain.len() - 1].to_vec()),
+        ];
+        for (what, bytes) in others {
+            assert_eq!(inspect_request_fast(&bytes), None, "{what}");
+        }
+    }
+
+    /// A label for generated names: host-name text in either case (often long), or anything.
+    fn arb_label() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            8 => "[a-zA-Z0-9_-]{1,12}".prop_map(String::into_bytes),
+            2 => "[a-zA-Z][a-zA-Z0-9-]{55,62}".prop_map(String::into_bytes),
+            1 => proptest::collection::vec(any::<u8>(), 1..10),
+        ]
+    }
+
+    /// Header flags: mostly a standard query with random other bits.
+    fn arb_query_flags() -> impl Strategy<Value = u16> {
+        (any::<u16>(), 0u8..16, 0u8..16).prop_map(|(bits, qr, opcode)| {
+            let mut flags = bits & 0x07ff;
+            if qr == 0 {
+                flags |= 0x8000;
+            }
+            if opcode == 0 {
+                flags |= u16::from(bits.rotate_left(7) as u8 & 0x0f) << 11;
+            }
+            flags
+        })
+    }
+
+    /// Generated queries: (bytes, whether the generator kept to the common shape).
+    fn arb_query() -> impl Strategy<Value = (Vec<u8>, bool)> {
+        let name = prop_oneof![
+            4 => proptest::collection::vec(arb_label(), 1..5),
+            1 => proptest::collection::vec("[a-z]{60,63}".prop_map(String::into_bytes), 3..5),
+        ];
+        let opt = prop_oneof![
+            2 => Just(None),
+            2 => (any::<u16>(), any::<u32>()).prop_map(|(p, t)| Some((p, t, Vec::new()))),
+            1 => (any::<u16>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 1..12))
+                .prop_map(|(p, t, o)| Some((p, t, o))),
+        ];
+        let qtype = prop_oneof![
+            Just(1u16),
+            Just(28),
+            Just(5),
+            Just(255),
+            Just(41),
+            any::<u16>()
+        ];
+        let qclass = prop_oneof![6 => Just(1u16), 1 => Just(3), 1 => any::<u16>()];
+        let damage = prop_oneof![
+            6 => Just((Vec::new(), None, Vec::new())),
+            1 => (proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4), Just(None), Just(Vec::new())),
+            1 => (Just(Vec::new()), any::<usize>().prop_map(Some), Just(Vec::new())),
+            1 => (Just(Vec::new()), Just(None), proptest::collection::vec(any::<u8>(), 1..4)),
+        ];
+        (
+            any::<u16>(),
+            arb_query_flags(),
+            name,
+            qtype,
+            qclass,
+            opt,
+            damage,
+        )
+            .prop_map(
+                |(id, flags, labels, qtype, qclass, opt, (flips, cut, trailing))| {
+                    let name = wire_name(&labels);
+                    let additionals = u16::from(opt.is_some());
+                    let rest = opt
+                        .as_ref()
+                        .map(|(p, t, o)| raw_opt(*p, *t, o))
+                        .unwrap_or_default();
+                    let mut bytes =
+                        raw_query(id, flags, [1, 0, 0, additionals], &name, qtype, &rest);
+                    let n = 12 + name.len() + 2;
+                    bytes[n..n + 2].copy_from_slice(&qclass.to_be_bytes());
+                    bytes.extend_from_slice(&trailing);
+                    for (at, x) in &flips {
+                        let i = at % bytes.len();
+                        bytes[i] ^= x;
+                    }
+                    if let Some(cut) = cut {
+                        bytes.truncate(cut % bytes.len());
+                    }
+                    let common = flags & 0xf800 == 0
+                        && qclass == 1
+                        && name.len() <= 250
+                        && opt.as_ref().is_none_or(|(_, _, o)| o.is_empty())
+                        && flips.is_empty()
+                        && cut.is_none()
+                        && trailing.is_empty();
+                    (bytes, common)
+                },
+            )
+    }
+
+    /// Names an answer may use: the question's and others, in several cases.
+    const ANSWER_NAMES: [&str; 6] = [
+        "www.example.com",
+        "WWW.Example.COM",
+        "cdn.example.net",
+        "edge.cdn.example.net",
+        "Edge.CDN.example.net",
+        "other.example.com",
+    ];
+
+    /// Addresses an answer may carry: public and rebinding-sensitive, some allowlisted below.
+    const ANSWER_ADDRS: [&str; 10] = [
+        "93.184.216.34",
+        "93.184.216.35",
+        "10.1.2.3",
+        "192.168.1.1",
+        "127.0.0.1",
+        "0.0.0.0",
+        "2606:2800:220:1::1",
+        "fd00::1",
+        "::1",
+        "203.0.113.7",
+    ];
+
+    /// A small deterministic dice for the many interdependent choices of an answer.
+    struct Dice(u64);
+
+    impl Dice {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn one_in(&mut self, n: u64) -> bool {
+            self.below(n) == 0
+        }
+        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+            items[self.below(items.len() as u64) as usize]
+        }
+    }
+
+    /// The policies the answer generator runs under: every mode, private networks allowed
+    /// (whole or port-scoped), a denied network, a port-scoped wildcard.
+    fn answer_policies() -> Vec<DnsPolicy> {
+        let tier = DnsTier::Builtin;
+        let b = crate::core::bundle::test_bundle;
+        vec![
+            policy(&["*.example.com", "example.com"]),
+            policy(&["*.example.com", "10.0.0.0/8", "[fd00::/8]:443/tcp"]),
+            policy(&["*.example.com:443/tcp", "192.168.0.0/16"]),
+            DnsPolicy::from_bundle(&b(
+                &["*.example.com"],
+                &["93.184.216.35"],
+                Mode::DenyAll,
+                tier,
+            )),
+            DnsPolicy::from_bundle(&b(&["*.example.com"], &[], Mode::Bypass, tier)),
+            DnsPolicy::from_bundle(&b(&[], &[], Mode::BypassAll, tier)),
+            DnsPolicy::from_bundle(&b(&["*.example.com"], &[], Mode::Block, tier)),
+        ]
+    }
+
+    /// One generated upstream answer to `www.example.com`: (request, bytes, bounds, whether the
+    /// generator kept to the shape the fast reader takes).
+    fn generated_answer(seed: u64) -> (Request, Vec<u8>, (u32, u32), bool) {
+        let mut dice = Dice(seed | 1);
+        let qtype = dice.pick(&[
+            RecordType::A,
+            RecordType::A,
+            RecordType::AAAA,
+            RecordType::TXT,
+        ]);
+        let raw = query_bytes(dice.next() as u16, "www.Example.com", qtype, dice.one_in(2));
+        let req = inspect_request(&raw).unwrap();
+        let mut common = true;
+
+        let mut msg = Message::new(req.id, MessageType::Response, OpCode::Query);
+        if dice.one_in(16) {
+            msg.metadata.id = dice.next() as u16;
+        }
+        if dice.one_in(16) {
+            msg.metadata.message_type = MessageType::Query;
+            common = false;
+        }
+        if dice.one_in(16) {
+            msg.metadata.op_code = OpCode::Status;
+            common = false;
+        }
+        let bits = dice.next();
+        msg.metadata.authoritative = bits & 1 != 0;
+        msg.metadata.recursion_desired = bits & 2 != 0;
+        msg.metadata.recursion_available = bits & 4 != 0;
+        msg.metadata.authentic_data = bits & 8 != 0;
+        msg.metadata.checking_disabled = bits & 16 != 0;
+        msg.metadata.truncation = dice.one_in(16);
+        msg.metadata.response_code = dice.pick(&[
+            ResponseCode::NoError,
+            ResponseCode::NoError,
+            ResponseCode::NoError,
+            ResponseCode::NoError,
+            ResponseCode::NoError,
+            ResponseCode::NXDomain,
+            ResponseCode::ServFail,
+            ResponseCode::BADVERS,
+        ]);
+        let question_name = dice.pick(&["www.example.com", "WWW.EXAMPLE.COM", "www.Example.com"]);
+        match dice.below(16) {
+            0 => common = false,
+            1 => {
+                msg.add_query(Query::query(name(question_name), qtype));
+                msg.add_query(Query::query(name(question_name), qtype));
+                common = false;
+            }
+            2 => {
+                msg.add_query(Query::query(name("other.example.com"), qtype));
+            }
+            3 => {
+                msg.add_query(Query::query(name(question_name), RecordType::MX));
+            }
+            4 => {
+                let mut q = Query::query(name(question_name), qtype);
+                q.set_query_class(DNSClass::CH);
+                msg.add_query(q);
+            }
+            _ => {
+                msg.add_query(Query::query(name(question_name), qtype));
+            }
+        }
+        let record = |dice: &mut Dice, common: &mut bool| {
+            let owners = if dice.one_in(2) {
+                2
+            } else {
+                ANSWER_NAMES.len()
+            };
+            let owner = dice.pick(&ANSWER_NAMES[..owners]);
+            let any_ttl = dice.next() as u32;
+            let ttl = dice.pick(&[0, 30, 300, 3600, 86_400, u32::MAX, any_ttl]);
+            let mut rec = match dice.below(10) {
+                0..=5 => {
+                    let addrs = if dice.one_in(2) {
+                        2
+                    } else {
+                        ANSWER_ADDRS.len()
+                    };
+                    record_for(owner, ttl, ip(dice.pick(&ANSWER_ADDRS[..addrs])))
+                }
+                6..=8 => cname(owner, ttl, dice.pick(&ANSWER_NAMES)),
+                _ => {
+                    *common = false;
+                    Record::from_rdata(name(owner), ttl, RData::TXT(TXT::new(vec!["x".into()])))
+                }
+            };
+            if dice.one_in(20) {
+                rec.dns_class = DNSClass::CH;
+                *common = false;
+            }
+            rec
+        };
+        for _ in 0..dice.below(7) {
+            let rec = record(&mut dice, &mut common);
+            msg.add_answer(rec);
+        }
+        if dice.one_in(8) {
+            let rec = record(&mut dice, &mut common);
+            msg.add_authority(rec);
+            common = false;
+        }
+        if dice.one_in(8) {
+            let rec = record(&mut dice, &mut common);
+            msg.add_additional(rec);
+            common = false;
+        }
+        if dice.one_in(3) {
+            let mut edns = Edns::new();
+            edns.set_max_payload(1232);
+            if dice.one_in(4) {
+                edns.options_mut().insert(ede_option(EDE_BLOCKED, "x"));
+                common = false;
+            }
+            msg.set_edns(edns);
+        } else if msg.metadata.response_code == ResponseCode::BADVERS {
+            msg.metadata.response_code = ResponseCode::NoError;
+        }
+        let mut bytes = msg.to_vec().unwrap();
+        if dice.one_in(5) {
+            for _ in 0..=dice.below(3) {
+                let i = dice.below(bytes.len() as u64) as usize;
+                bytes[i] = dice.next() as u8;
+            }
+            common = false;
+        }
+        if dice.one_in(16) {
+            bytes.truncate(dice.below(bytes.len() as u64) as usize);
+            common = false;
+        }
+        if dice.one_in(16) {
+            bytes.push(dice.next() as u8);
+            common = false;
+        }
+        let bounds = match dice.below(4) {
+            0 => (dice.next() as u32, dice.next() as u32),
+            _ => (
+                dice.below(120) as u32,
+                dice.pick(&[600, 3600, 86_400, u32::MAX]),
+            ),
+        };
+        (req, bytes, bounds, common)
+    }
+
+    #[test]
+    fn fast_answer_path_takes_plain_answers() {
+        let p = policy(&["*.example.com"]);
+        let (req, raw) = request("www.example.com", RecordType::A);
+        let cases = [
+            vec![a("www.example.com", 300, "93.184.216.34")],
+            vec![
+                a("www.example.com", 300, "93.184.216.34"),
+                a("WWW.example.com", 60, "93.184.216.35"),
+            ],
+            vec![
+                cname("www.example.com", 300, "cdn.example.net"),
+                a("cdn.example.net", 60, "93.184.216.34"),
+            ],
+            vec![aaaa("www.example.com", 300, "2606:2800:220:1::1")],
+        ];
+        for answers in cases {
+            let bytes = answer_bytes(&req, &raw, answers);
+            let fast = extract_answer_fast(&bytes, &req, &p, BOUNDS).expect("read in place");
+            assert_eq!(fast, extract_answer_hickory(&bytes, &req, &p, BOUNDS));
+            assert!(answered(fast).response == bytes);
+        }
+    }
+
+    #[test]
+    fn fast_answer_path_leaves_rewrites_and_other_shapes_to_hickory() {
+        let p = policy(&["*.example.com"]);
+        let (req, raw) = request("www.example.com", RecordType::A);
+        let public = a("www.example.com", 300, "93.184.216.34");
+        let falls_back = |what: &str, bytes: &[u8]| {
+            assert_eq!(extract_answer_fast(bytes, &req, &p, BOUNDS), None, "{what}");
+        };
+        // A private address to strip, a TTL to cap: the answer must be re-encoded.
+        falls_back(
+            "strip",
+            &answer_bytes(
+                &req,
+                &raw,
+                vec![public.clone(), a("www.example.com", 300, "10.0.0.1")],
+            ),
+        );
+        falls_back(
+            "cap",
+            &answer_bytes(
+                &req,
+                &raw,
+                vec![a("www.example.com", 86_400, "93.184.216.34")],
+            ),
+        );
+        let mut m = answer_msg(&req, &raw, vec![public.clone()]);
+        m.add_authority(a("www.example.com", 300, "93.184.216.35"));
+        falls_back("authority", &m.to_vec().unwrap());
+        let mut m = answer_msg(&req, &raw, vec![public.clone()]);
+        m.add_additional(a("www.example.com", 300, "93.184.216.35"));
+        falls_back("additional", &m.to_vec().unwrap());
+        let mut m = answer_msg(&req, &raw, vec![public.clone()]);
+        let mut edns = Edns::new();
+        edns.options_mut().insert(ede_option(EDE_BLOCKED, "x"));
+        m.set_edns(edns);
+        falls_back("edns options", &m.to_vec().unwrap());
+        let bytes = answer_bytes(&req, &raw, vec![public.clone()]);
+        falls_back("trailing", &[bytes.clone(), vec![0]].concat());
+        falls_back("truncated", &bytes[..bytes.len() - 1]);
+        falls_back(
+            "txt",
+            &answer_bytes(
+                &req,
+                &raw,
+                vec![Record::from_rdata(
+                    name("www.example.com"),
+                    300,
+                    RData::TXT(TXT::new(vec!["x".into()])),
+                )],
+            ),
+        );
+        let mut ch = public.clone();
+        ch.dns_class = DNSClass::CH;
+        falls_back("class CH", &answer_bytes(&req, &raw, vec![ch]));
+        // A pointer to something other than a name read before (here: into the header).
+        let mut bytes = answer_bytes(&req, &raw, vec![public]);
+        let owner = bytes.iter().position(|b| *b == 0xc0).unwrap();
+        bytes[owner + 1] = 4;
+        falls_back("pointer into the header", &bytes);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn fast_query_path_agrees_with_hickory((bytes, common) in arb_query()) {
+            let slow = inspect_request_hickory(&bytes);
+            let fast = inspect_request_fast(&bytes);
+            if let Some(fast) = &fast {
+                prop_assert_eq!(Ok(fast.clone()), slow.clone());
+            }
+            if common && slow.is_ok() {
+                prop_assert!(fast.is_some(), "a common query went to hickory");
+            }
+            prop_assert_eq!(inspect_request(&bytes), slow);
+        }
+
+        #[test]
+        fn fast_answer_path_agrees_with_hickory(seed in any::<u64>(), which in 0usize..7) {
+            let p = &answer_policies()[which];
+            let (req, bytes, bounds, common) = generated_answer(seed);
+            let slow = extract_answer_hickory(&bytes, &req, p, bounds);
+            let fast = extract_answer_fast(&bytes, &req, p, bounds);
+            if let Some(fast) = &fast {
+                prop_assert_eq!(fast, &slow);
+            }
+            let rewritten = matches!(&slow, AnswerDecision::Answer(ans) if ans.response != bytes);
+            if common && !rewritten {
+                prop_assert!(fast.is_some(), "a common answer went to hickory: {:?}", slow);
+            }
+            prop_assert_eq!(extract_answer(&bytes, &req, p, bounds), slow);
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod clearance;
 pub mod companion;
 pub mod config;
 pub mod dns_policy;
+pub mod dns_wire;
 pub mod dnsmasq;
 pub mod doctor;
 pub mod events;
