@@ -17,8 +17,11 @@
 //!   must not point the workload at a private or host-local address the user did not allow)
 //!   and returns the set inserts plus the bytes to hand to the client.
 //!
-//! DNS messages are parsed and built with `hickory-proto`; the only bytes touched by hand are
-//! the 12-byte header of replies to messages hickory cannot parse, and the message ID.
+//! The common shapes of queries and answers are read in place by [`super::dns_wire`] (no
+//! allocation, on the path of every answer); everything else is parsed with `hickory-proto`,
+//! and both readers feed one decision, held to each other by differential tests and fuzzing.
+//! Replies are built with hickory, except the 12-byte header of replies to messages hickory
+//! cannot parse, and the message ID.
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -59,7 +59,7 @@ impl LearnedLog {
     }
 
     /// Append whole JSON lines in one write. Once the file has grown enough, a thread
-    /// compacts what is there while appends go on ([`LearnedLog::finish_compaction`]).
+    /// compacts what is there while appends go on (see `finish_compaction`).
     pub fn append(&mut self, lines: &[u8], now: u64) {
         self.finish_compaction(false);
         let Ok(file) = self.open() else { return };
