@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::sync::mpsc;
 
 use crate::core::learned::LearnedRecord;
 
@@ -16,31 +17,71 @@ pub struct LearnedLog {
     len: u64,
     /// Compact when the file grows past this.
     compact_at: u64,
-    /// The compaction under way on its own thread: rewriting a file of megabytes takes tens of
-    /// milliseconds, which the resolver's clients must not wait for.
-    compaction: Option<Compaction>,
+    /// The thread that compacts: rewriting a file of megabytes takes tens of milliseconds,
+    /// which the resolver's clients must not wait for. `None` if no thread could be started
+    /// (then compaction runs inline, as a last resort).
+    compactor: Option<Compactor>,
+    /// The compaction under way: the snapshot's length and the file it is copied to.
+    pending: Option<(u64, PathBuf)>,
 }
 
-/// A compaction thread copying the live records of the file's first `prefix` bytes to `tmp`;
-/// the writer appends what came after and renames it over the file once the thread is done.
-struct Compaction {
-    prefix: u64,
+/// A thread copying the live records of a file's first bytes to a temporary file, one job at a
+/// time. Started with the log (before the resolver sheds its start-up memory) rather than per
+/// compaction: starting a thread later pulls ~400 KiB of libc and loader code into the
+/// resolver's resident memory.
+struct Compactor {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<io::Result<u64>>,
+}
+
+/// Copy the live records among the first `prefix` bytes of `path` to `tmp`, as of `now`.
+struct Job {
+    path: PathBuf,
     tmp: PathBuf,
-    thread: std::thread::JoinHandle<io::Result<u64>>,
+    prefix: u64,
+    now: u64,
+}
+
+impl Compactor {
+    fn start() -> Option<Compactor> {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (outbox, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("learned-compact".into())
+            // A line at a time (serde_json nests at most 128 levels deep): a small stack.
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                // Lowest priority: the resolver's event loop shares the CPU and always wins.
+                // SAFETY: setpriority on this thread's own id only changes its nice value.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                }
+                for job in inbox {
+                    let kept = rewrite_live(&job.path, &job.tmp, job.prefix, job.now);
+                    if outbox.send(kept).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Compactor { jobs, done })
+    }
 }
 
 /// Below this, learned.jsonl is never compacted.
 const LEARNED_COMPACT_MIN: u64 = 1 << 20;
 
 impl LearnedLog {
-    /// A log at `path`, opened (and created) on the first append.
+    /// A log at `path`, opened (and created) on the first append; its compaction thread starts
+    /// now.
     pub fn new(path: PathBuf) -> LearnedLog {
         LearnedLog {
             path,
             file: None,
             len: 0,
             compact_at: LEARNED_COMPACT_MIN,
-            compaction: None,
+            compactor: Compactor::start(),
+            pending: None,
         }
     }
 
@@ -58,8 +99,8 @@ impl LearnedLog {
         Ok(self.file.as_mut().expect("opened above"))
     }
 
-    /// Append whole JSON lines in one write. Once the file has grown enough, a thread
-    /// compacts what is there while appends go on (see `finish_compaction`).
+    /// Append whole JSON lines in one write. Once the file has grown enough, the compaction
+    /// thread rewrites what is there while appends go on (see `finish_compaction`).
     pub fn append(&mut self, lines: &[u8], now: u64) {
         self.finish_compaction(false);
         let Ok(file) = self.open() else { return };
@@ -68,56 +109,62 @@ impl LearnedLog {
             Ok(()) => self.len += lines.len() as u64,
             Err(_) => self.file = None, // reopen next time
         }
-        if self.len > self.compact_at && self.compaction.is_none() {
+        if self.len > self.compact_at && self.pending.is_none() {
             self.start_compaction(now);
         }
     }
 
-    /// Start copying the live records of the file as it is now to a temporary file.
+    /// Have the live records of the file as it is now copied to a temporary file.
     fn start_compaction(&mut self, now: u64) {
-        let prefix = self.len;
-        let (path, tmp) = (self.path.clone(), temporary(&self.path));
-        let to = tmp.clone();
-        match std::thread::Builder::new()
-            .name("learned-compact".into())
-            .spawn(move || {
-                // Lowest priority: the resolver's event loop shares the CPU and always wins.
-                // SAFETY: setpriority on this thread's own id only changes its nice value.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
-                }
-                rewrite_live(&path, &to, prefix, now)
-            }) {
-            Ok(thread) => {
-                self.compaction = Some(Compaction {
-                    prefix,
-                    tmp,
-                    thread,
-                })
-            }
-            // No thread to be had: try again once the file has doubled.
-            Err(_) => self.compact_at = self.len.saturating_mul(2),
-        }
+        let job = Job {
+            path: self.path.clone(),
+            tmp: temporary(&self.path),
+            prefix: self.len,
+            now,
+        };
+        self.pending = Some((job.prefix, job.tmp.clone()));
+        let job = match &self.compactor {
+            Some(c) => match c.jobs.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        // No thread: compact inline.
+        self.compactor = None;
+        let kept = rewrite_live(&job.path, &job.tmp, job.prefix, job.now);
+        self.conclude(kept);
     }
 
-    /// Complete a compaction whose thread is done (or wait for it: `wait`): append what was
-    /// written after its snapshot, rename the result over the file and reopen it. Amortised:
-    /// the next compaction waits until the file has doubled, so a file full of live records
-    /// is not rewritten per answer.
+    /// Complete a compaction whose copy is done (or wait for it: `wait`).
     fn finish_compaction(&mut self, wait: bool) {
-        let Some(c) = self.compaction.take() else {
-            return;
-        };
-        if !wait && !c.thread.is_finished() {
-            self.compaction = Some(c);
+        if self.pending.is_none() {
             return;
         }
-        let kept = c
-            .thread
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("compaction thread panicked")))
-            .and_then(|kept| Ok(kept + append_tail(&self.path, &c.tmp, c.prefix)?));
-        match kept {
+        let Some(c) = &self.compactor else { return };
+        let kept = if wait {
+            c.done.recv().map_err(|_| ())
+        } else {
+            match c.done.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => return,
+                other => other.map_err(|_| ()),
+            }
+        };
+        let kept = kept.unwrap_or_else(|()| {
+            self.compactor = None; // the thread is gone: compact inline from now on
+            Err(io::Error::other("the compaction thread stopped"))
+        });
+        self.conclude(kept);
+    }
+
+    /// Append to the copy what was written after its snapshot, rename it over the file and
+    /// reopen it. Amortised: the next compaction waits until the file has doubled, so a file
+    /// full of live records is not rewritten per answer.
+    fn conclude(&mut self, kept: io::Result<u64>) {
+        let Some((prefix, tmp)) = self.pending.take() else {
+            return;
+        };
+        match kept.and_then(|kept| Ok(kept + append_tail(&self.path, &tmp, prefix)?)) {
             Ok(kept) => {
                 self.file = None; // the old inode is gone: reopen the new file
                 self.len = kept;
@@ -125,7 +172,7 @@ impl LearnedLog {
             // Unreadable (e.g. larger than the state-file bound), or emptied meanwhile by
             // `reset`: keep the file as it is, never drop records a `deny` may need.
             Err(_) => {
-                let _ = std::fs::remove_file(&c.tmp);
+                let _ = std::fs::remove_file(&tmp);
             }
         }
         self.compact_at = (self.len.max(LEARNED_COMPACT_MIN / 2)).saturating_mul(2);
@@ -408,10 +455,10 @@ mod tests {
         log.append(record(1, 500).as_bytes(), 100);
         log.compact_at = 1; // crossed by the next append
         log.append(record(2, 900).as_bytes(), 600);
-        assert!(log.compaction.is_some(), "a thread compacts");
+        assert!(log.pending.is_some(), "a thread compacts");
         log.append(record(3, 900).as_bytes(), 600);
         log.finish_compaction(true);
-        assert!(log.compaction.is_none());
+        assert!(log.pending.is_none());
         log.append(record(4, 900).as_bytes(), 600);
         let expected = [record(2, 900), record(3, 900), record(4, 900)].concat();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
@@ -438,7 +485,7 @@ mod tests {
             b"{\"domain\":\"old.example.com\",\"addr\":\"198.51.100.2\",\"until\":900}\n",
             100,
         );
-        assert!(log.compaction.is_some());
+        assert!(log.pending.is_some());
         take_learned(&path).unwrap();
         log.append(b"{\"new\":1}\n", 100);
         log.finish_compaction(true);
