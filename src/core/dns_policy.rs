@@ -192,6 +192,25 @@ impl DnsPolicy {
         }
     }
 
+    /// The port scopes an answer to this question may open (reduced, as the sets take them),
+    /// or why the question is refused: [`DnsPolicy::decide_query`] without cloning grants,
+    /// for the resolver's check of every answer.
+    pub fn answer_scopes(
+        &self,
+        qname: &DomainName,
+        qtype: RecordType,
+    ) -> Result<Vec<Option<PortScope>>, RefuseReason> {
+        match self.refusal(qname, qtype) {
+            Some(why) => Err(why),
+            None => Ok(reduce_scopes(
+                self.grants
+                    .iter()
+                    .filter(|g| g.pattern.matches(qname))
+                    .map(|g| g.scope),
+            )),
+        }
+    }
+
     /// Why [`DnsPolicy::decide_query`] refuses the question, if it does; without collecting
     /// the grants, for the resolver's per-question check (it forwards the question as is).
     pub fn refusal(&self, qname: &DomainName, qtype: RecordType) -> Option<RefuseReason> {
@@ -685,11 +704,10 @@ fn decide_answer(
     if facts.truncated {
         return Some(AnswerDecision::RetryOverTcp);
     }
-    let grants = match policy.decide_query(&req.qname, req.qtype) {
-        QueryDecision::Forward(grants) => grants,
-        QueryDecision::Refuse(reason) => return Some(AnswerDecision::Refused(reason)),
+    let scopes = match policy.answer_scopes(&req.qname, req.qtype) {
+        Ok(scopes) => scopes,
+        Err(reason) => return Some(AnswerDecision::Refused(reason)),
     };
-    let scopes = reduce_scopes(grants.iter().map(|g| g.scope));
 
     let mut inserts = Vec::new();
     if facts.no_error {
@@ -1245,6 +1263,32 @@ mod tests {
         assert_eq!(g.len(), 2, "duplicates collapse: {g:?}");
         assert!(g.iter().any(|g| g.scope.is_none()));
         assert!(g.iter().any(|g| g.scope.is_some_and(|s| s.port == 443)));
+    }
+
+    #[test]
+    fn answer_scopes_are_decide_querys_grants_reduced() {
+        let p = policy(&[
+            "*.example.com:443/tcp",
+            "api.example.com",
+            "*.other.org:53/udp",
+        ]);
+        for (name, qtype) in [
+            ("api.example.com", RecordType::A),
+            ("x.example.com", RecordType::AAAA),
+            ("x.other.org", RecordType::A),
+            ("nowhere.net", RecordType::A),
+            ("api.example.com", RecordType::ANY),
+        ] {
+            let expected = match p.decide_query(&dn(name), qtype) {
+                QueryDecision::Forward(g) => Ok(reduce_scopes(g.iter().map(|g| g.scope))),
+                QueryDecision::Refuse(why) => Err(why),
+            };
+            assert_eq!(
+                p.answer_scopes(&dn(name), qtype),
+                expected,
+                "{name} {qtype}"
+            );
+        }
     }
 
     #[test]
