@@ -283,6 +283,20 @@ fn read_bare_opt(msg: &[u8], at: usize) -> Option<(BareOpt, usize)> {
     Some((opt, at + 11))
 }
 
+/// The end of a message of the common shape: its additional section (`additionals` records,
+/// at most one: a bare OPT) starting at `at`, then nothing. The OPT record, if there is one.
+fn read_additional_and_end(msg: &[u8], at: usize, additionals: u16) -> Option<Option<BareOpt>> {
+    let (opt, end) = match additionals {
+        0 => (None, at),
+        1 => {
+            let (opt, end) = read_bare_opt(msg, at)?;
+            (Some(opt), end)
+        }
+        _ => return None,
+    };
+    (end == msg.len()).then_some(opt)
+}
+
 /// A client query of the common shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueryView<'m> {
@@ -325,17 +339,7 @@ pub fn read_query(msg: &[u8]) -> Option<QueryView<'_>> {
     if u16_at(msg, at + 2)? != CLASS_IN {
         return None;
     }
-    let mut end = at + 4;
-    let opt = if header.additionals == 1 {
-        let (opt, after) = read_bare_opt(msg, end)?;
-        end = after;
-        Some(opt)
-    } else {
-        None
-    };
-    if end != msg.len() {
-        return None;
-    }
+    let opt = read_additional_and_end(msg, at + 4, header.additionals)?;
     Some(QueryView {
         msg,
         id: header.id,
@@ -455,16 +459,7 @@ pub fn read_answer(msg: &[u8]) -> Option<AnswerView<'_>> {
         *record = AnswerRecord { owner, ttl, data };
         at = rdata_end;
     }
-    let opt = if header.additionals == 1 {
-        let (opt, after) = read_bare_opt(msg, at)?;
-        at = after;
-        Some(opt)
-    } else {
-        None
-    };
-    if at != msg.len() {
-        return None;
-    }
+    let opt = read_additional_and_end(msg, at, header.additionals)?;
     Some(AnswerView {
         msg,
         header,
