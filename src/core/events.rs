@@ -95,11 +95,9 @@ pub enum DecodeError {
     NotIp,
 }
 
-/// Netlink constants (linux/netlink.h, linux/netfilter/nfnetlink_log.h).
+/// Netlink constants of NFLOG (linux/netfilter/nfnetlink_log.h), beside the generic ones.
 pub mod nl {
-    pub const NLMSG_HDRLEN: usize = 16;
-    pub const NLMSG_ERROR: u16 = 2;
-    pub const NLMSG_DONE: u16 = 3;
+    pub use crate::core::nft_netlink::{NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN};
     pub const NFGENMSG_LEN: usize = 4;
     pub const NFNL_SUBSYS_ULOG: u16 = 4;
     pub const NFULNL_MSG_PACKET: u16 = 0;

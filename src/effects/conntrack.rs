@@ -8,6 +8,9 @@
 
 use std::os::fd::AsFd;
 
+use crate::core::nft_netlink::{
+    message, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use rustix::net::{
     netlink, recv, send, socket_with, AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType,
 };
@@ -15,11 +18,6 @@ use rustix::net::{
 /// nfnetlink subsystem and message numbers (linux/netfilter/nfnetlink*.h).
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLMSG_ERROR: u16 = 0x2;
-const NLMSG_DONE: u16 = 0x3;
-const NLM_F_DUMP: u16 = 0x300;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 /// Attribute numbers (linux/netfilter/nfnetlink_conntrack.h).
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -103,14 +101,18 @@ fn parse_flow(payload: &[u8]) -> Option<Flow> {
     })
 }
 
-fn header(len: usize, kind: u16, flags: u16, seq: u32, family: u8) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(len);
-    msg.extend_from_slice(&(len as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    msg.extend_from_slice(&flags.to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&[family, 0, 0, 0]);
+/// A ctnetlink request: header, `nfgenmsg` for `family`, then `attrs` as they are.
+fn request(kind: u16, flags: u16, seq: u32, family: u8, attrs: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(20 + attrs.len());
+    message(
+        &mut msg,
+        (NFNL_SUBSYS_CTNETLINK << 8) | kind,
+        flags,
+        seq,
+        family,
+        0,
+        |w| w.0.extend_from_slice(attrs),
+    );
     msg
 }
 
@@ -131,7 +133,7 @@ pub fn dump_current_netns() -> std::io::Result<Vec<Flow>> {
     let sock = open_socket()?;
     send(
         sock.as_fd(),
-        &header(20, IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0),
+        &request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, &[]),
         SendFlags::empty(),
     )?;
     let mut flows = Vec::new();
@@ -166,16 +168,13 @@ pub fn delete_flows(flows: &[Flow]) -> std::io::Result<usize> {
     let mut deleted = 0;
     let mut buf = [0u8; 512];
     for (i, flow) in flows.iter().enumerate() {
-        let mut msg = header(
-            20 + flow.tuple_orig.len(),
+        let msg = request(
             IPCTNL_MSG_CT_DELETE,
             NLM_F_REQUEST | NLM_F_ACK,
             i as u32 + 1,
             flow.family,
+            &flow.tuple_orig,
         );
-        msg.extend_from_slice(&flow.tuple_orig);
-        let len = msg.len() as u32;
-        msg[0..4].copy_from_slice(&len.to_ne_bytes());
         send(sock.as_fd(), &msg, SendFlags::empty())?;
         let (n, _) = recv(sock.as_fd(), &mut buf, RecvFlags::empty())?;
         if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
@@ -269,6 +268,33 @@ mod tests {
     use super::*;
     use crate::core::policy::{AllowRule, Mode, Policy};
     use std::process::Command;
+
+    /// The framing the kernel gets, byte for byte: nlmsghdr (length covering the attributes,
+    /// which go as they came, unpadded), then nfgenmsg (family, version 0, res_id 0).
+    #[test]
+    fn requests_are_header_nfgenmsg_and_the_attributes_as_given() {
+        let tuple = [9, 0, 1, 0x80, 1, 2, 3, 4, 5];
+        let msg = request(
+            IPCTNL_MSG_CT_DELETE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            7,
+            2,
+            &tuple,
+        );
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&29u32.to_ne_bytes());
+        expected.extend_from_slice(&((1u16 << 8) | 2).to_ne_bytes());
+        expected.extend_from_slice(&5u16.to_ne_bytes());
+        expected.extend_from_slice(&7u32.to_ne_bytes());
+        expected.extend_from_slice(&0u32.to_ne_bytes());
+        expected.extend_from_slice(&[2, 0, 0, 0]);
+        expected.extend_from_slice(&tuple);
+        assert_eq!(msg, expected);
+        assert_eq!(
+            request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, &[]).len(),
+            20
+        );
+    }
 
     #[test]
     fn revoke_deletes_exactly_the_flows_the_policy_refuses() {

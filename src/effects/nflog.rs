@@ -22,15 +22,13 @@ use rustix::net::{
 };
 
 use crate::core::events::{decode_packet, netlink_messages, nl, Packet};
-use crate::core::nft_netlink::message;
+use crate::core::nft_netlink::{message, NLM_F_ACK, NLM_F_REQUEST};
 use crate::effects::nfnetlink::acks;
 
 /// Bytes of each packet the kernel copies to us: an IPv6 header with some extension
 /// headers and the first bytes of the transport header.
 pub const COPY_RANGE: u32 = 128;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NFULA_CFG_CMD: u16 = 1;
 const NFULA_CFG_MODE: u16 = 2;
 const NFULA_CFG_NLBUFSIZ: u16 = 3;
