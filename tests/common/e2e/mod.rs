@@ -549,12 +549,7 @@ impl E2e {
     /// The `State:` line of `terok-shield status NAME`.
     #[track_caller]
     pub fn shield_state(&self, name: &str) -> String {
-        let out = self.shield(&["status", name]);
-        out.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("State:"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|| panic!("`status {name}` printed no State line: {out}"))
+        state_line(&self.shield(&["status", name]), name)
     }
 
     /// The state bundle (`state.json`) of `name`, parsed.
@@ -1028,12 +1023,7 @@ impl Rootful {
     /// The `State:` line of `terok-shield status NAME`.
     #[track_caller]
     pub fn shield_state(&self, name: &str) -> String {
-        let out = self.shield(&["status", name]);
-        out.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("State:"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|| panic!("`status {name}` printed no State line: {out}"))
+        state_line(&self.shield(&["status", name]), name)
     }
 
     /// The container's address on [`ROOTFUL_NET`].
@@ -1249,4 +1239,14 @@ pub fn packets_leaving(pid: &str, name: &str) -> u64 {
         .as_array()
         .and_then(|items| items.iter().find_map(|i| i["counter"]["packets"].as_u64()))
         .unwrap_or_else(|| panic!("counter {name}: no packets in {out}"))
+}
+
+/// The `State:` line of `terok-shield status NAME`'s output (both harnesses ask for it).
+#[track_caller]
+fn state_line(out: &Out, name: &str) -> String {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("`status {name}` printed no State line: {out}"))
 }
