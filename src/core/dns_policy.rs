@@ -451,12 +451,10 @@ pub fn inspect_request_fast(bytes: &[u8]) -> Option<Request> {
 
 /// [`inspect_request`] by hickory's parser alone: every message, whatever its shape.
 pub fn inspect_request_hickory(bytes: &[u8]) -> Result<Request, Malformed> {
-    if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
+    let Some(header) = super::dns_wire::Header::read(bytes).filter(|h| !h.is_response()) else {
         return Err(Malformed::NotAQuery);
-    }
-    let id = u16::from_be_bytes([bytes[0], bytes[1]]);
-    let opcode = (bytes[2] >> 3) & 0x0f;
-    let rd = bytes[2] & 0x01 != 0;
+    };
+    let (id, opcode, rd) = (header.id, header.opcode(), header.recursion_desired());
     if opcode != 0 {
         return Err(Malformed::OpCode {
             opcode,
